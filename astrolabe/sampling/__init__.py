@@ -1,0 +1,1 @@
+"""Flow-matching schedule, KV cache, block-autoregressive streaming sampler, group branching, scene prompts."""
