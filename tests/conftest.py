@@ -11,7 +11,7 @@ import astrolabe  # noqa: E402,F401  (installs the torchvision guard before any 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: thread overhead dominates
 
 
 def pytest_collection_modifyitems(config, items):
