@@ -1,0 +1,104 @@
+"""Streaming text-to-video generation: scene prompts -> blocks -> streaming VAE decode -> mp4.
+
+Nothing of the video is held in memory beyond the KV cache window and one decoded block: clean
+blocks are decoded as they are produced (the VAE's streaming decoder carries its own cache) and
+written straight into the mp4 writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from astrolabe.data.video import StreamingMp4Writer, to_uint8_frames
+from astrolabe.models.wan.dit import WanDiT
+from astrolabe.models.wan.vae import StreamingDecoder, WanVAE
+from astrolabe.sampling.scenes import SceneSegment, parse_scene_prompt, plan_scenes
+from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationStack:
+    """The modules and derived sizes one generation needs."""
+
+    dit: WanDiT
+    vae: WanVAE
+    encode_text: Callable[[list[str]], torch.Tensor]  # prompts -> (B, text_len, text_dim)
+    spec: StreamSpec
+    fps: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt: str
+    seed: int
+    path: Path
+    num_latent_frames: int
+    num_pixel_frames: int
+    segments: tuple[SceneSegment, ...]
+    seconds: float
+
+
+def blocks_for(num_latent_frames: int, block_frames: int) -> int:
+    if num_latent_frames % block_frames:
+        raise ValueError(
+            f"{num_latent_frames} latent frames is not a multiple of the model's {block_frames} frames per block"
+        )
+    return num_latent_frames // block_frames
+
+
+def latent_frames_for_pixels(num_pixel_frames: int, block_frames: int) -> int:
+    """Pixel frames (1 + 4k) -> latent frames, rounded up to whole blocks."""
+    if num_pixel_frames < 1 or (num_pixel_frames - 1) % 4:
+        raise ValueError(f"--num-frames must be of the form 1 + 4k (e.g. 81), got {num_pixel_frames}")
+    latent = 1 + (num_pixel_frames - 1) // 4
+    return -(-latent // block_frames) * block_frames
+
+
+@torch.no_grad()
+def generate_video(
+    stack: GenerationStack,
+    prompt_line: str,
+    seed: int,
+    num_latent_frames: int,
+    out_path: Path,
+    on_block: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Generate one (scene) prompt into ``out_path`` (mp4), decoding and writing block by block."""
+    start = time.perf_counter()
+    scenes = parse_scene_prompt(prompt_line)
+    num_blocks = blocks_for(num_latent_frames, stack.spec.block_frames)
+    segments = plan_scenes(scenes, num_blocks, stack.fps, stack.spec.block_frames)
+    contexts = [stack.encode_text([seg.prompt]).to(stack.device) for seg in segments]
+    streamer = BlockStreamer(stack.dit, stack.spec, contexts[0], SampleNoise([seed], stack.device))
+    decoder = StreamingDecoder(stack.vae)
+    frames_written = 0
+    with StreamingMp4Writer(out_path, fps=stack.fps) as writer:
+        for seg_idx, seg in enumerate(segments):
+            if seg_idx > 0:
+                streamer.switch_prompt(contexts[seg_idx], hard=seg.hard_cut_before)
+            for b in range(seg.start_block, seg.end_block):
+                x0 = streamer.step()  # (1, f, C, h, w)
+                pixels = decoder.decode_block(x0.permute(0, 2, 1, 3, 4).to(stack.vae.dtype))  # (1, 3, n, H, W)
+                chunk = to_uint8_frames(pixels[0].permute(1, 0, 2, 3), value_range=(-1.0, 1.0))  # (n, H, W, 3)
+                writer.write(chunk)
+                frames_written += chunk.shape[0]
+                if on_block is not None:
+                    on_block(b + 1, num_blocks)
+    return GenerationResult(
+        prompt=prompt_line,
+        seed=seed,
+        path=out_path,
+        num_latent_frames=num_latent_frames,
+        num_pixel_frames=frames_written,
+        segments=tuple(segments),
+        seconds=time.perf_counter() - start,
+    )
