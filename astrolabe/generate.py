@@ -71,8 +71,13 @@ def generate_video(
     num_latent_frames: int,
     out_path: Path,
     on_block: Callable[[int, int], None] | None = None,
+    num_pixel_frames: int | None = None,
 ) -> GenerationResult:
-    """Generate one (scene) prompt into ``out_path`` (mp4), decoding and writing block by block."""
+    """Generate one (scene) prompt into ``out_path`` (mp4), decoding and writing block by block.
+
+    ``num_pixel_frames`` trims the written video when the request is not a whole number of blocks
+    (generation always runs whole blocks).
+    """
     start = time.perf_counter()
     scenes = parse_scene_prompt(prompt_line)
     num_blocks = blocks_for(num_latent_frames, stack.spec.block_frames)
@@ -89,7 +94,10 @@ def generate_video(
                 x0 = streamer.step()  # (1, f, C, h, w)
                 pixels = decoder.decode_block(x0.permute(0, 2, 1, 3, 4).to(stack.vae.dtype))  # (1, 3, n, H, W)
                 chunk = to_uint8_frames(pixels[0].permute(1, 0, 2, 3), value_range=(-1.0, 1.0))  # (n, H, W, 3)
-                writer.write(chunk)
+                if num_pixel_frames is not None:
+                    chunk = chunk[: max(0, num_pixel_frames - frames_written)]
+                if len(chunk):
+                    writer.write(chunk)
                 frames_written += chunk.shape[0]
                 if on_block is not None:
                     on_block(b + 1, num_blocks)

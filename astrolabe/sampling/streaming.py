@@ -42,6 +42,13 @@ class StreamSpec:
     latent_height: int
     latent_width: int
     max_cache_frames: int | None = None  # global attention capacity (None = RoPE limit)
+    first_block_steps: StepSchedule | None = None  # Causal Forcing++: the first frame uses the 4-step list
+
+    def steps_for(self, start_frame: int) -> StepSchedule:
+        """The denoising schedule of the block starting at ``start_frame``."""
+        if start_frame == 0 and self.first_block_steps is not None:
+            return self.first_block_steps
+        return self.steps
 
     @property
     def block_frames(self) -> int:
@@ -99,7 +106,7 @@ def denoise_block(
     shape = spec.block_shape(b, frames)[1:]
     x = noise.randn(shape, dtype)
     x0 = x
-    steps = spec.steps
+    steps = spec.steps_for(start_frame)
     for k, (t, sigma) in enumerate(zip(steps.timesteps, steps.sigmas)):
         tt = torch.full((b,), t, device=x.device)
         v = model(x, tt, context, kv_cache=cache, start_frame=start_frame)
