@@ -1,0 +1,496 @@
+"""The complete, resumable training state: policies, optimizer, schedules, controllers, RNG, step.
+
+One checkpoint directory holds everything that shapes the future of a run (DESIGN.md, "Artifacts")::
+
+    <dir>/lora/adapter_model.safetensors     trained adapter, standard PEFT format (generate --checkpoint)
+    <dir>/lora/adapter_config.json
+    <dir>/adapters/old.safetensors           sampling policy
+    <dir>/adapters/ref.safetensors           lagging KL reference (reference="lagging" only)
+    <dir>/adapters/ema.safetensors           float32 EMA shadow (EMA enabled only)
+    <dir>/optimizer.pt                       AdamW + LR scheduler + GradScaler state dicts
+    <dir>/state.json                         step, FractionController, ReferenceRefresher, configs, extra
+    <dir>/rng.pt                             torch CPU/CUDA, numpy, python random, registered generators
+    <dir>/manifest.json                      written last: every piece with its files, sizes, sha256
+
+Unlike the release (reference 7.2-7.3, 10.12) the trained weights (not the EMA) go to ``lora/``, the
+optimizer state belongs to those weights, and the old/reference adapters, EMA, step and RNG streams are
+all restored. :meth:`TrainingState.save` writes into a temporary sibling directory and renames it into
+place, so a directory under the final name is always complete. :meth:`TrainingState.load` reads and
+checks every piece before changing anything; a missing piece is an error naming it.
+
+Optimization (reference 5.4): AdamW over the ``default`` LoRA parameters; a step is
+``unscale -> clip_grad_norm_(grad_clip) -> optimizer.step -> scaler.update -> scheduler.step ->
+zero_grad -> EMA update -> step += 1``. Gradient accumulation: every micro-batch loss is divided by
+the number of micro-batches, so for equal micro-batches of a mean loss the accumulated gradient equals
+the gradient of the mean over all samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from safetensors.torch import load_file, save_file
+
+from astrolabe.artifacts import sha256_file
+from astrolabe.configbase import Frozen
+from astrolabe.rl.lora import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    CHECKPOINT_LORA_DIR,
+    LoRAConfig,
+    LoraMismatchError,
+    check_lora_compatible,
+    check_same_keys,
+    read_adapter_tensors,
+    read_lora_config,
+    save_adapter,
+)
+from astrolabe.rl.policies import TRAINED, PolicyConfig, PolicySet
+from astrolabe.rl.selective_kl import FractionController
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "astrolabe.training_state"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE_JSON = "state.json"
+OPTIMIZER_PT = "optimizer.pt"
+RNG_PT = "rng.pt"
+ADAPTERS_DIR = "adapters"
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint is missing a piece, is corrupt, or does not fit the current run."""
+
+
+class OptimConfig(Frozen):
+    """AdamW over the trained LoRA (reference 5.4: lr 1e-5, betas (0.9, 0.999), wd 1e-4, eps 1e-8, clip 1.0)."""
+
+    lr: float = Field(1e-5, gt=0.0, description="Peak learning rate (release: 1e-5; 2e-5 for two Causal Forcing configs).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Decoupled weight decay.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip; None = no clipping.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps: lr * min(1, (s + 1) / warmup_steps).")
+    schedule: Literal["constant"] = Field("constant", description="LR schedule after warm-up (release: constant).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="Autocast precision of training forwards; 'fp16' enables the GradScaler."
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas={v}: each beta must lie in [0, 1)")
+        return v
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    """Multiplier of the peak lr at scheduler step ``step``: ``min(1, (step + 1) / warmup_steps)``, 1 without warm-up."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    if not params:
+        raise ValueError("no trainable parameters: the 'default' LoRA adapter is empty")
+    return torch.optim.AdamW(list(params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = cfg.warmup_steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup))
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step did."""
+
+    step: int  # optimizer steps taken, after this one
+    grad_norm: float  # global norm of the (unscaled) gradient before clipping
+    lr: float  # lr used by this step
+    ema_decay: float | None  # EMA decay applied, None when no EMA update happened
+    skipped: bool  # fp16 only: the GradScaler skipped the step (inf/NaN gradients)
+
+
+# ----------------------------------------------------------------------------------- RNG
+
+
+def capture_rng(generators: Mapping[str, torch.Generator | np.random.Generator]) -> dict[str, Any]:
+    """Snapshot of every random stream: torch CPU, CUDA (all devices), numpy global, python, named ones."""
+    np_state = np.random.get_state()
+    return {
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+        "torch_generators": {k: g.get_state() for k, g in generators.items() if isinstance(g, torch.Generator)},
+        "numpy_generators": {
+            k: json.dumps(g.bit_generator.state) for k, g in generators.items() if isinstance(g, np.random.Generator)
+        },
+    }
+
+
+def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator | np.random.Generator]) -> None:
+    """Inverse of :func:`capture_rng`. The registered generator names must equal the saved ones."""
+    saved = set(state["torch_generators"]) | set(state["numpy_generators"])
+    if saved != set(generators):
+        raise CheckpointError(
+            f"rng.pt holds generators {sorted(saved)} but {sorted(generators)} are registered; register exactly "
+            "the generators of the saved run (TrainingState.register_generator) before load()"
+        )
+    torch.set_rng_state(state["torch_cpu"])
+    if state["torch_cuda"] is not None:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["torch_cuda"])
+        else:
+            logger.warning("checkpoint holds CUDA RNG states but CUDA is unavailable; they are not restored")
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(state["python"])
+    for k, g in generators.items():
+        if isinstance(g, torch.Generator):
+            if k not in state["torch_generators"]:
+                raise CheckpointError(f"generator {k!r} is a torch.Generator now but was a numpy Generator when saved")
+            g.set_state(state["torch_generators"][k])
+        else:
+            if k not in state["numpy_generators"]:
+                raise CheckpointError(f"generator {k!r} is a numpy Generator now but was a torch.Generator when saved")
+            g.bit_generator.state = json.loads(state["numpy_generators"][k])
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a complete ``tmp`` directory to ``final``, replacing an older ``final`` without a half state."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    _fsync(tmp)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class TrainingState:
+    """Policies + optimizer + LR scheduler + grad scaler + step + controllers + RNG + caller ``extra``.
+
+    ``controller`` is the selective-KL :class:`FractionController` (None when selective KL is off); the
+    KL-reference refresher lives in ``policies.refresher``. ``extra`` is a JSON-serialisable dict for the
+    caller (e.g. the prompt sampler position). Register every generator that must resume with
+    :meth:`register_generator`.
+    """
+
+    def __init__(self, policies: PolicySet, optim: OptimConfig, controller: FractionController | None = None) -> None:
+        self.policies = policies
+        self.optim_cfg = optim
+        self.controller = controller
+        self.step = 0
+        self.extra: dict[str, Any] = {}
+        self.generators: dict[str, torch.Generator | np.random.Generator] = {}
+        self.params = policies.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, optim)
+        self.scheduler = build_scheduler(self.optimizer, optim)
+        device_type = self.params[0].device.type
+        self.scaler = torch.amp.GradScaler(device_type, enabled=optim.precision == "fp16")
+
+    # ------------------------------------------------------------------ setup
+    def register_generator(self, name: str, generator: torch.Generator | np.random.Generator) -> None:
+        """Save and restore this generator's state with the checkpoint."""
+        if not isinstance(generator, (torch.Generator, np.random.Generator)):
+            raise TypeError(f"generator {name!r} must be a torch.Generator or numpy Generator, got {type(generator)}")
+        if name in self.generators and self.generators[name] is not generator:
+            raise ValueError(f"a different generator is already registered as {name!r}")
+        self.generators[name] = generator
+
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Autocast of training forwards at ``optim.precision`` (no-op for fp32)."""
+        prec = self.optim_cfg.precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        with torch.autocast(self.params[0].device.type, dtype=dtype, enabled=dtype is not None):
+            yield
+
+    # ------------------------------------------------------------------ optimization
+    def backward(self, loss: torch.Tensor, accumulation_steps: int = 1) -> None:
+        """Backward of ``loss / accumulation_steps`` (scaled by the GradScaler when fp16)."""
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps} must be >= 1")
+        if loss.dim() != 0:
+            raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}; reduce it (mean) first")
+        self.scaler.scale(loss / accumulation_steps).backward()
+
+    def optimizer_step(self) -> StepStats:
+        """Unscale, clip, step, update scaler and scheduler, zero grads, update the EMA, ``step += 1``."""
+        self.scaler.unscale_(self.optimizer)
+        clip = self.optim_cfg.grad_clip
+        max_norm = clip if clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        d = self.policies.update_ema(self.step)
+        self.step += 1
+        return StepStats(step=self.step, grad_norm=grad_norm, lr=lr, ema_decay=d, skipped=skipped)
+
+    def update_old(self) -> float:
+        """End of a training phase: blend the old policy toward the trained one (decay at ``self.step``)."""
+        return self.policies.update_old(self.step)
+
+    # ------------------------------------------------------------------ save
+    def _configs(self) -> dict[str, Any]:
+        return {
+            "lora": self.policies.lora.model_dump(mode="json"),
+            "policy": self.policies.cfg.model_dump(mode="json"),
+            "optim": self.optim_cfg.model_dump(mode="json"),
+        }
+
+    def _state_json(self) -> dict[str, Any]:
+        try:
+            json.dumps(self.extra)
+        except TypeError as e:
+            raise TypeError(
+                f"TrainingState.extra must be JSON-serialisable ({e}); store plain numbers/strings/lists"
+            ) from None
+        refresher = self.policies.refresher
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "refresher": refresher.state_dict() if refresher is not None else None,
+            "configs": self._configs(),
+            "extra": self.extra,
+        }
+
+    def expected_pieces(self) -> dict[str, list[str]]:
+        """Every piece this state needs in a checkpoint, with its files (relative paths)."""
+        pieces = {"lora": [f"{CHECKPOINT_LORA_DIR}/{ADAPTER_WEIGHTS_NAME}", f"{CHECKPOINT_LORA_DIR}/{ADAPTER_CONFIG_NAME}"]}
+        for name in self.policies.stored_policies():
+            pieces[name] = [f"{ADAPTERS_DIR}/{name}.safetensors"]
+        pieces |= {"optimizer": [OPTIMIZER_PT], "state": [STATE_JSON], "rng": [RNG_PT]}
+        return pieces
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Atomically write the whole state to ``directory`` (module docstring); returns it."""
+        final = Path(directory)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            self._write_pieces(tmp)
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("saved training state at step %d to %s", self.step, final)
+        return final
+
+    def _write_pieces(self, tmp: Path) -> None:
+        save_adapter(self.policies.model, tmp / CHECKPOINT_LORA_DIR, TRAINED)
+        (tmp / ADAPTERS_DIR).mkdir()
+        for name in self.policies.stored_policies():
+            path = tmp / ADAPTERS_DIR / f"{name}.safetensors"
+            save_file(self.policies.tensors(name), str(path), metadata={"format": "pt"})
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            },
+            tmp / OPTIMIZER_PT,
+        )
+        _write_json(tmp / STATE_JSON, self._state_json())
+        torch.save(capture_rng(self.generators), tmp / RNG_PT)
+        pieces = self.expected_pieces()
+        files = {
+            f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for fs in pieces.values() for f in fs
+        }
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "step": self.step,
+                                     "pieces": pieces, "files": files})
+
+    # ------------------------------------------------------------------ load
+    def load(
+        self, directory: str | os.PathLike[str], allow_config_change: bool = False, verify_checksums: bool = False
+    ) -> None:
+        """Restore every piece from ``directory``. Everything is read and checked before anything changes.
+
+        Errors: no/foreign manifest, a missing piece (named), a file whose size (or sha256) differs from the
+        manifest, a different LoRA config or policy layout, a controller present on one side only, other
+        registered generators. Changed optimizer/policy hyper-parameters are errors unless
+        ``allow_config_change`` (then logged as warnings).
+        """
+        d = Path(directory)
+        manifest = self._read_manifest(d, verify_checksums)
+        state = json.loads((d / STATE_JSON).read_text())
+        self._check_configs(d, state, allow_config_change)
+        lora_dir = d / CHECKPOINT_LORA_DIR
+        check_lora_compatible(self.policies.lora, read_lora_config(lora_dir), str(lora_dir))
+        tensors = {TRAINED: read_adapter_tensors(lora_dir)}
+        for name in self.policies.stored_policies():
+            tensors[name] = load_file(str(d / ADAPTERS_DIR / f"{name}.safetensors"))
+        optim = torch.load(d / OPTIMIZER_PT, map_location="cpu", weights_only=True)
+        rng = torch.load(d / RNG_PT, map_location="cpu", weights_only=True)
+        for key in ("optimizer", "scheduler", "scaler"):
+            if key not in optim:
+                raise CheckpointError(f"{d / OPTIMIZER_PT} lacks the {key!r} state; the checkpoint is incomplete")
+        self._check_controllers(state)
+        for name, t in tensors.items():
+            expected = self.policies.ema if name == "ema" else self.policies.parameters_of(name)
+            check_same_keys(expected, t, f"checkpoint {d}: {name!r} adapter")
+        self._check_generators(rng)
+
+        # ---- apply (all pieces are present and consistent)
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        if self.policies.refresher is not None:
+            self.policies.refresher.load_state_dict(state["refresher"])
+        for name, t in tensors.items():
+            self.policies.load_tensors(name, t)
+        self.optimizer.load_state_dict(optim["optimizer"])
+        self.scheduler.load_state_dict(optim["scheduler"])
+        self.scaler.load_state_dict(optim["scaler"])
+        restore_rng(rng, self.generators)
+        self.step = int(state["step"])
+        self.extra = dict(state["extra"])
+        logger.info("loaded training state at step %d from %s (%d files)", self.step, d, len(manifest["files"]))
+
+    def _read_manifest(self, d: Path, verify_checksums: bool) -> dict[str, Any]:
+        path = d / MANIFEST
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: {d} is not a complete training checkpoint (an interrupted save never "
+                "leaves one under its final name); point to a checkpoint directory written by TrainingState.save"
+            )
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
+                                  f"is not {FORMAT!r} v{FORMAT_VERSION}")
+        for piece, files in self.expected_pieces().items():
+            if piece not in manifest["pieces"]:
+                raise CheckpointError(f"checkpoint {d} has no {piece!r} piece (needed by the current config); "
+                                      "it was saved by a run with another policy/EMA configuration")
+            for f in files:
+                if not (d / f).is_file():
+                    raise CheckpointError(f"checkpoint {d} is missing the {piece!r} piece: file {f} not found")
+                entry = manifest["files"].get(f)
+                if entry is None or (d / f).stat().st_size != entry["bytes"]:
+                    raise CheckpointError(
+                        f"checkpoint {d}: {f} ({piece!r}) does not match its manifest entry; the file is corrupt"
+                    )
+                if verify_checksums and sha256_file(d / f) != entry["sha256"]:
+                    raise CheckpointError(f"checkpoint {d}: sha256 of {f} ({piece!r}) differs from the manifest")
+        extra_pieces = sorted(set(manifest["pieces"]) - set(self.expected_pieces()))
+        if extra_pieces:
+            raise CheckpointError(f"checkpoint {d} holds pieces {extra_pieces} the current config does not use "
+                                  "(e.g. a lagging reference or an EMA); resume with the saved run's policy config")
+        return manifest
+
+    def _check_configs(self, d: Path, state: Mapping[str, Any], allow_change: bool) -> None:
+        if state.get("format") != FORMAT:
+            raise CheckpointError(f"{d / STATE_JSON} is not a training-state file")
+        saved, now = state["configs"], self._configs()
+        if LoRAConfig.model_validate(saved["lora"]) != self.policies.lora:
+            raise LoraMismatchError(
+                f"checkpoint {d} was trained with LoRA config {saved['lora']}, the current one is {now['lora']}; "
+                "resume with the same LoRA config"
+            )
+        for section, model in (("policy", PolicyConfig), ("optim", OptimConfig)):
+            current = self.policies.cfg if section == "policy" else self.optim_cfg
+            if model.model_validate(saved[section]) != current:
+                msg = f"{section} config changed since checkpoint {d}: saved {saved[section]}, now {now[section]}"
+                if not allow_change:
+                    raise CheckpointError(msg + "; resume with the saved config or pass allow_config_change=True")
+                logger.warning(msg)
+
+    def _check_generators(self, rng: Mapping[str, Any]) -> None:
+        saved = set(rng["torch_generators"]) | set(rng["numpy_generators"])
+        if saved != set(self.generators):
+            raise CheckpointError(
+                f"rng.pt holds generators {sorted(saved)} but {sorted(self.generators)} are registered; register "
+                "exactly the generators of the saved run (TrainingState.register_generator) before load()"
+            )
+
+    def _check_controllers(self, state: Mapping[str, Any]) -> None:
+        if (state["controller"] is None) != (self.controller is None):
+            have = "has" if state["controller"] is not None else "has no"
+            raise CheckpointError(
+                f"the checkpoint {have} selective-KL FractionController state but the current run "
+                f"{'has none' if self.controller is None else 'has one'}; enable/disable selective KL as in the saved run"
+            )
+        if (state["refresher"] is None) != (self.policies.refresher is None):
+            raise CheckpointError(
+                "the checkpoint and the current run disagree on the lagging KL reference (refresher state)"
+            )
+
+
+# ----------------------------------------------------------------------------------- accumulation
+
+
+def accumulate_gradients(
+    state: TrainingState, loss_fn: Callable[[Any], torch.Tensor], micro_batches: Sequence[Any]
+) -> float:
+    """Backward every micro-batch's mean loss divided by ``len(micro_batches)``; returns the mean loss.
+
+    For equal-sized micro-batches of a mean loss: sum_m (1/M) * mean_{i in m} l_i = mean_i l_i, so the
+    accumulated gradient equals that of one batch holding every sample.
+    """
+    if not micro_batches:
+        raise ValueError("no micro-batches to accumulate")
+    total = 0.0
+    for mb in micro_batches:
+        with state.autocast():
+            loss = loss_fn(mb)
+        state.backward(loss, accumulation_steps=len(micro_batches))
+        total += float(loss.detach())
+    return total / len(micro_batches)
+
+
+def accumulate_step(
+    state: TrainingState, loss_fn: Callable[[Any], torch.Tensor], micro_batches: Sequence[Any]
+) -> tuple[float, StepStats]:
+    """:func:`accumulate_gradients` followed by one :meth:`TrainingState.optimizer_step`."""
+    loss = accumulate_gradients(state, loss_fn, micro_batches)
+    return loss, state.optimizer_step()
