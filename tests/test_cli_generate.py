@@ -39,3 +39,29 @@ def test_generate_bad_inputs(tmp_path):
     assert res.exit_code == 2 and "1 + 4k" in res.output
     res = runner.invoke(app, ["generate", "--prompt", "a", "--set", "model.base=self_forcing", "-o", str(tmp_path)])
     assert res.exit_code == 2 and "checkpoint_dir" in res.output
+
+
+def test_generate_with_lora_checkpoint(tmp_path):
+    import torch
+
+    from astrolabe.models.wan.config import tiny
+    from astrolabe.models.wan.dit import WanDiT
+    from astrolabe.rl.lora import LoRAConfig, apply_lora, save_adapter
+
+    dit = WanDiT(tiny())
+    dit.init_weights(torch.Generator().manual_seed(0))
+    peft_model = apply_lora(dit, LoRAConfig(rank=4, alpha=4.0), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    save_adapter(peft_model, tmp_path / "ckpt" / "lora")
+    runner = CliRunner()
+    args = ["generate", "--prompt", "a red ball", "--num-frames", "9"]
+    assert runner.invoke(app, [*args, "-o", str(tmp_path / "base")]).exit_code == 0
+    res = runner.invoke(app, [*args, "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "lora")])
+    assert res.exit_code == 0, res.output
+    a, b = decode_mp4(tmp_path / "base/0000.mp4"), decode_mp4(tmp_path / "lora/0000.mp4")
+    assert a.shape == b.shape and (a != b).any()
+    res = runner.invoke(app, [*args, "--checkpoint", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no LoRA adapter" in res.output

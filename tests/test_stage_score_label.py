@@ -1,0 +1,155 @@
+"""score and label_uncertainty stages on a tiny hand-made rollout directory."""
+
+from __future__ import annotations
+
+import json
+import types
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from astrolabe.artifacts import stage_root
+from astrolabe.config import RunConfig
+from astrolabe.data.arrays import read_columns, write_columns
+from astrolabe.data.shards import RolloutShardWriter, ShardWriterConfig
+from astrolabe.data.video import decode_mp4, encode_mp4
+from astrolabe.rewards import build_rewards, score_all
+from astrolabe.rl.selective_kl import FractionController, compute_kl_mask
+from stages import label_uncertainty, score
+from stages.base import StageInfo, StageResult, execute, stage_key
+
+GROUPS = [0, 0, 1, 1, 2, 2]
+
+
+def _cfg(tmp_path: Path, **over) -> RunConfig:
+    data = {
+        "pipeline": {"runs_root": str(tmp_path)},
+        "rewards": {
+            "rewards": [{"name": "motion", "weight": 1.0}, {"name": "smoothness", "weight": 1.0}],
+            "batch_size": 4,
+        },
+    }
+    data.update(over)
+    return RunConfig.model_validate(data)
+
+
+def _publish(run: Path, name: str, write, iteration: int = 0) -> Path:
+    """Publish an artifact through execute() with a throwaway stage whose run() calls ``write(out_dir)``."""
+    mod = types.SimpleNamespace(
+        STAGE=StageInfo(name=name, code_version="1", config_subset=lambda cfg: {"tag": write.__name__}),
+        run=lambda cfg, inputs, out, it: (write(out), StageResult())[1],
+    )
+    m = execute(mod, RunConfig(), run, {}, iteration)
+    return stage_root(run, name, iteration) / m.key
+
+
+@pytest.fixture(scope="module")
+def rollout(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    run = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8) for _ in GROUPS]
+
+    def rollout_shards(out: Path) -> None:
+        with RolloutShardWriter(out, "rollout", config=ShardWriterConfig(max_samples_per_shard=4)) as w:
+            for i, (g, v) in enumerate(zip(GROUPS, videos)):
+                meta = {"prompt": "a red ball", "group": g, "candidate": i % 2}
+                w.write(f"g{g}-c{i % 2}", np.zeros((1, 2, 2, 2), np.float32), meta, video_mp4=encode_mp4(v))
+
+    return _publish(run, "rollout", rollout_shards), videos
+
+
+def test_score_columns_match_direct_scoring_and_cache(tmp_path, rollout):
+    rollout_dir, _ = rollout
+    cfg = _cfg(tmp_path)
+    m = execute(score, cfg, tmp_path / "r", {"rollout": rollout_dir}, iteration=0)
+    assert m.counts["records"] == 6 and m.counts["nan/motion"] == 0 and set(m.files) >= {"rewards.zarr/zarr.json"}
+    keys, cols, attrs = read_columns(stage_root(tmp_path / "r", "score", 0) / m.key / "rewards.zarr")
+    assert keys == [f"g{g}-c{i % 2}" for i, g in enumerate(GROUPS)]
+    # independent: decode the same mp4s and score them in one call
+    from astrolabe.data.shards import list_shards, read_rollout_shards
+
+    vids = np.stack([decode_mp4(r["video"]) for r in read_rollout_shards(list_shards(rollout_dir))])
+    ref = score_all(build_rewards(cfg.rewards.rewards), vids, ["a red ball"] * 6, batch_size=6)
+    for name in ("motion", "smoothness"):
+        np.testing.assert_allclose(cols[name], ref[name].scores, rtol=1e-6)
+        assert attrs["rewards"][name]["name"] == name
+    assert any(c.startswith("motion.") for c in cols)
+    # second call: cached
+    assert execute(score, cfg, tmp_path / "r", {"rollout": rollout_dir}, iteration=0).created == m.created
+    # changing a reward option changes the score key; changing a weight does not
+    opt = _cfg(tmp_path, rewards={"rewards": [{"name": "motion", "options": {"frame_stride": 2}},
+                                              {"name": "smoothness"}], "batch_size": 4})
+    weight = _cfg(tmp_path, rewards={"rewards": [{"name": "motion", "weight": 3.0}, {"name": "smoothness"}],
+                                     "batch_size": 2})
+    base_key = stage_key(score, cfg, {"rollout": rollout_dir})[0]
+    assert stage_key(score, opt, {"rollout": rollout_dir})[0] != base_key
+    assert stage_key(score, weight, {"rollout": rollout_dir})[0] == base_key
+    assert stage_key(label_uncertainty, weight, {})[0] != stage_key(label_uncertainty, cfg, {})[0]
+
+
+def _score_artifact(run: Path, columns: Mapping[str, list[float]], tag: str) -> Path:
+    keys = [f"g{g}-c{i % 2}" for i, g in enumerate(GROUPS)]
+
+    def write(out: Path) -> None:
+        write_columns(out / "rewards.zarr", keys, {k: np.asarray(v, np.float32) for k, v in columns.items()})
+
+    write.__name__ = tag
+    return _publish(run, "score", write)
+
+
+def test_label_values_on_constructed_case(tmp_path, rollout):
+    rollout_dir, _ = rollout
+    nan = float("nan")
+    # group 0: [1, 3] ; group 1: [2, 2] (equal -> r = 0.5) ; group 2: all NaN -> skipped
+    score_dir = _score_artifact(tmp_path / "r", {"motion": [1, 3, 2, 2, nan, nan], "smoothness": [0] * 6}, "case")
+    cfg = _cfg(tmp_path, rewards={"rewards": [{"name": "motion"}, {"name": "smoothness", "weight": 0.0}]},
+               rl={"advantage": {"normalize_rewards": "none", "eps": 0.0}})
+    m = execute(label_uncertainty, cfg, tmp_path / "r", {"rollout": rollout_dir, "score": score_dir}, iteration=0)
+    keys, cols, _ = read_columns(stage_root(tmp_path / "r", "label_uncertainty", 0) / m.key / "labels.zarr")
+    std = np.sqrt(0.5)  # global population std of [1, 3, 2, 2]
+    np.testing.assert_allclose(cols["advantage"][:4], [-1 / std, 1 / std, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(cols["r"][:4], [0.5 - 0.1 / std, 0.5 + 0.1 / std, 0.5, 0.5], rtol=1e-6)
+    assert np.isnan(cols["r"][4:]).all() and np.isnan(cols["combined"][4:]).all()
+    np.testing.assert_array_equal(cols["kl_mask"], np.ones(6))
+    np.testing.assert_allclose(cols["rank_motion"][:4], [4, 1, 2.5, 2.5])
+    assert m.counts == {"records": 6, "groups": 3, "nan_excluded": 2, "nan_groups": 1, "zero_std_groups": 1,
+                        "flagged": 6}
+
+
+def test_selective_kl_mask_and_controller_carried(tmp_path, rollout):
+    rollout_dir, _ = rollout
+    motion = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2]
+    smooth = [0.8, 0.2, 0.4, 0.9, 0.1, 0.6]  # u = [4, -4, -1, 3, -4, 2]: flags sample 0
+    score_dir = _score_artifact(tmp_path / "r", {"motion": motion, "smoothness": smooth}, "kl")
+    kl = {"main_reward": "motion", "auxiliary_rewards": ["smoothness"], "fraction_bounds": [0.1, 0.5],
+          "initial_fraction": 0.4}
+    cfg = _cfg(tmp_path, rl={"selective_kl": kl})
+    run = tmp_path / "r"
+    inputs = {"rollout": rollout_dir, "score": score_dir}
+    m0 = execute(label_uncertainty, cfg, run, inputs, iteration=0)
+    d0 = stage_root(run, "label_uncertainty", 0) / m0.key
+    _, cols, _ = read_columns(d0 / "labels.zarr")
+    ctrl = FractionController(cfg.rl.selective_kl)
+    cols_in = {"motion": np.array(motion, np.float32), "smoothness": np.array(smooth, np.float32)}
+    mask, u, _ = compute_kl_mask(cols_in, cfg.rl.selective_kl, ctrl, GROUPS)
+    np.testing.assert_array_equal(cols["kl_mask"], mask.astype(np.float32))
+    np.testing.assert_allclose(cols["u"], u)
+    assert m0.counts["flagged"] == int(mask.sum()) == 1 and cols["kl_mask"][0] == 1
+    assert json.loads((d0 / "controller.json").read_text())["state"] == ctrl.state_dict()
+    # iteration 1 resumes the controller from iteration 0's labels
+    m1 = execute(label_uncertainty, cfg, run, {**inputs, "labels_prev": d0}, iteration=1)
+    state1 = json.loads((stage_root(run, "label_uncertainty", 1) / m1.key / "controller.json").read_text())["state"]
+    assert len(state1["buffer"]) == 2 and state1["buffer"][0] == ctrl.state_dict()["buffer"][0]
+    # labels_prev without controller.json is an error
+    no_ctrl = _publish(run, "fake_labels", lambda out: None)
+    with pytest.raises(FileNotFoundError, match="controller.json"):
+        execute(label_uncertainty, cfg, run, {**inputs, "labels_prev": no_ctrl}, iteration=2)
+
+
+def test_all_nan_rewards_is_a_clear_error(tmp_path, rollout):
+    rollout_dir, _ = rollout
+    score_dir = _score_artifact(tmp_path / "r", {"motion": [float("nan")] * 6, "smoothness": [1.0] * 6}, "allnan")
+    with pytest.raises(ValueError, match=r"\['motion'\] are NaN for every one"):
+        execute(label_uncertainty, _cfg(tmp_path), tmp_path / "r", {"rollout": rollout_dir, "score": score_dir}, 0)
