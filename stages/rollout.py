@@ -1,0 +1,151 @@
+"""Rollout stage: for each prompt of the iteration, a shared prefix and K candidate clip windows -> shards.
+
+Inputs: ``prompts`` (the filter_prompts directory, with ``train.txt``: one prompt per line) and
+optionally ``checkpoint`` (the previous training state; its ``lora/`` adapter is merged into the DiT
+as the sampling policy). NFT samples with the *old* policy (the slow-moving ``adapters/old`` of the
+checkpoint); until the model factory can attach that adapter, the trained ``lora/`` adapter is used
+(:func:`astrolabe.models.factory.attach_lora_for_inference`), as the brief of this stage asks.
+
+Per iteration the plan (prompts, seeds, window starts) is a pure function of the config and the
+iteration (:mod:`astrolabe.rollout`); rank ``r`` of ``W`` (env ``RANK`` / ``WORLD_SIZE``, default 0 / 1)
+generates the contiguous slice :func:`rank_slice` of the groups and writes ``rollout-rNNN-*.tar``.
+
+One record per candidate, key ``it{iteration}-p{slot}-c{j}``: ``latents`` = the window (W, C, h, w)
+float32, extra ``prefix`` = the shared prefix (P, C, h, w) (P may be 0), ``video`` = mp4 of the window's
+pixel frames decoded after the prefix (see :mod:`astrolabe.rollout`), and ``meta``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from astrolabe.artifacts import rank_slice
+from astrolabe.config import RunConfig, config_to_dict
+from astrolabe.data.shards import RolloutShardWriter
+from astrolabe.data.video import encode_mp4
+from astrolabe.generate import blocks_for
+from astrolabe.models.factory import build_generation_stack
+from astrolabe.rollout import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
+from stages.base import StageInfo, StageResult
+
+log = logging.getLogger(__name__)
+
+PROMPTS_FILE = "train.txt"
+SHARD_PREFIX = "rollout"
+
+
+def _config_subset(cfg: RunConfig) -> dict[str, Any]:
+    return {"seed": cfg.seed, "model": config_to_dict(cfg.model), "rollout": config_to_dict(cfg.rollout)}
+
+
+STAGE = StageInfo(name="rollout", code_version="1", config_subset=_config_subset, per_iteration=True)
+
+
+def read_prompts(prompts_dir: Path) -> list[str]:
+    """Non-empty, stripped lines of ``<prompts_dir>/train.txt``."""
+    path = Path(prompts_dir) / PROMPTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the rollout stage needs the filter_prompts output directory")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts; check data.train_prompts and the filter settings")
+    return prompts
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` from the environment (torchrun sets them), default ``(0, 1)``."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as e:
+        raise ValueError(f"RANK / WORLD_SIZE must be integers ({e})") from None
+
+
+def group_id(iteration: int, slot: int) -> str:
+    return f"it{iteration}-p{slot}"
+
+
+def candidate_meta(
+    cfg: RunConfig, iteration: int, slot: int, prompt_index: int, prompt: str, j: int, group: GroupRollout,
+    prefix_seed: int, cand_seed: int,
+) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "prompt_index": prompt_index,
+        "slot": slot,
+        "group": group_id(iteration, slot),
+        "candidate": j,
+        "group_size": group.window_latents.shape[0],
+        "window_start_frame": group.window_start_frame,
+        "window_frames": int(group.window_latents.shape[1]),
+        "prefix_frames": int(group.prefix_latents.shape[0]),
+        "prefix_seed": prefix_seed,
+        "candidate_seed": cand_seed,
+        "base_model": cfg.model.base,
+        "iteration": iteration,
+    }
+
+
+def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
+    if iteration is None:
+        raise ValueError("the rollout stage runs per iteration; pass iteration=<int>")
+    if "prompts" not in inputs:
+        raise KeyError("the rollout stage needs inputs['prompts'] (the filter_prompts directory)")
+    ro = cfg.rollout
+    rank, world = dist_rank_world()
+    prompts = read_prompts(inputs["prompts"])
+    lora = inputs.get("checkpoint")
+    t0 = time.perf_counter()
+    stack, spec = build_generation_stack(cfg, lora=Path(lora) if lora is not None else None)
+    t_build = time.perf_counter() - t0
+    num_blocks = blocks_for(ro.num_latent_frames or spec.latent_frames, stack.spec.block_frames)
+
+    chosen = choose_prompts(len(prompts), ro.prompts_per_iteration, ro.seed, iteration)
+    mine = rank_slice(len(chosen), rank, world)
+    timings = {"build": t_build, "generation": 0.0, "decoding": 0.0, "encoding_mp4": 0.0}
+    seeds: dict[str, Any] = {"run_seed": cfg.seed, "rollout_seed": ro.seed, "rank": rank, "world_size": world,
+                             "prompt_indices": chosen, "groups": {}}
+    n_blocks = n_records = 0
+    with RolloutShardWriter(out_dir, SHARD_PREFIX, rank=rank, config=ro.shards) as writer:
+        for slot in mine:
+            idx = chosen[slot]
+            prefix_seed, cand_seeds = group_seeds(cfg.seed, ro.seed, iteration, slot, ro.group_size)
+            start = window_start_block(
+                ro.window_start, num_blocks, ro.window_blocks, cfg.seed, ro.seed, iteration, slot
+            )
+            group = rollout_group(
+                stack, prompts[idx], prefix_seed, cand_seeds, start, ro.window_blocks, decode=ro.save_mp4
+            )
+            timings["generation"] += group.generation_seconds
+            timings["decoding"] += group.decoding_seconds
+            seeds["groups"][group_id(iteration, slot)] = {
+                "prompt_index": idx,
+                "prefix_seed": prefix_seed,
+                "candidate_seeds": cand_seeds,
+                "window_start_block": start,
+            }
+            prefix_np = group.prefix_latents.numpy()  # (P, C, h, w)
+            for j, cand_seed in enumerate(cand_seeds):
+                t_enc = time.perf_counter()
+                mp4 = encode_mp4(group.window_pixels[j], fps=stack.fps) if group.window_pixels is not None else None
+                timings["encoding_mp4"] += time.perf_counter() - t_enc
+                meta = candidate_meta(cfg, iteration, slot, idx, prompts[idx], j, group, prefix_seed, cand_seed)
+                writer.write(f"{group_id(iteration, slot)}-c{j}", group.window_latents[j].numpy(), meta,
+                             video_mp4=mp4, extras={"prefix": prefix_np})
+                n_records += 1
+            n_blocks += start + ro.group_size * ro.window_blocks
+            log.info("rollout it%d group %d/%d (prompt %d): window blocks [%d, %d)",
+                     iteration, slot + 1, len(chosen), idx, start, start + ro.window_blocks)
+        shards = writer.close()
+    return StageResult(
+        counts={"prompts": len(mine), "candidates": n_records, "blocks": n_blocks, "shards": len(shards),
+                "num_blocks_per_video": num_blocks},
+        seeds=seeds,
+        timings=timings,
+        extra={"rank": rank, "world_size": world, "shard_prefix": SHARD_PREFIX,
+               "policy": str(lora) if lora else "base"},
+    )
