@@ -129,6 +129,50 @@ def generate(
     console.print(f"wrote {len(prompts)} video(s) to {output_dir}")
 
 
+def _bench_output(result: dict, table, json_out: Path | None) -> None:
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+
+
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the raw results as JSON.")]
+GpuOpt = Annotated[bool, typer.Option("--gpu", help="Wan 1.3B, random weights, bf16 at 480x832 (needs CUDA).")]
+
+
+@bench_app.command("rollout")
+def bench_rollout(gpu: GpuOpt = False, json_out: JsonOpt = None) -> None:
+    """Streaming rollout: memory and time per block as the video grows; KV cache and fork speed-ups."""
+    from astrolabe.bench import rollout
+
+    result = rollout.run_gpu() if gpu else rollout.run()
+    _bench_output(result, rollout.format_table(result), json_out)
+
+
+@bench_app.command("update")
+def bench_update(gpu: GpuOpt = False, json_out: JsonOpt = None) -> None:
+    """Clip-window update vs whole-sequence update as the prefix grows."""
+    from astrolabe.bench import update
+
+    result = update.run_gpu() if gpu else update.run()
+    _bench_output(result, update.format_table(result), json_out)
+
+
+@bench_app.command("rewards")
+def bench_rewards(
+    num_videos: int = 32, frames: int = 16, size: int = 64, json_out: JsonOpt = None
+) -> None:
+    """Videos/s of each weight-free reward at the tiny default's video size."""
+    from rich.table import Table
+
+    from astrolabe.rewards.bench import benchmark_signal_rewards
+
+    result = benchmark_signal_rewards(num_videos=num_videos, frames=frames, height=size, width=size)
+    table = Table("reward", "videos/s")
+    for name, v in result.items():
+        table.add_row(name, f"{v:.1f}")
+    _bench_output(result, table, json_out)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

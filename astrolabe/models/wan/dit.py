@@ -140,7 +140,9 @@ class WanCrossAttention(nn.Module):
         if cached is None:
             k = self.norm_k(self.k(context)).view(b, -1, n, d)
             v = self.v(context).view(b, -1, n, d)
-            if cache is not None:
+            if cache is not None and not torch.is_grad_enabled():
+                # store the text keys/values only on no-grad (sampling / context) forwards: a training forward
+                # with gradient checkpointing must recompute them, and each policy has its own projections
                 cache.cross_kv[layer_idx] = (k.detach(), v.detach())
         else:
             k, v = cached

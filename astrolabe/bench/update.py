@@ -1,0 +1,198 @@
+"""Update benchmark: clip-window NFT update vs a whole-sequence update as the prefix grows.
+
+For each prefix length P (latent frames, multiples of the block size) and a fixed window of W frames:
+
+- ``window``: :func:`astrolabe.rl.streaming_update.window_nft_step`: prefix cache rebuilt without gradient
+  (bounded by the attention window), three window forwards (old and ref without grad, current with grad),
+  NFT loss, backward. Its memory should be flat in P (target: peak(P_max) / peak(P_min) <= 1.15); its time
+  grows linearly in P only through the gradient-free prefix replay.
+- ``whole``: the same P + W frames trained in one block-causal forward with gradient on every frame
+  (:func:`astrolabe.rl.streaming_update.clip_nft_loss`): memory and time grow with P + W.
+
+Each (P, mode) runs in a fresh process (see :mod:`astrolabe.bench` for the memory method): one warm-up
+step, then the measured step. All parameters are trained (no LoRA), the three policies share the weights
+(the cost does not depend on which weights a policy uses). ``size="wan21_t2v_1_3b", device="cuda",
+dtype="bfloat16", latent_hw=(60, 104), gradient_checkpointing=True`` is the GPU variant; an out-of-memory
+configuration is reported as ``oom`` rather than failing the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+from typing import Any
+
+import torch
+
+from astrolabe.bench import build_model, call, measure, mib, ratio, set_threads
+from astrolabe.bench.rollout import make_spec
+from astrolabe.rl.nft import NFTConfig
+from astrolabe.rl.streaming_update import (
+    StreamingUpdateConfig,
+    WindowBatch,
+    clip_nft_loss,
+    draw_training_noise,
+    gradient_checkpointing,
+    window_nft_step,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = ("window", "whole")
+
+
+def _batch(model, prefix: int, window: int, latent_hw, batch: int, device: str, dtype: str) -> WindowBatch:
+    g = torch.Generator().manual_seed(2)
+    c, (h, w) = model.config.in_dim, latent_hw
+    kw = dict(device=device, dtype=getattr(torch, dtype))
+    return WindowBatch(
+        context=torch.randn(batch, 16, model.config.text_dim, generator=g).to(**kw),
+        prefix_latents=torch.randn(batch, prefix, c, h, w, generator=g).to(**kw),
+        window_x0=torch.randn(batch, window, c, h, w, generator=g).to(**kw),
+        r=torch.linspace(0.2, 0.8, batch, dtype=torch.float64).to(device),
+        kl_mask=torch.ones(batch, dtype=torch.bool, device=device),
+    )
+
+
+def _step(mode: str, model, spec, batch: WindowBatch, nft: NFTConfig, ckpt: bool) -> float:
+    """One update step (forward + backward) of ``mode``; returns the loss."""
+    policies = {"default": contextlib.nullcontext, "old": contextlib.nullcontext, "ref": contextlib.nullcontext}
+    gens = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=False)
+    if mode == "window":
+        cfg = StreamingUpdateConfig(gradient_checkpointing=ckpt)
+        loss, _ = window_nft_step(policies, model, spec, batch, nft, *gens, cfg=cfg)
+        return float(loss.detach())
+    x0 = torch.cat([batch.prefix_latents, batch.window_x0], dim=1)  # (B, P + W, C, h, w)
+    sigma, eps = draw_training_noise(x0, spec, nft, *gens)
+    with gradient_checkpointing(model, ckpt):
+        loss, _ = clip_nft_loss(
+            policies, model, spec.causal, batch.context, x0, batch.r, sigma, eps, nft, batch.kl_mask
+        )
+        loss.backward()
+    return float(loss.detach())
+
+
+def step_worker(
+    mode: str, prefix_frames: int, window_frames: int, size: str, device: str, dtype: str, latent_hw: list[int],
+    window: int | None, sink: int, block: int, batch: int, gradient_checkpointing: bool, threads: int | None,
+    repeats: int = 3,
+) -> dict[str, Any]:  # fmt: skip
+    """Peak memory of one update step and its median time over ``repeats`` steps (run in a fresh process)."""
+    set_threads(threads)
+    dev = torch.device(device)
+    model = build_model(size, device, dtype).train()
+    spec = make_spec(tuple(latent_hw), window, sink, block, model.config.in_dim)
+    data = _batch(model, prefix_frames, window_frames, latent_hw, batch, device, dtype)
+    nft = NFTConfig()
+    out: dict[str, Any] = {"mode": mode, "prefix_frames": prefix_frames, "oom": False}
+    try:
+        _step(mode, model, spec, data, nft, gradient_checkpointing)  # warm-up; gradients allocated
+        with measure(dev, track_tensors=False) as m:
+            out["loss"] = _step(mode, model, spec, data, nft, gradient_checkpointing)
+        out.update(m)
+        times = []
+        for _ in range(repeats - 1):
+            with measure(dev, track_tensors=False) as mr:
+                _step(mode, model, spec, data, nft, gradient_checkpointing)
+            times.append(mr["time_s"])
+        out["time_s"] = statistics.median([m["time_s"], *times])
+        if dev.type == "cpu":
+            with measure(dev, track_tensors=True) as mt:
+                _step(mode, model, spec, data, nft, gradient_checkpointing)
+            out["tensor_peak_bytes"] = mt["tensor_peak_bytes"]
+    except torch.cuda.OutOfMemoryError:
+        out["oom"] = True
+    return out
+
+
+def run(
+    prefix_frames: tuple[int, ...] = (21, 60, 120, 180, 240),
+    window_frames: int = 21,
+    size: str = "tiny",
+    device: str = "cpu",
+    dtype: str = "float32",
+    latent_hw: tuple[int, int] = (8, 8),
+    window: int | None = 12,
+    sink: int = 3,
+    block: int = 3,
+    batch: int = 1,
+    gradient_checkpointing: bool = False,
+    threads: int | None = None,
+    repeats: int = 3,
+    fresh_process: bool = True,
+) -> dict[str, Any]:
+    """Run the update benchmark; returns settings, per-(mode, prefix) rows and the headline ratios."""
+    for n in (*prefix_frames, window_frames):
+        if n % block or n < 0:
+            raise ValueError(f"frame count {n} must be a non-negative multiple of block={block}; round it")
+    if len(prefix_frames) < 2:
+        raise ValueError("give at least two prefix lengths, e.g. (21, 240)")
+    common = dict(window_frames=window_frames, size=size, device=device, dtype=dtype, latent_hw=list(latent_hw),
+                  window=window, sink=sink, block=block, batch=batch, gradient_checkpointing=gradient_checkpointing,
+                  threads=threads, repeats=repeats)  # fmt: skip
+    rows = {mode: [call(step_worker, fresh_process, mode=mode, prefix_frames=p, **common) for p in prefix_frames]
+            for mode in MODES}  # fmt: skip
+    key = "cuda_peak_bytes" if device.startswith("cuda") else "rss_peak_bytes"
+
+    def peak(mode: str, i: int, k: str = key) -> float:
+        row = rows[mode][i]
+        return float("nan") if row["oom"] else row[k]
+
+    result: dict[str, Any] = {
+        "settings": {**common, "prefix_frames": list(prefix_frames)},
+        "rows": rows,
+        "window_memory_ratio": ratio(peak("window", -1), peak("window", 0)),
+        "whole_memory_ratio": ratio(peak("whole", -1), peak("whole", 0)),
+        "window_vs_whole_memory_at_max": ratio(peak("window", -1), peak("whole", -1)),
+        "window_time_ratio": ratio(rows["window"][-1].get("time_s", float("nan")), rows["window"][0].get("time_s", 0)),
+    }
+    if device == "cpu":
+        result["window_tensor_peak_ratio"] = ratio(peak("window", -1, "tensor_peak_bytes"),
+                                                   peak("window", 0, "tensor_peak_bytes"))  # fmt: skip
+        result["window_vs_whole_tensor_peak_at_max"] = ratio(peak("window", -1, "tensor_peak_bytes"),
+                                                             peak("whole", -1, "tensor_peak_bytes"))  # fmt: skip
+    log.info("update bench: %s", {k: v for k, v in result.items() if isinstance(v, float)})
+    return result
+
+
+def format_table(result: dict[str, Any]):
+    """A rich table: one row per prefix length, window vs whole-sequence memory and step time."""
+    from rich.table import Table
+
+    s = result["settings"]
+    key = "cuda_peak_bytes" if s["device"].startswith("cuda") else "rss_peak_bytes"
+    cpu = s["device"] == "cpu"
+    table = Table(title=f"update bench ({s['size']}, {s['device']}, window {s['window_frames']} frames, attention "
+                        f"window {s['window']} + sink {s['sink']}); window memory ratio "
+                        f"{result['window_memory_ratio']:.3f} (target <= 1.15)")  # fmt: skip
+    cols = ["prefix", "window peak MiB", "whole peak MiB"]
+    cols += ["window tensors MiB", "whole tensors MiB"] if cpu else []
+    cols += ["window step s", "whole step s"]
+    for col in cols:
+        table.add_column(col)
+
+    def fmt(row: dict[str, Any], k: str, scale=mib, spec: str = ".2f") -> str:
+        return "oom" if row["oom"] else format(scale(row[k]), spec)
+
+    for w, h in zip(result["rows"]["window"], result["rows"]["whole"]):
+        cells = [str(w["prefix_frames"]), fmt(w, key), fmt(h, key)]
+        if cpu:
+            cells += [fmt(w, "tensor_peak_bytes", spec=".3f"), fmt(h, "tensor_peak_bytes", spec=".3f")]
+        cells += [fmt(w, "time_s", float, ".3f"), fmt(h, "time_s", float, ".3f")]
+        table.add_row(*cells)
+    return table
+
+
+GPU_VARIANT: dict[str, Any] = {
+    "size": "wan21_t2v_1_3b", "device": "cuda", "dtype": "bfloat16", "latent_hw": (60, 104),
+    "gradient_checkpointing": True,
+}  # fmt: skip
+
+
+def run_gpu(**overrides: Any) -> dict[str, Any]:
+    """The GPU variant: Wan2.1 1.3B with random weights, bf16, 480x832, gradient checkpointing; needs CUDA."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the GPU update bench needs CUDA; run `astrolabe bench update` for the CPU variant")
+    return run(**{**GPU_VARIANT, **overrides})

@@ -1,0 +1,433 @@
+"""Streaming clip-window NFT update: train one local window of a long rollout against a detached prefix.
+
+Paper part 2 (``DESIGN.md`` "Streaming training"); the release has no such code (reference 10.3). For a
+rollout of ``P + W`` latent frames the update trains only the ``W`` window frames ``[P, P + W)``:
+
+1. Prefix context, no gradient. The clean prefix latents ``x0[:, :P]`` are replayed through the sampler's
+   context passes (``t = 0``, block by block, rolling window + sink) to rebuild the KV cache the sampler had
+   at the branch point (:func:`build_prefix_cache`). The cache is detached: no gradient flows through
+   history, and its size is bounded by the attention window, so memory is constant in ``P``.
+2. One training noise level per micro-batch (or per sample), ``sigma ~ NFTConfig.train_sigmas``, and
+   ``x_t = (1 - sigma) * x0_win + sigma * eps`` with ``eps ~ N(0, I)`` from an explicit generator.
+3. The window forward (:func:`window_predictions`): all ``W`` frames at timestep ``t = 1000 * sigma``, block
+   causal inside the window, attending to the cached prefix keys/values. It is *read-only* on the cache, so
+   one cache serves the current (with grad), old and reference (without grad) forwards. The flow output
+   is turned into an x0 prediction ``x0_hat = x_t - sigma * v``.
+4. :func:`astrolabe.rl.nft.nft_loss` on the window frames.
+
+Equivalence (tested): the window prediction equals the non-cached block-causal forward of the whole
+sequence ``[x0_prefix at t = 0, x_t at t]`` restricted to the window frames, when the same policy built the
+cache. The only approximation of the streaming update is therefore the *choice of policy for the prefix
+keys/values* (``StreamingUpdateConfig.cache_policy``):
+
+- ``"old"`` (default): the old/sampling policy, i.e. exactly the context the rollout saw; the current
+  and reference policies then read the old policy's prefix keys/values.
+- ``"default"``: the current policy (detached), i.e. the context the current model would compute itself.
+
+Whole-clip mode (:func:`clip_predictions`) is the release's update done right: no prefix, every frame
+noised, one non-cached forward with the *block*-causal mask (``block_frames = 3``; the release trained
+frame-causally by accident, reference 10.2, reproducible with ``clip_mask="release_frame_causal"``).
+
+Policies. A policy is selected either by a context manager factory run around ``model(...)`` (e.g.
+``lambda: policy_set.use("old")`` over peft adapters) or by a separate module (e.g. a frozen copy), keyed
+``"default"`` (the trained policy, required), ``"old"`` (required) and ``"ref"`` (optional; no KL term
+without it). The no-grad forwards run first, so a context manager may even swap weights in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from astrolabe.configbase import Frozen
+from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.dit import WanDiT
+from astrolabe.rl.nft import NFTConfig, nft_loss, sample_train_sigmas
+from astrolabe.sampling.kv_cache import KVCache
+from astrolabe.sampling.schedule import add_noise, flow_to_x0
+from astrolabe.sampling.streaming import StreamSpec, make_cache, rebuild_context
+
+log = logging.getLogger(__name__)
+
+NUM_TRAIN_TIMESTEPS = 1000  # t = 1000 * sigma (schedule convention)
+PolicySwitch = Union[Callable[[], AbstractContextManager], nn.Module]  # context manager factory or a module
+
+
+class StreamingUpdateConfig(Frozen):
+    """How the clip-window (or whole-clip) NFT update is run."""
+
+    mode: Literal["window", "clip"] = Field(
+        "window", description="'window': detached prefix cache + local window; 'clip': whole clip, no prefix."
+    )
+    cache_policy: Literal["old", "default"] = Field(
+        "old", description="Policy that rebuilds the prefix cache: 'old' (what the rollout saw) or 'default'."
+    )
+    sigma_per: Literal["micro_batch", "sample"] = Field(
+        "micro_batch", description="One training sigma per micro-batch (release) or one per sample."
+    )
+    clip_mask: Literal["block_causal", "release_frame_causal"] = Field(
+        "block_causal",
+        description="Whole-clip attention mask; 'release_frame_causal' reproduces the release's bug 10.2.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute each DiT block in backward (saves memory).")
+
+
+@dataclass
+class WindowBatch:
+    """One micro-batch of window-update inputs (all latents clean, from the rollout)."""
+
+    context: torch.Tensor  # (B, L, text_dim) text features
+    prefix_latents: torch.Tensor  # (B, P, C, h, w) clean prefix, P a multiple of the block size (may be 0)
+    window_x0: torch.Tensor  # (B, W, C, h, w) clean window latents
+    r: torch.Tensor  # (B,) optimality in [0, 1]
+    kl_mask: torch.Tensor | None = None  # (B,) bool; None = KL on every sample
+
+    def __post_init__(self) -> None:
+        b = self.window_x0.shape[0]
+        if self.window_x0.dim() != 5 or self.prefix_latents.dim() != 5:
+            raise ValueError(
+                f"prefix_latents and window_x0 must be (B, F, C, h, w); got {tuple(self.prefix_latents.shape)} "
+                f"and {tuple(self.window_x0.shape)} (use a (B, 0, C, h, w) prefix for a window at frame 0)"
+            )
+        if self.prefix_latents.shape[0] != b or self.context.shape[0] != b:
+            raise ValueError(
+                f"batch sizes differ: context {self.context.shape[0]}, prefix {self.prefix_latents.shape[0]}, "
+                f"window {b}"
+            )
+        if self.prefix_latents.shape[2:] != self.window_x0.shape[2:]:
+            raise ValueError(
+                f"prefix frames {tuple(self.prefix_latents.shape[2:])} and window frames "
+                f"{tuple(self.window_x0.shape[2:])} must share (C, h, w)"
+            )
+        if self.r.shape != (b,):
+            raise ValueError(f"r must be (B,) = ({b},), got {tuple(self.r.shape)}")
+        if self.kl_mask is not None and self.kl_mask.shape != (b,):
+            raise ValueError(f"kl_mask must be (B,) = ({b},), got {tuple(self.kl_mask.shape)}")
+
+    @property
+    def window_start(self) -> int:
+        """Absolute frame index of the first window frame (= P)."""
+        return self.prefix_latents.shape[1]
+
+
+# ----------------------------------------------------------------------------------- policies
+
+
+def _check_policies(policies: Mapping[str, PolicySwitch]) -> None:
+    missing = {"default", "old"} - set(policies)
+    if missing:
+        raise ValueError(
+            f"policies lack {sorted(missing)}: pass e.g. {{'default': lambda: ps.use('default'), "
+            "'old': lambda: ps.use('old'), 'ref': lambda: ps.use('ref')}} or modules"
+        )
+    unknown = set(policies) - {"default", "old", "ref"}
+    if unknown:
+        raise ValueError(f"unknown policy names {sorted(unknown)}; use 'default', 'old' and optionally 'ref'")
+
+
+@contextlib.contextmanager
+def _under(policy: PolicySwitch, model: nn.Module) -> Iterator[nn.Module]:
+    """Yield the module to run for ``policy``: ``policy`` itself if a module, else ``model`` inside its context."""
+    if isinstance(policy, nn.Module):
+        yield policy
+        return
+    with policy():
+        yield model
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Set ``model.gradient_checkpointing`` for the duration of the block (restored afterwards)."""
+    before = getattr(model, "gradient_checkpointing", False)
+    model.gradient_checkpointing = enabled
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing = before
+
+
+# ----------------------------------------------------------------------------------- prefix cache
+
+
+@torch.no_grad()
+def build_prefix_cache(
+    model: WanDiT,
+    spec: StreamSpec,
+    context: torch.Tensor,  # (B, L, text_dim)
+    prefix_latents: torch.Tensor,  # (B, P, C, h, w) clean
+    group_size: int = 1,
+) -> KVCache:
+    """Detached KV cache of the clean prefix, rebuilt by the sampler's context passes (no gradient).
+
+    ``model`` is run as given: the caller picks the policy (run this under the old policy's context for the
+    default ``cache_policy="old"``). With ``group_size = K`` consecutive rows ``b*K .. b*K+K-1`` must share
+    their prefix and prompt (a branched group); the cache is built once per group and forked K ways.
+    """
+    b = prefix_latents.shape[0]
+    if group_size < 1 or b % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the batch size {b}")
+    if group_size > 1:
+        heads_p, heads_c = prefix_latents[::group_size], context[::group_size]
+        same_p = torch.equal(prefix_latents, heads_p.repeat_interleave(group_size, dim=0))
+        if not same_p or not torch.equal(context, heads_c.repeat_interleave(group_size, dim=0)):
+            raise ValueError(
+                f"rows of a group of {group_size} must share prefix latents and prompt; use group_size=1 otherwise"
+            )
+        return build_prefix_cache(model, spec, heads_c, heads_p).fork(group_size)
+    if prefix_latents.shape[1] == 0:
+        return make_cache(model, spec)
+    return rebuild_context(model, spec, context, prefix_latents)
+
+
+class _DroppedWrites(list):
+    """A list of ``None`` that ignores item assignment (the text cache of a read view: never reused)."""
+
+    def __setitem__(self, index, value) -> None:  # noqa: ANN001
+        return None
+
+
+def read_view(cache: KVCache) -> KVCache:
+    """A read-only view sharing ``cache``'s self-attention tensors (no copy), without the text cache.
+
+    Each forward through the view recomputes the text keys/values with the running policy's weights (with
+    gradient for the current policy), and nothing is ever written back: the original cache is untouched,
+    and gradient-checkpoint recomputation sees the same graph as the forward.
+    """
+    return KVCache(
+        num_layers=cache.num_layers,
+        tokens_per_frame=cache.tokens_per_frame,
+        causal=cache.causal,
+        max_frames=cache.max_frames,
+        positions=list(cache.positions),
+        origin=cache.origin,
+        self_kv=list(cache.self_kv),
+        cross_kv=_DroppedWrites([None] * cache.num_layers),
+    )
+
+
+# ----------------------------------------------------------------------------------- predictions
+
+
+def _sigma_column(sigma: float | torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Sigma as a (B,) float64 tensor on ``like``'s device."""
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=like.device)
+    if s.ndim == 0:
+        s = s.expand(batch)
+    if s.shape != (batch,):
+        raise ValueError(f"sigma must be a float or a (B,) = ({batch},) tensor, got {tuple(s.shape)}")
+    return s
+
+
+def _flow_to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0_hat = x_t - sigma v with per-sample sigma (B,)."""
+    return flow_to_x0(x_t, v, sigma.view(-1, *([1] * (x_t.dim() - 1))))
+
+
+def window_predictions(
+    model: nn.Module,
+    cache: KVCache,
+    x_t: torch.Tensor,  # (B, W, C, h, w) noised window
+    sigma: float | torch.Tensor,  # scalar or (B,)
+    context: torch.Tensor,  # (B, L, text_dim)
+    window_start: int,
+) -> torch.Tensor:
+    """x0 prediction (B, W, C, h, w) of the window frames attending to the detached prefix cache.
+
+    All W frames go through one forward at ``t = 1000 sigma``; attention is block-causal inside the window
+    (and windowed/sinked as the cache's spec says). The cache is only read (see :func:`read_view`).
+    """
+    b, w = x_t.shape[:2]
+    if w % cache.causal.block_frames:
+        raise ValueError(f"window of {w} frames is not a multiple of block_frames={cache.causal.block_frames}")
+    if cache.positions and window_start <= max(cache.positions):
+        last = max(cache.positions)
+        raise ValueError(f"window_start={window_start} must follow the cached prefix (last cached frame {last})")
+    s = _sigma_column(sigma, b, x_t)  # (B,)
+    v = model(x_t, s * NUM_TRAIN_TIMESTEPS, context, kv_cache=read_view(cache), start_frame=window_start)
+    return _flow_to_x0(x_t, v, s)
+
+
+def clip_causal_spec(causal: CausalSpec, clip_mask: str = "block_causal") -> CausalSpec:
+    """Attention mask of the whole-clip forward.
+
+    ``"block_causal"``: the rollout's spec (3-frame blocks, full attention inside a block). ``"release_frame_
+    causal"``: the release's accidental mask (reference 10.2): 1-frame blocks, same window, no sink frames.
+    """
+    if clip_mask == "block_causal":
+        return causal
+    if clip_mask == "release_frame_causal":
+        return CausalSpec(block_frames=1, window_frames=causal.window_frames, sink_frames=0)
+    raise ValueError(f"clip_mask={clip_mask!r}; use 'block_causal' or 'release_frame_causal'")
+
+
+def clip_predictions(
+    model: nn.Module,
+    causal: CausalSpec,
+    x_t: torch.Tensor,  # (B, F, C, h, w) the whole noised clip
+    sigma: float | torch.Tensor,  # scalar or (B,)
+    context: torch.Tensor,  # (B, L, text_dim)
+) -> torch.Tensor:
+    """Whole-clip x0 prediction (B, F, C, h, w): one non-cached forward with the block-causal ``causal`` mask."""
+    b = x_t.shape[0]
+    s = _sigma_column(sigma, b, x_t)  # (B,)
+    v = model(x_t, s * NUM_TRAIN_TIMESTEPS, context, causal=causal)
+    return _flow_to_x0(x_t, v, s)
+
+
+# ----------------------------------------------------------------------------------- noise
+
+
+def draw_training_noise(
+    x0: torch.Tensor,  # (B, W, C, h, w)
+    spec: StreamSpec,
+    nft_cfg: NFTConfig,
+    sigma_generator: torch.Generator,
+    noise_generator: torch.Generator,
+    sigma_per: str = "micro_batch",
+    shift: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training sigma (B,) float64 and noise eps (like x0) from explicit generators.
+
+    Sigma is drawn from the rollout's sigmas as ``nft_cfg.train_sigmas`` says (``shift`` only for
+    ``"release_unwarped"``); ``eps`` is drawn on the noise generator's device.
+    """
+    b = x0.shape[0]
+    if sigma_per == "micro_batch":
+        sig = sample_train_sigmas(nft_cfg, spec.steps.sigmas, sigma_generator, 1, shift=shift).expand(b)
+    elif sigma_per == "sample":
+        sig = sample_train_sigmas(nft_cfg, spec.steps.sigmas, sigma_generator, b, shift=shift)
+    else:
+        raise ValueError(f"sigma_per={sigma_per!r}; use 'micro_batch' or 'sample'")
+    eps = torch.randn(x0.shape, generator=noise_generator, device=noise_generator.device, dtype=x0.dtype)
+    return sig.to(x0.device), eps.to(x0.device)
+
+
+# ----------------------------------------------------------------------------------- loss
+
+
+def policy_predictions(
+    policies: Mapping[str, PolicySwitch],
+    model: nn.Module,
+    predict: Callable[[nn.Module], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Run ``predict`` under each policy: ``old`` / ``ref`` first without grad, then ``default`` with grad."""
+    _check_policies(policies)
+    out: dict[str, torch.Tensor] = {}
+    for name in ("old", "ref"):
+        if name in policies:
+            with torch.no_grad(), _under(policies[name], model) as m:
+                out[name] = predict(m)
+    with _under(policies["default"], model) as m:
+        out["default"] = predict(m)
+    return out
+
+
+def _loss(
+    preds: Mapping[str, torch.Tensor],
+    x0: torch.Tensor,
+    r: torch.Tensor,
+    sigma: torch.Tensor,
+    x_t: torch.Tensor,
+    kl_mask: torch.Tensor | None,
+    nft_cfg: NFTConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    return nft_loss(
+        preds["default"], preds["old"], x0, r, sigma, x_t,
+        cfg=nft_cfg, kl_ref=preds.get("ref"), kl_mask=kl_mask,
+    )  # fmt: skip
+
+
+def window_nft_loss(
+    policies: Mapping[str, PolicySwitch],
+    model: nn.Module,
+    cache: KVCache,
+    batch: WindowBatch,
+    sigma: torch.Tensor,  # (B,)
+    eps: torch.Tensor,  # (B, W, C, h, w)
+    nft_cfg: NFTConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """NFT loss of the window frames at ``x_t = (1 - sigma) x0 + sigma eps`` against the detached ``cache``."""
+    x0 = batch.window_x0
+    x_t = add_noise(x0, eps, sigma.view(-1, 1, 1, 1, 1).to(x0.dtype))  # (B, W, C, h, w)
+
+    def predict(m: nn.Module) -> torch.Tensor:
+        return window_predictions(m, cache, x_t, sigma, batch.context, batch.window_start)
+
+    preds = policy_predictions(policies, model, predict)
+    return _loss(preds, x0, batch.r, sigma, x_t, batch.kl_mask, nft_cfg)
+
+
+def clip_nft_loss(
+    policies: Mapping[str, PolicySwitch],
+    model: nn.Module,
+    causal: CausalSpec,
+    context: torch.Tensor,  # (B, L, text_dim)
+    x0: torch.Tensor,  # (B, F, C, h, w) the whole clean clip
+    r: torch.Tensor,  # (B,)
+    sigma: torch.Tensor,  # (B,)
+    eps: torch.Tensor,  # like x0
+    nft_cfg: NFTConfig,
+    kl_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Whole-clip NFT loss: every frame noised and trained in one block-causal forward."""
+    x_t = add_noise(x0, eps, sigma.view(-1, 1, 1, 1, 1).to(x0.dtype))
+
+    def predict(m: nn.Module) -> torch.Tensor:
+        return clip_predictions(m, causal, x_t, sigma, context)
+
+    preds = policy_predictions(policies, model, predict)
+    return _loss(preds, x0, r, sigma, x_t, kl_mask, nft_cfg)
+
+
+def window_nft_step(
+    policies: Mapping[str, PolicySwitch],
+    model: nn.Module,
+    spec: StreamSpec,
+    batch: WindowBatch,
+    nft_cfg: NFTConfig,
+    sigma_generator: torch.Generator,
+    noise_generator: torch.Generator,
+    cfg: StreamingUpdateConfig | None = None,
+    *,
+    shift: float | None = None,
+    group_size: int = 1,
+    backward: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch of the streaming update: cache, noise, three forwards, NFT loss, (backward).
+
+    ``cfg.mode == "window"``: the prefix cache is rebuilt (no grad) under ``cfg.cache_policy`` and only the
+    window is trained. ``"clip"``: the prefix is ignored; only the window frames form the clip (a short
+    video trained whole, e.g. 21 frames from frame 0), with the ``cfg.clip_mask`` attention mask.
+    Calls ``loss.backward()`` when ``backward`` (divide the loss yourself for gradient accumulation by
+    passing ``backward=False``). Returns the loss and metrics (``loss/...``, ``kl/...``, ``nft/...``,
+    ``update/...``).
+    """
+    cfg = cfg or StreamingUpdateConfig()
+    _check_policies(policies)
+    sigma, eps = draw_training_noise(
+        batch.window_x0, spec, nft_cfg, sigma_generator, noise_generator, cfg.sigma_per, shift
+    )
+    with gradient_checkpointing(model, cfg.gradient_checkpointing):
+        if cfg.mode == "window":
+            with _under(policies[cfg.cache_policy], model) as m:
+                cache = build_prefix_cache(m, spec, batch.context, batch.prefix_latents, group_size)
+            loss, metrics = window_nft_loss(policies, model, cache, batch, sigma, eps, nft_cfg)
+        else:
+            causal = clip_causal_spec(spec.causal, cfg.clip_mask)
+            loss, metrics = clip_nft_loss(
+                policies, model, causal, batch.context, batch.window_x0, batch.r, sigma, eps, nft_cfg, batch.kl_mask
+            )
+        if backward:
+            loss.backward()
+    metrics["update/sigma_mean"] = float(sigma.mean())
+    metrics["update/window_start"] = float(batch.window_start if cfg.mode == "window" else 0)
+    metrics["update/window_frames"] = float(batch.window_x0.shape[1])
+    return loss, metrics
