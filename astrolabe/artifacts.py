@@ -230,7 +230,8 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -394,13 +395,13 @@ class StageDir:
         try:
             files = compute_files(self.tmp_path, hash_files=hash_files)
             for rel in files:
-                _fsync_path(self.tmp_path / rel)
+                fsync_path(self.tmp_path / rel)
             (self.tmp_path / OWNER_NAME).unlink(missing_ok=True)
             final = manifest.model_copy(update={"files": files})
             _write_durable(self.tmp_path / MANIFEST_NAME, final.to_json().encode("utf-8"))
-            _fsync_path(self.tmp_path)
+            fsync_path(self.tmp_path)
             self._move_into_place()
-            _fsync_path(self.root)
+            fsync_path(self.root)
         except OSError as e:
             self.abort()
             raise ArtifactPublishError(self._publish_failure_message(e)) from e

@@ -40,6 +40,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from astrolabe.artifacts import fsync_path
 from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
@@ -181,14 +183,6 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
 # ----------------------------------------------------------------------------------- files
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -197,13 +191,13 @@ def _publish(tmp: Path, final: Path) -> None:
     """Rename a complete ``tmp`` directory to ``final``, replacing an older ``final`` without a half state."""
     for f in tmp.rglob("*"):
         if f.is_file():
-            _fsync(f)
-    _fsync(tmp)
+            fsync_path(f)
+    fsync_path(tmp)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
