@@ -140,6 +140,11 @@ class Manifest(Frozen):
     counts: dict[str, int] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict, description="seconds")
     created: str = Field(default_factory=_now, description="UTC ISO-8601")
+    instance: str = Field(
+        "",
+        description="'' for a normal publication; a forced rerun gets a fresh id, so what consumed the old output "
+        "becomes stale (consumers' keys include it).",
+    )
     rank: int = Field(0, ge=0)
     world_size: int = Field(1, ge=1)
     host: str = Field(default_factory=socket.gethostname)
@@ -379,8 +384,11 @@ class StageDir:
         """Remove the temporary directory (nothing is published)."""
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
-    def publish(self, manifest: Manifest, hash_files: bool = True) -> Manifest:
+    def publish(self, manifest: Manifest, hash_files: bool = True, replace: bool = False) -> Manifest:
         """List files, write ``manifest.json`` last, fsync, rename into place; returns the written manifest.
+
+        ``replace`` allows replacing a complete directory of the same key (a forced rerun); the old one
+        stays in place until the new one is complete.
 
         On any OS error the temporary directory is removed and :class:`ArtifactPublishError` is raised;
         the final directory is never left partial.
@@ -400,7 +408,7 @@ class StageDir:
             final = manifest.model_copy(update={"files": files})
             _write_durable(self.tmp_path / MANIFEST_NAME, final.to_json().encode("utf-8"))
             fsync_path(self.tmp_path)
-            self._move_into_place()
+            self._move_into_place(replace)
             fsync_path(self.root)
         except OSError as e:
             self.abort()
@@ -411,14 +419,14 @@ class StageDir:
         log.info("published %s/%s -> %s (%d files)", self.stage, self.key, self.path, len(files))
         return final
 
-    def _move_into_place(self) -> None:
+    def _move_into_place(self, replace: bool = False) -> None:
         if self.path.exists():
-            if self.is_complete():
+            if self.is_complete() and not replace:
                 raise ArtifactError(
                     f"{self.path} is already published; delete it to redo the stage, or skip when is_complete()"
                 )
             old = self.root / f".{self.key}.old-{os.getpid()}"
-            log.warning("replacing incomplete directory %s", self.path)
+            log.warning("replacing %s directory %s", "complete" if replace else "incomplete", self.path)
             _rename_dir(self.path, old)
             _rename_dir(self.tmp_path, self.path)
             shutil.rmtree(old, ignore_errors=True)

@@ -19,9 +19,12 @@ from astrolabe.configbase import Frozen
 from astrolabe.data.shards import ShardWriterConfig
 from astrolabe.rewards.base import RewardsConfig
 from astrolabe.rl.advantages import AdvantageConfig
+from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.nft import NFTConfig
 from astrolabe.rl.schedules import PolicyAveragingConfig, ReferenceRefreshConfig
 from astrolabe.rl.selective_kl import SelectiveKLConfig
+from astrolabe.rl.state import OptimConfig
+from astrolabe.rl.streaming_update import StreamingUpdateConfig
 from astrolabe.tracking import TrackingConfig
 
 
@@ -82,16 +85,22 @@ class DataConfig(Frozen):
 
 
 class RLConfig(Frozen):
+    """The NFT update of one iteration: objective, labels, policies, LoRA, optimizer, passes."""
+
     nft: NFTConfig = NFTConfig()
     advantage: AdvantageConfig = AdvantageConfig()
     selective_kl: SelectiveKLConfig | None = Field(None, description="None = KL on every sample.")
     averaging: PolicyAveragingConfig = PolicyAveragingConfig()
+    ema_start_step: int = Field(0, ge=0, description="First optimizer step that updates the EMA.")
     reference_refresh: ReferenceRefreshConfig = ReferenceRefreshConfig()
     reference: Literal["base", "lagging"] = Field("base", description="KL reference: base model or lagging adapter.")
-    context_policy: Literal["old", "current"] = Field(
-        "old", description="Policy that rebuilds the prefix context cache for the window update."
-    )
-    micro_batch_size: int = Field(2, ge=1)
+    lora: LoRAConfig = LoRAConfig()
+    optim: OptimConfig = OptimConfig()
+    update: StreamingUpdateConfig = StreamingUpdateConfig()
+    micro_batch_size: int = Field(2, ge=1, description="Candidates of one group per forward/backward.")
+    accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the iteration's rollouts per NFT update stage.")
+    lora_seed: int = Field(0, description="Seed of the LoRA init and of the update's noise generators.")
 
 
 class PipelineConfig(Frozen):

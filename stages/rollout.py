@@ -1,10 +1,9 @@
 """Rollout stage: for each prompt of the iteration, a shared prefix and K candidate clip windows -> shards.
 
 Inputs: ``prompts`` (the filter_prompts directory, with ``train.txt``: one prompt per line) and
-optionally ``checkpoint`` (the previous training state; its ``lora/`` adapter is merged into the DiT
-as the sampling policy). NFT samples with the *old* policy (the slow-moving ``adapters/old`` of the
-checkpoint); until the model factory can attach that adapter, the trained ``lora/`` adapter is used
-(:func:`astrolabe.models.factory.attach_lora_for_inference`), as the brief of this stage asks.
+optionally ``checkpoint`` (the previous iteration's nft_update directory). NFT samples with the *old*
+policy: ``state/adapters/old.safetensors`` of that checkpoint is merged into the DiT
+(:func:`astrolabe.models.factory.attach_lora_for_inference`); without a checkpoint the base model samples.
 
 Per iteration the plan (prompts, seeds, window starts) is a pure function of the config and the
 iteration (:mod:`astrolabe.rollout`); rank ``r`` of ``W`` (env ``RANK`` / ``WORLD_SIZE``, default 0 / 1)
@@ -36,6 +35,7 @@ from stages.base import StageInfo, StageResult
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "train.txt"
+CHECKPOINT_STATE_SUBDIR = "state"  # = stages.nft_update.STATE_SUBDIR (not imported: rollout must not load torch RL code)
 SHARD_PREFIX = "rollout"
 
 
@@ -100,7 +100,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     prompts = read_prompts(inputs["prompts"])
     lora = inputs.get("checkpoint")
     t0 = time.perf_counter()
-    stack, spec = build_generation_stack(cfg, lora=Path(lora) if lora is not None else None)
+    state_dir = Path(lora) / CHECKPOINT_STATE_SUBDIR if lora is not None else None
+    stack, spec = build_generation_stack(cfg, lora=state_dir, policy="old")
     t_build = time.perf_counter() - t0
     num_blocks = blocks_for(ro.num_latent_frames or spec.latent_frames, stack.spec.block_frames)
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from astrolabe.bench import LiveTensorPeak, rollout, update
+from astrolabe.bench import LiveTensorPeak, StreamSetup, rollout, update
 
 
 def _positive(x):
@@ -26,7 +26,7 @@ def test_live_tensor_peak_counts_exactly():
 def test_rollout_bench_smoke():
     r = rollout.run(
         long_frames=12, short_frames=3, edge_blocks=1, baseline_frames=6, branch_k=2, branch_prefix_frames=3,
-        branch_frames=3, latent_hw=(4, 4), window=6, fresh_process=False,
+        branch_frames=3, setup=StreamSetup(latent_hw=(4, 4), window=6), fresh_process=False,
     )  # fmt: skip
     for k in ("peak_memory_ratio", "time_ratio_last_first", "kv_cache_speedup", "branch_speedup"):
         assert k in r
@@ -38,7 +38,9 @@ def test_rollout_bench_smoke():
 
 
 def test_update_bench_smoke():
-    r = update.run(prefix_frames=(0, 3), window_frames=3, latent_hw=(4, 4), window=6, fresh_process=False)
+    r = update.run(
+        prefix_frames=(0, 3), window_frames=3, setup=StreamSetup(latent_hw=(4, 4), window=6), fresh_process=False
+    )
     assert set(r["rows"]) == {"window", "whole"}
     for mode in ("window", "whole"):
         for row in r["rows"][mode]:

@@ -19,7 +19,6 @@ from astrolabe.rewards import (
     RewardSpec,
     VideoBatch,
     as_video_array,
-    base,
     build_reward,
     combine_rewards,
     normalize_column,
@@ -29,14 +28,15 @@ from astrolabe.rewards import (
     score_all,
     sha256_file,
 )
+from astrolabe.rewards import registry
 
 
 @pytest.fixture(autouse=True)
 def restore_registry():
-    saved = dict(base._REGISTRY)
+    saved = dict(registry._REGISTRY)
     yield
-    base._REGISTRY.clear()
-    base._REGISTRY.update(saved)
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 class MeanOptions(RewardOptions):

@@ -8,7 +8,7 @@ import torch
 
 import astrolabe  # noqa: F401  (torchvision guard before transformers/open_clip)
 from astrolabe.rewards.base import RewardSpec, build_reward
-from astrolabe.rewards.models import common, hpsv2, hpsv3, videoalign
+from astrolabe.rewards.models import common, hpsv2, hpsv3, qwen2vl, videoalign
 from astrolabe.rewards.models.common import MissingCheckpointError
 
 PROMPTS = ["a red cat", "a dog running", "sunset over the sea"]
@@ -23,7 +23,7 @@ def videos() -> np.ndarray:
 
 
 def test_smart_resize_and_frame_indices_match_reference() -> None:
-    assert common.smart_resize(480, 832, 28, 256 * 28 * 28, 256 * 28 * 28) == (336, 588)
+    assert qwen2vl.smart_resize(480, 832, 28, 256 * 28 * 28, 256 * 28 * 28) == (336, 588)
     assert common.linspace_frame_indices(81, 10).tolist() == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
 
 
@@ -36,7 +36,7 @@ def test_top_fraction_mean_by_hand() -> None:
 def test_patchify_matches_hand_loop() -> None:
     g = torch.Generator().manual_seed(0)
     frames = torch.randn(1, 3, 3, 56, 84, generator=g)  # T=3 -> padded to 4
-    patches, (t, h, w) = common.patchify_qwen2vl(frames, 14, 2, 2)
+    patches, (t, h, w) = qwen2vl.patchify_qwen2vl(frames, 14, 2, 2)
     assert (t, h, w) == (2, 4, 6)
     padded = torch.cat([frames, frames[:, -1:]], dim=1)[0]  # (4, 3, 56, 84)
     rows = []
@@ -59,9 +59,9 @@ def test_lora_merge_matches_peft() -> None:
     state = {f"language_model.{k}": v.clone() for k, v in base["model"].state_dict().items()}
     peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=6, target_modules=["q", "embed_tokens"], init_lora_weights=False))
     saved = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    lora = {k: v for k, v in saved.items() if common.split_lora_key(k) is not None}
+    lora = {k: v for k, v in saved.items() if qwen2vl.split_lora_key(k) is not None}
     assert len(lora) == 4
-    common.merge_lora_into(state, lora, 6 / 2)
+    qwen2vl.merge_lora_into(state, lora, 6 / 2)
     x, ids = torch.randn(4, 6), torch.tensor([0, 3, 6])
     with torch.no_grad():
         torch.testing.assert_close(x @ state["language_model.q.weight"].T + state["language_model.q.bias"], base["model"]["q"](x))
@@ -142,7 +142,7 @@ def test_hpsv2_missing_file_and_identity(hps2_dir, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def hps3_dirs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hpsv3")
-    hpsv3.write_random_checkpoint(root / "ckpt", root / "qwen", common.qwen2vl_test_config())
+    hpsv3.write_random_checkpoint(root / "ckpt", root / "qwen", qwen2vl.qwen2vl_test_config())
     return root / "ckpt", root / "qwen"
 
 
@@ -177,7 +177,7 @@ def test_hpsv3_missing_files(hps3_dirs, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def va_dirs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("videoalign")
-    videoalign.write_random_checkpoint(root / "ckpt", root / "qwen", common.qwen2vl_test_config())
+    videoalign.write_random_checkpoint(root / "ckpt", root / "qwen", qwen2vl.qwen2vl_test_config())
     return root / "ckpt", root / "qwen"
 
 

@@ -191,10 +191,13 @@ def test_rank_slices_partition_groups(tmp_path, monkeypatch):
 
 
 def _checkpoint_stage(cfg) -> types.SimpleNamespace:
-    """A fake nft_update output: a checkpoint dir whose lora/ holds a non-identity PEFT adapter."""
+    """A fake nft_update output: state/lora (trained) and state/adapters/old.safetensors (sampling policy)
+    holding two different non-identity adapters."""
     from astrolabe.models.factory import build_dit
     from astrolabe.models.registry import get_base_model
-    from astrolabe.rl.lora import LoRAConfig, adapter_parameters, apply_lora, save_adapter
+    from safetensors.torch import save_file
+
+    from astrolabe.rl.lora import LoRAConfig, adapter_parameters, adapter_state_dict, apply_lora, save_adapter
 
     def run(c, inputs, out_dir: Path, iteration) -> StageResult:
         g = torch.Generator().manual_seed(0)
@@ -203,7 +206,13 @@ def _checkpoint_stage(cfg) -> types.SimpleNamespace:
             for key, p in adapter_parameters(peft, "default").items():
                 if key.endswith("lora_B.weight"):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        save_adapter(peft, out_dir / "lora")
+        (out_dir / "state" / "adapters").mkdir(parents=True)
+        save_file(adapter_state_dict(peft, "default"), str(out_dir / "state" / "adapters" / "old.safetensors"))
+        with torch.no_grad():
+            for key, p in adapter_parameters(peft, "default").items():
+                if key.endswith("lora_B.weight"):
+                    p.mul_(-3.0)
+        save_adapter(peft, out_dir / "state" / "lora")  # the trained policy: must not be sampled from
         return StageResult()
 
     info = StageInfo(name="nft_update", code_version="test", config_subset=lambda c: {}, per_iteration=True)
@@ -221,7 +230,10 @@ def test_checkpoint_policy_is_used(stage_runs):
     rec = next(r for r in _records(out) if r["__key__"] == "it1-p0-c1")
     base = next(r for r in _records(out_base) if r["__key__"] == "it1-p0-c1")
     assert np.abs(rec["latents"] - base["latents"]).max() > 1e-3  # the adapter changed the policy
-    stack, _ = build_generation_stack(cfg, lora=ckpt_dir)
+    stack, _ = build_generation_stack(cfg, lora=ckpt_dir / "state", policy="old")
+    trained, _ = build_generation_stack(cfg, lora=ckpt_dir / "state")  # lora/: differs from the old policy
+    sd_old, sd_new = stack.dit.state_dict(), trained.dit.state_dict()
+    assert max(float((sd_old[k] - sd_new[k]).abs().max()) for k in sd_old) > 1e-3
     meta = rec["meta"]
     g = rollout_group(stack, meta["prompt"], meta["prefix_seed"], [meta["candidate_seed"]], 2, 1, decode=False)
     np.testing.assert_allclose(rec["prefix"], g.prefix_latents.numpy(), atol=1e-5)

@@ -27,6 +27,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -196,7 +197,44 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def peak_key(device: str) -> str:
+    """The peak-memory measurement of a device: ``cuda_peak_bytes`` on CUDA, ``rss_peak_bytes`` elsewhere."""
+    return "cuda_peak_bytes" if device.startswith("cuda") else "rss_peak_bytes"
+
+
 # ----------------------------------------------------------------------------------- shared set-up
+
+
+@dataclass(frozen=True)
+class StreamSetup:
+    """Model and streaming settings shared by the rollout and update benchmarks.
+
+    ``size``: a Wan size builder name (random weights); ``latent_hw``: latent (h, w); ``window`` /
+    ``sink`` / ``block``: the attention window, sink and block sizes in latent frames (``window=None``:
+    no rolling window); ``threads``: torch CPU threads (None = torch's default).
+    """
+
+    size: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    latent_hw: tuple[int, int] = (8, 8)
+    window: int | None = 12
+    sink: int = 3
+    block: int = 3
+    threads: int | None = None
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """The settings as JSON-able keyword arguments of a benchmark worker (``latent_hw`` as a list)."""
+        return {**asdict(self), "latent_hw": list(self.latent_hw)}
+
+    def require_cuda(self, bench: str) -> None:
+        """Raise RuntimeError if this setup runs on CUDA but CUDA is not available."""
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"the GPU {bench} bench needs CUDA; run `astrolabe bench {bench}` for the CPU variant")
+
+
+GPU_SETUP = StreamSetup(size="wan21_t2v_1_3b", device="cuda", dtype="bfloat16", latent_hw=(60, 104))
+"""The GPU variant: Wan2.1 1.3B with random weights, bf16, 480x832 video (60x104 latents)."""
 
 
 def build_model(size: str, device: str, dtype: str, seed: int = 0) -> torch.nn.Module:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from astrolabe.bench import build_model, call, measure, mib, ratio, set_threads, sync
+from astrolabe.bench import GPU_SETUP, StreamSetup, build_model, call, measure, mib, peak_key, ratio, set_threads, sync
 from astrolabe.models.wan.attention import CausalSpec
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule, add_noise, flow_to_x0
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
@@ -180,37 +180,30 @@ def timing_worker(
 def run(
     long_frames: int = 240,
     short_frames: int = 24,
-    size: str = "tiny",
-    device: str = "cpu",
-    dtype: str = "float32",
-    latent_hw: tuple[int, int] = (8, 8),
-    window: int | None = 12,
-    sink: int = 3,
-    block: int = 3,
     edge_blocks: int = 4,
     baseline_frames: int = 60,
     branch_k: int = 4,
     branch_prefix_frames: int = 48,
     branch_frames: int = 21,
-    threads: int | None = None,
+    setup: StreamSetup = StreamSetup(),
     fresh_process: bool = True,
 ) -> dict[str, Any]:
     """Run the rollout benchmark; returns a dict of settings, raw measurements and the headline ratios."""
+    block = setup.block
     for name, n in (("long_frames", long_frames), ("short_frames", short_frames), ("baseline_frames", baseline_frames),
                     ("branch_prefix_frames", branch_prefix_frames), ("branch_frames", branch_frames)):  # fmt: skip
         if n % block or n <= 0:
             raise ValueError(f"{name}={n} must be a positive multiple of block={block}")
     if short_frames // block + edge_blocks > long_frames // block:
         raise ValueError(f"long_frames={long_frames} is too short for {edge_blocks} blocks after short_frames")
-    common = dict(size=size, device=device, dtype=dtype, latent_hw=list(latent_hw), window=window, sink=sink,
-                  block=block, threads=threads)  # fmt: skip
+    common = setup.worker_kwargs()
     mem = {n: call(memory_worker, fresh_process, frames=n, **common) for n in (short_frames, long_frames)}
     timing = call(
         timing_worker, fresh_process, long_frames=long_frames, short_frames=short_frames, edge_blocks=edge_blocks,
         baseline_frames=baseline_frames, branch_k=branch_k, branch_prefix_frames=branch_prefix_frames,
         branch_frames=branch_frames, **common,
     )  # fmt: skip
-    key = "cuda_peak_bytes" if device.startswith("cuda") else "rss_peak_bytes"
+    key = peak_key(setup.device)
     short, long = mem[short_frames], mem[long_frames]
     result: dict[str, Any] = {
         "settings": {**common, "long_frames": long_frames, "short_frames": short_frames, "edge_blocks": edge_blocks,
@@ -221,7 +214,7 @@ def run(
         "peak_memory_ratio": ratio(long[key], short[key]),
         "time_ratio_last_first": ratio(timing["last_blocks_s"], timing["first_blocks_s"]),
         "kv_cache_speedup": ratio(timing["no_cache_time_s"], timing["cached_time_s"]),
-        "kv_cache_frame_ratio": ratio(*(query_frames(CausalSpec(block, window, sink), baseline_frames, len(STEPS), c)
+        "kv_cache_frame_ratio": ratio(*(query_frames(CausalSpec(block, setup.window, setup.sink), baseline_frames, len(STEPS), c)
                                         for c in (False, True))),  # fmt: skip
         "branch_speedup": ratio(timing["separate_time_s"], timing["fork_time_s"]),
     }
@@ -237,7 +230,7 @@ def format_table(result: dict[str, Any]):
 
     s = result["settings"]
     short, long = result["memory"]["short"], result["memory"]["long"]
-    key = "cuda_peak_bytes" if s["device"].startswith("cuda") else "rss_peak_bytes"
+    key = peak_key(s["device"])
     t = result["timing"]
     table = Table(title=f"rollout bench ({s['size']}, {s['device']}, latents {s['latent_hw']}, window "
                         f"{s['window']} + sink {s['sink']}, block {s['block']})")  # fmt: skip
@@ -258,11 +251,7 @@ def format_table(result: dict[str, Any]):
     return table
 
 
-GPU_VARIANT: dict[str, Any] = {"size": "wan21_t2v_1_3b", "device": "cuda", "dtype": "bfloat16", "latent_hw": (60, 104)}
-
-
 def run_gpu(**overrides: Any) -> dict[str, Any]:
-    """The GPU variant: Wan2.1 1.3B with random weights, bf16, 480x832 (60x104 latents); needs CUDA."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("the GPU rollout bench needs CUDA; run `astrolabe bench rollout` for the CPU variant")
-    return run(**{**GPU_VARIANT, **overrides})
+    """The GPU variant (:data:`astrolabe.bench.GPU_SETUP`: Wan2.1 1.3B, bf16, 60x104 latents); needs CUDA."""
+    GPU_SETUP.require_cuda("rollout")
+    return run(**{"setup": GPU_SETUP, **overrides})

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from astrolabe.bench import build_model, call, measure, mib, ratio, set_threads
+from astrolabe.bench import GPU_SETUP, StreamSetup, build_model, call, measure, mib, peak_key, ratio, set_threads
 from astrolabe.bench.rollout import make_spec
 from astrolabe.rl.nft import NFTConfig
 from astrolabe.rl.streaming_update import (
@@ -110,31 +110,24 @@ def step_worker(
 def run(
     prefix_frames: tuple[int, ...] = (21, 60, 120, 180, 240),
     window_frames: int = 21,
-    size: str = "tiny",
-    device: str = "cpu",
-    dtype: str = "float32",
-    latent_hw: tuple[int, int] = (8, 8),
-    window: int | None = 12,
-    sink: int = 3,
-    block: int = 3,
     batch: int = 1,
     gradient_checkpointing: bool = False,
-    threads: int | None = None,
     repeats: int = 3,
+    setup: StreamSetup = StreamSetup(),
     fresh_process: bool = True,
 ) -> dict[str, Any]:
     """Run the update benchmark; returns settings, per-(mode, prefix) rows and the headline ratios."""
+    block = setup.block
     for n in (*prefix_frames, window_frames):
         if n % block or n < 0:
             raise ValueError(f"frame count {n} must be a non-negative multiple of block={block}; round it")
     if len(prefix_frames) < 2:
         raise ValueError("give at least two prefix lengths, e.g. (21, 240)")
-    common = dict(window_frames=window_frames, size=size, device=device, dtype=dtype, latent_hw=list(latent_hw),
-                  window=window, sink=sink, block=block, batch=batch, gradient_checkpointing=gradient_checkpointing,
-                  threads=threads, repeats=repeats)  # fmt: skip
+    common = dict(window_frames=window_frames, batch=batch, gradient_checkpointing=gradient_checkpointing,
+                  repeats=repeats, **setup.worker_kwargs())  # fmt: skip
     rows = {mode: [call(step_worker, fresh_process, mode=mode, prefix_frames=p, **common) for p in prefix_frames]
             for mode in MODES}  # fmt: skip
-    key = "cuda_peak_bytes" if device.startswith("cuda") else "rss_peak_bytes"
+    key = peak_key(setup.device)
 
     def peak(mode: str, i: int, k: str = key) -> float:
         row = rows[mode][i]
@@ -148,7 +141,7 @@ def run(
         "window_vs_whole_memory_at_max": ratio(peak("window", -1), peak("whole", -1)),
         "window_time_ratio": ratio(rows["window"][-1].get("time_s", float("nan")), rows["window"][0].get("time_s", 0)),
     }
-    if device == "cpu":
+    if setup.device == "cpu":
         result["window_tensor_peak_ratio"] = ratio(peak("window", -1, "tensor_peak_bytes"),
                                                    peak("window", 0, "tensor_peak_bytes"))  # fmt: skip
         result["window_vs_whole_tensor_peak_at_max"] = ratio(peak("window", -1, "tensor_peak_bytes"),
@@ -162,7 +155,7 @@ def format_table(result: dict[str, Any]):
     from rich.table import Table
 
     s = result["settings"]
-    key = "cuda_peak_bytes" if s["device"].startswith("cuda") else "rss_peak_bytes"
+    key = peak_key(s["device"])
     cpu = s["device"] == "cpu"
     table = Table(title=f"update bench ({s['size']}, {s['device']}, window {s['window_frames']} frames, attention "
                         f"window {s['window']} + sink {s['sink']}); window memory ratio "
@@ -185,14 +178,8 @@ def format_table(result: dict[str, Any]):
     return table
 
 
-GPU_VARIANT: dict[str, Any] = {
-    "size": "wan21_t2v_1_3b", "device": "cuda", "dtype": "bfloat16", "latent_hw": (60, 104),
-    "gradient_checkpointing": True,
-}  # fmt: skip
-
-
 def run_gpu(**overrides: Any) -> dict[str, Any]:
-    """The GPU variant: Wan2.1 1.3B with random weights, bf16, 480x832, gradient checkpointing; needs CUDA."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("the GPU update bench needs CUDA; run `astrolabe bench update` for the CPU variant")
-    return run(**{**GPU_VARIANT, **overrides})
+    """The GPU variant (:data:`astrolabe.bench.GPU_SETUP`: Wan2.1 1.3B, bf16, 480x832) with gradient
+    checkpointing; needs CUDA."""
+    GPU_SETUP.require_cuda("update")
+    return run(**{"setup": GPU_SETUP, "gradient_checkpointing": True, **overrides})

@@ -27,13 +27,13 @@ import re
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 from pydantic import Field
 
 from astrolabe.configbase import Frozen
+from astrolabe.data.atomic import AtomicWriter, close_quietly, publish_file
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def encode_record(
 # writing
 
 
-class RolloutShardWriter:
+class RolloutShardWriter(AtomicWriter):
     """Write rollout records into size-bounded shards ``{prefix}-r{rank:03d}-{i:06d}.tar`` in ``out_dir``.
 
     ::
@@ -199,13 +199,8 @@ class RolloutShardWriter:
         if self._writer.count == 0:  # a shard with no records (nothing written after the last rollover)
             tmp.unlink(missing_ok=True)
             return
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         final = self._final_path(tmp_name)
-        os.replace(tmp, final)
+        publish_file(tmp, final)
         self.paths.append(final)
         log.debug("closed shard %s (%d records)", final, self._writer.count)
 
@@ -241,23 +236,9 @@ class RolloutShardWriter:
         stream = self._writer.tarstream
         tmp = self._writer.fname
         if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001 - best effort on the error path
-                log.debug("ignoring error closing aborted shard", exc_info=True)
+            close_quietly(stream, "an aborted shard")
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-
-    def __enter__(self) -> RolloutShardWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ import logging
 import os
 from fractions import Fraction
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
 
 from astrolabe.configbase import Frozen
+from astrolabe.data.atomic import AtomicWriter, close_quietly, publish_file, tmp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +174,10 @@ class _Mp4Encoder:
         self._container.close()
 
     def close_quietly(self) -> None:
-        try:
-            self._container.close()
-        except Exception:  # noqa: BLE001 - best effort on the error path
-            log.debug("ignoring error while closing an aborted mp4 container", exc_info=True)
+        close_quietly(self._container, "an aborted mp4 container")
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class StreamingMp4Writer:
+class StreamingMp4Writer(AtomicWriter):
     """Write an mp4 chunk by chunk; the file appears under its final name only on success.
 
     Only the encoder's lookahead is held in memory, never the whole video::
@@ -208,7 +197,7 @@ class StreamingMp4Writer:
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = tmp_sibling(self.path)
         self._encoder = _Mp4Encoder(str(self.tmp_path), fps=fps, crf=crf, preset=preset)
         self._closed = False
 
@@ -232,8 +221,7 @@ class StreamingMp4Writer:
         self._closed = True
         try:
             self._encoder.finish()
-            _fsync_file(self.tmp_path)
-            os.replace(self.tmp_path, self.path)
+            publish_file(self.tmp_path, self.path)
         except BaseException:
             self.tmp_path.unlink(missing_ok=True)
             raise
@@ -246,17 +234,6 @@ class StreamingMp4Writer:
         self._closed = True
         self._encoder.close_quietly()
         self.tmp_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> StreamingMp4Writer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 # ----------------------------------------------------------------------------------------------

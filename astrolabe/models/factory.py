@@ -100,20 +100,42 @@ def build_text(mc: ModelConfig, spec: BaseModelSpec) -> WanTextEncoder:
     return build_text_encoder(cfg, seed=mc.init_seed + 2, device=mc.device)
 
 
-def attach_lora_for_inference(dit: WanDiT, path: Path) -> WanDiT:
-    """Load a PEFT LoRA (directory, or a checkpoint dir with ``lora/``) and merge it into the DiT."""
-    from astrolabe.rl.lora import load_lora_model
+def attach_lora_for_inference(dit: WanDiT, path: Path, policy: str = "default") -> WanDiT:
+    """Merge a LoRA policy into the DiT for sampling.
 
-    merged = load_lora_model(dit, path).merge_and_unload()
+    ``path`` is a PEFT adapter directory or a training checkpoint (a directory with ``lora/``, e.g. the
+    ``state/`` of an nft_update output). ``policy="default"`` uses the trained adapter ``lora/``;
+    ``"old"``, ``"ref"`` or ``"ema"`` use ``adapters/<policy>.safetensors`` of the checkpoint (same
+    LoRA layout as ``lora/``; the rollout samples with the old policy, as NFT prescribes).
+    """
+    from astrolabe.rl.lora import apply_lora, copy_into_adapter_, load_lora_model, read_lora_config
+
+    if policy == "default":
+        merged = load_lora_model(dit, path).merge_and_unload()
+    else:
+        tensors_path = Path(path) / "adapters" / f"{policy}.safetensors"
+        if not tensors_path.is_file():
+            raise FileNotFoundError(
+                f"{tensors_path} is missing: {path} is not a training checkpoint holding the {policy!r} policy "
+                "(only nft_update checkpoints have adapters/); pass the checkpoint's state/ directory"
+            )
+        from safetensors.torch import load_file
+
+        model = apply_lora(dit, read_lora_config(path), adapter_name="default")
+        copy_into_adapter_(model, "default", load_file(str(tensors_path)), what=f"{policy!r} policy of {path}")
+        merged = model.merge_and_unload()
     return merged.eval().requires_grad_(False)
 
 
-def build_generation_stack(cfg: RunConfig, lora: Path | None = None) -> tuple[GenerationStack, BaseModelSpec]:
+def build_generation_stack(
+    cfg: RunConfig, lora: Path | None = None, policy: str = "default"
+) -> tuple[GenerationStack, BaseModelSpec]:
+    """DiT (with ``policy`` of the LoRA checkpoint ``lora`` merged in, if given), VAE, text encoder."""
     mc = cfg.model
     spec = get_base_model(mc.base)
     dit = build_dit(mc, spec)
     if lora is not None:
-        dit = attach_lora_for_inference(dit, lora)
+        dit = attach_lora_for_inference(dit, lora, policy)
     text = build_text(mc, spec)
     vae = build_vae(mc, spec)
     return (

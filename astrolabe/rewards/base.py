@@ -29,27 +29,30 @@ Writing a reward (e.g. a model reward in ``astrolabe/rewards/models/``):
 Inputs are validated before scoring (:func:`as_video_array`): rank 5, 3 RGB channels last, non-empty,
 uint8 or float in [0, 1], ``len(prompts) == B`` and enough frames for temporal rewards. A bad input is a
 ``ValueError`` that says what was expected (an input error is the caller's bug, never a NaN).
+
+The registry lives in :mod:`astrolabe.rewards.registry` and the normalisation / weighted combination
+in :mod:`astrolabe.rewards.combine`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from astrolabe.configbase import Frozen
+from astrolabe.rewards.combine import Normalization, combine_rewards, normalize_column
+from astrolabe.rewards.registry import build_reward, build_rewards, register_reward, registered_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +77,6 @@ __all__ = [
     "sha256_file",
 ]
 
-Normalization = Literal["none", "zscore", "rank"]
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_LAZY_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _FLOAT_TOLERANCE = 1e-6  # float videos may exceed [0, 1] by this much (decoder round-off); clipped
 
 
@@ -113,10 +113,8 @@ class RewardsConfig(Frozen):
             RewardSpec(name="smoothness", weight=1.0),
             RewardSpec(name="text_color_match", weight=1.0),
         ),
-        description="Rewards to compute; the combined reward is sum(weight * normalized score).",
-    )
-    normalize: Normalization = Field(
-        "zscore", description="Per-reward normalization before the weighted sum: none | zscore | rank."
+        description="Rewards to compute; the combined reward is sum(weight * normalized score), normalized as "
+        "rl.advantage.normalize_rewards says.",
     )
     batch_size: int = Field(8, ge=1, description="Videos per scoring call.")
 
@@ -498,102 +496,6 @@ class Reward:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, options={self.options!r})"
 
 
-# --------------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------------
-
-Builder = Callable[[Mapping[str, Any]], Reward]
-_REGISTRY: dict[str, type[Reward] | Builder | str] = {}
-
-
-def register_reward(name: str, target: str | None = None) -> Callable[[Any], Any] | None:
-    """Register a reward under ``name``.
-
-    - ``@register_reward("motion")`` on a :class:`Reward` subclass (whose ``name`` must equal ``name``)
-      or on a builder function ``build(options: Mapping) -> Reward``;
-    - ``register_reward("hpsv2", "astrolabe.rewards.models.hpsv2:build")`` registers lazily: the module
-      is imported only when the reward is built (target: a Reward subclass or a builder).
-
-    Registering a different target under a taken name is an error; re-registering the same is a no-op.
-    """
-    if not _NAME_RE.match(name):
-        raise ValueError(f"reward names are lower_snake_case (e.g. 'video_hpsv3'), got {name!r}")
-    if target is not None:
-        if not _LAZY_TARGET_RE.match(target):
-            raise ValueError(f"lazy reward target must look like 'package.module:attribute', got {target!r}")
-        _add_entry(name, target)
-        return None
-
-    def decorator(obj: Any) -> Any:
-        if isinstance(obj, type):
-            if not issubclass(obj, Reward):
-                raise TypeError(f"@register_reward({name!r}) decorates a Reward subclass or a builder function")
-            if getattr(obj, "name", None) != name:
-                raise ValueError(f"{obj.__name__}.name is {getattr(obj, 'name', None)!r} but is registered as {name!r}")
-        elif not callable(obj):
-            raise TypeError(f"@register_reward({name!r}) decorates a Reward subclass or a builder function")
-        _add_entry(name, obj)
-        return obj
-
-    return decorator
-
-
-def _entry_key(entry: Any) -> str:
-    return entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__qualname__}"
-
-
-def _add_entry(name: str, entry: Any) -> None:
-    existing = _REGISTRY.get(name)
-    if existing is not None and _entry_key(existing) != _entry_key(entry):
-        raise ValueError(f"reward {name!r} is already registered to {_entry_key(existing)}, not {_entry_key(entry)}")
-    if existing is None or not isinstance(entry, str):  # a resolved object replaces a lazy path
-        _REGISTRY[name] = entry
-
-
-def registered_rewards() -> list[str]:
-    """Sorted names of all registered rewards (lazy ones included)."""
-    return sorted(_REGISTRY)
-
-
-def _resolve(name: str, entry: Any) -> Any:
-    if not isinstance(entry, str):
-        return entry
-    module_name, attribute = entry.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"reward {name!r} is registered to {entry} but its module cannot be imported: {exc}") from exc
-    try:
-        return getattr(module, attribute)
-    except AttributeError as exc:
-        raise ImportError(f"reward {name!r} is registered to {entry} but {module_name} has no {attribute!r}") from exc
-
-
-def build_reward(spec: RewardSpec) -> Reward:
-    """Build the reward named by ``spec`` with ``spec.options`` (the weight is not the reward's business).
-
-    Raises:
-        KeyError: unknown name (the message lists the registered names).
-        ValueError: invalid options (the message lists the allowed options).
-    """
-    entry = _REGISTRY.get(spec.name)
-    if entry is None:
-        raise KeyError(f"unknown reward {spec.name!r}; registered rewards: {registered_rewards()}")
-    target = _resolve(spec.name, entry)
-    if isinstance(target, type) and issubclass(target, Reward):
-        reward = target.from_options(spec.options)
-    else:
-        reward = target(dict(spec.options))
-    if not isinstance(reward, Reward):
-        raise TypeError(f"builder of reward {spec.name!r} returned {type(reward).__name__}, not a Reward")
-    if reward.name != spec.name:
-        raise ValueError(f"builder of reward {spec.name!r} returned a reward named {reward.name!r}")
-    return reward
-
-
-def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
-    """Build every reward of a reward set (one instance per spec, in order)."""
-    return [build_reward(spec) for spec in specs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -624,79 +526,3 @@ def score_all(
         for reward in rewards:
             parts[reward.name].append(reward.score(batch, list(prompts[start:stop])))
     return {name: RewardOutput.concat(outs) for name, outs in parts.items()}
-
-
-# --------------------------------------------------------------------------------------------------
-# Combination
-# --------------------------------------------------------------------------------------------------
-
-
-def normalize_column(values: np.ndarray, method: Normalization) -> np.ndarray:
-    """Normalize one reward column (B,); NaN entries stay NaN and are ignored by the statistics.
-
-    - ``none``:   x.
-    - ``zscore``: (x - mean) / std over the finite entries (population std); all equal -> 0.
-    - ``rank``:   (rank - 1) / (n - 1) in [0, 1] over the n finite entries, ties get their average
-      rank; a single finite entry -> 0.5.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"reward column must have shape (B,), got {x.shape}")
-    if method == "none":
-        return x.astype(np.float32)
-    finite = np.isfinite(x)
-    out = np.full_like(x, np.nan)
-    n = int(finite.sum())
-    if n == 0:
-        return out.astype(np.float32)
-    v = x[finite]
-    if method == "zscore":
-        std = v.std()
-        out[finite] = (v - v.mean()) / std if std > 0 else 0.0
-    elif method == "rank":
-        if n == 1:
-            out[finite] = 0.5
-        else:
-            out[finite] = (_average_ranks(v) - 1.0) / (n - 1)
-    else:
-        raise ValueError(f"normalize must be one of 'none', 'zscore', 'rank', got {method!r}")
-    return out.astype(np.float32)
-
-
-def _average_ranks(v: np.ndarray) -> np.ndarray:
-    """1-based ranks of v, ties replaced by their average rank."""
-    order = np.argsort(v, kind="stable")
-    ranks = np.empty(len(v), dtype=np.float64)
-    ranks[order] = np.arange(1, len(v) + 1)
-    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
-def combine_rewards(
-    columns: Mapping[str, np.ndarray], specs: Sequence[RewardSpec], normalize: Normalization = "none"
-) -> np.ndarray:
-    """Combined reward ``R = sum_k w_k * normalize(x_k)`` over the specs, float32 (B,).
-
-    The normalization statistics are taken over the B samples given (pass one group to normalize
-    within a group). A NaN in any column with non-zero weight makes that sample's R NaN (the sample is
-    excluded downstream); a zero-weight reward does not enter the sum at all. Columns not named in
-    ``specs`` are ignored.
-    """
-    if not specs:
-        raise ValueError("combine_rewards needs at least one RewardSpec")
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward specs must have distinct names, got {names}")
-    missing = [n for n in names if n not in columns]
-    if missing:
-        raise KeyError(f"no scores for rewards {missing}; available columns: {sorted(columns)}")
-    sizes = {n: np.shape(columns[n]) for n in names}
-    if len(set(sizes.values())) != 1 or len(next(iter(sizes.values()))) != 1:
-        raise ValueError(f"reward columns must all have the same shape (B,), got {sizes}")
-    total = np.zeros(next(iter(sizes.values())), dtype=np.float64)
-    for spec in specs:
-        if spec.weight == 0:
-            continue
-        total += spec.weight * normalize_column(columns[spec.name], normalize).astype(np.float64)
-    return total.astype(np.float32)

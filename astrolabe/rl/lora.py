@@ -30,16 +30,18 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import Field, field_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from astrolabe.configbase import Frozen
+
+if TYPE_CHECKING:  # peft (and transformers behind it) takes seconds to import: only where LoRA is applied
+    from peft import LoraConfig, PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class LoRAConfig(Frozen):
 
 def peft_lora_config(cfg: LoRAConfig) -> LoraConfig:
     """The peft ``LoraConfig`` of ``cfg`` (no task type, no bias, plain LoRA)."""
+    from peft import LoraConfig
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     return LoraConfig(
         r=cfg.rank,
@@ -239,6 +242,8 @@ def apply_lora(
     they keep peft's init (meant for adapters whose weights are loaded right after). Either way the
     caller's global RNG state is left unchanged.
     """
+    from peft import get_peft_model
+
     with _global_rng_untouched():
         peft_model = get_peft_model(model, peft_lora_config(cfg), adapter_name=adapter_name)
     _finish_adapter(peft_model, cfg, adapter_name, generator)

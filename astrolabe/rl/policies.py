@@ -21,11 +21,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
-from peft import PeftModel
 from pydantic import Field
 
 from astrolabe.configbase import Frozen
@@ -50,6 +49,9 @@ from astrolabe.rl.schedules import (
     ema_decay,
     old_policy_decay,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from astrolabe.configbase import Frozen
+from astrolabe.rl.state_keys import check_state_keys
 
 logger = logging.getLogger(__name__)
 
@@ -182,13 +183,7 @@ class ReferenceRefresher:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in self._KEYS if k not in state]
-        extra = sorted(set(state) - set(self._KEYS))
-        if missing or extra:
-            raise KeyError(
-                f"ReferenceRefresher state is incomplete or foreign (missing {missing}, unexpected {extra}); "
-                "resume from a checkpoint written by ReferenceRefresher.state_dict()"
-            )
+        check_state_keys("ReferenceRefresher", state, self._KEYS)
         self.threshold = float(state["threshold"])
         self.last_refresh_step = int(state["last_refresh_step"])
         self.n_refreshes = int(state["n_refreshes"])

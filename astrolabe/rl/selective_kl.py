@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 
 from astrolabe.configbase import Frozen
 from astrolabe.rl.advantages import ascending_average_ranks, group_index
+from astrolabe.rl.state_keys import check_state_keys
 
 logger = logging.getLogger(__name__)
 
@@ -203,13 +204,7 @@ class FractionController:
         return {"fraction": self.fraction, "buffer": list(self.buffer)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in self._KEYS if k not in state]
-        extra = sorted(set(state) - set(self._KEYS))
-        if missing or extra:
-            raise KeyError(
-                f"FractionController state is incomplete or foreign (missing {missing}, unexpected {extra}); "
-                "resume from a checkpoint written by FractionController.state_dict()"
-            )
+        check_state_keys("FractionController", state, self._KEYS)
         buffer = [float(v) for v in state["buffer"]]
         if len(buffer) > self.cfg.buffer_size:
             raise ValueError(f"saved buffer holds {len(buffer)} values > buffer_size={self.cfg.buffer_size}")

@@ -79,7 +79,12 @@ class WanLayerNorm(nn.LayerNorm):
         return F.layer_norm(xf, self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-class WanSelfAttention(nn.Module):
+class _WanAttentionProjections(nn.Module):
+    """The projections shared by self- and cross-attention: q, k, v, o (D -> D) and optional RMS q/k norms.
+
+    Keys ``{q,k,v,o}.{weight,bias}`` and, with ``qk_norm``, ``norm_{q,k}.weight`` (Wan's names).
+    """
+
     def __init__(self, cfg: WanConfig) -> None:
         super().__init__()
         d = cfg.dim
@@ -88,6 +93,8 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class WanSelfAttention(_WanAttentionProjections):
     def forward(
         self,
         x: torch.Tensor,  # (B, L, D) tokens of the new frames
@@ -116,15 +123,7 @@ class WanSelfAttention(nn.Module):
         return self.o(out.reshape(b, length, n * d))
 
 
-class WanCrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig) -> None:
-        super().__init__()
-        d = cfg.dim
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = WanRMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class WanCrossAttention(_WanAttentionProjections):
     def forward(
         self,
         x: torch.Tensor,  # (B, L, D)

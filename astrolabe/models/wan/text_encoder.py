@@ -78,15 +78,16 @@ def tiny_text_encoder_config() -> TextEncoderConfig:
 # ----------------------------------------------------------------------------------------------- HF configs
 
 
-def umt5_xxl_config() -> UMT5Config:
-    """HF config equivalent to Wan's ``umt5_xxl(encoder_only=True)`` (models-reference 3.2)."""
+def _umt5_encoder_config(vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_layers: int, num_heads: int) -> UMT5Config:
+    """UMT5 encoder config with Wan's fixed choices: 32 relative-position buckets up to distance 128,
+    gated GELU FFN, layer-norm eps 1e-6, no dropout, encoder only, no KV cache."""
     return UMT5Config(
-        vocab_size=256384,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu",
@@ -95,25 +96,16 @@ def umt5_xxl_config() -> UMT5Config:
         is_encoder_decoder=False,
         use_cache=False,
     )
+
+
+def umt5_xxl_config() -> UMT5Config:
+    """HF config equivalent to Wan's ``umt5_xxl(encoder_only=True)`` (models-reference 3.2)."""
+    return _umt5_encoder_config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
 
 
 def tiny_umt5_config() -> UMT5Config:
     """A 2-layer UMT5 with the ByT5 byte vocabulary (384 ids) and d_model = tiny DiT text_dim (32)."""
-    return UMT5Config(
-        vocab_size=384,
-        d_model=TINY_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6,
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
+    return _umt5_encoder_config(vocab_size=384, d_model=TINY_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 
 
 # ------------------------------------------------------------------------------------------ key mapping

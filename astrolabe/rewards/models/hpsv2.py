@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,18 +30,16 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from astrolabe.rewards.base import Reward, RewardOutput, VideoBatch, sample_frame_indices
+from astrolabe.rewards.base import RewardOutput, VideoBatch, sample_frame_indices
 from astrolabe.rewards.models.common import (
-    EXECUTION_ONLY_OPTIONS,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    ModelReward,
     ModelRewardOptions,
     fingerprint_files,
-    load_cached,
     require_files,
     resize_frames,
-    resolve_device,
-    resolve_dtype,
+    resolved_dir,
     top_fraction_mean,
 )
 
@@ -97,7 +94,7 @@ class _LoadedHPSv2:
         self.device, self.dtype = device, dtype
 
 
-class HPSv2Reward(Reward):
+class HPSv2Reward(ModelReward):
     """HPSv2.1 human-preference score of a video: top-30% mean of per-frame image-text cosine similarity."""
 
     name: ClassVar[str] = "hpsv2"
@@ -108,15 +105,11 @@ class HPSv2Reward(Reward):
         super().__init__(options)
         require_files(self.options.checkpoint_dir, [CHECKPOINT_FILE], "HPSv2.1", _SOURCE)
 
-    @cached_property
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
         files = [CHECKPOINT_FILE]
         if (Path(self.options.checkpoint_dir) / f"{self.options.architecture}.json").is_file():
             files.append(f"{self.options.architecture}.json")
         return fingerprint_files(self.options.checkpoint_dir, files)
-
-    def checkpoint_hash(self) -> str:
-        return self._fingerprint
 
     def frame_sampling(self) -> dict[str, Any]:
         return {"stride": 1, "max_frames": self.options.max_frames, "top_fraction": self.options.top_fraction}
@@ -124,16 +117,8 @@ class HPSv2Reward(Reward):
     def resolution(self) -> Any:
         return {"letterbox": self.options.image_size}
 
-    def identity(self) -> dict[str, Any]:
-        ident = super().identity()
-        ident["options"] = {k: v for k, v in ident["options"].items() if k not in EXECUTION_ONLY_OPTIONS}
-        return ident
-
     def _model(self) -> _LoadedHPSv2:
-        device = resolve_device(self.options.device)
-        dtype = resolve_dtype(self.options.dtype, device)
-        key = ("hpsv2", str(Path(self.options.checkpoint_dir).resolve()), self.options.architecture, str(device), str(dtype))
-        return load_cached(key, lambda: _LoadedHPSv2(self.options, device, dtype))
+        return self.load_model(("hpsv2", resolved_dir(self.options.checkpoint_dir), self.options.architecture), _LoadedHPSv2)
 
     @torch.inference_mode()
     def score_batch(self, batch: VideoBatch, prompts: Sequence[str]) -> RewardOutput:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -33,25 +32,25 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from astrolabe.rewards.base import Reward, RewardOutput, VideoBatch, sample_frame_indices
+from astrolabe.rewards.base import RewardOutput, VideoBatch, sample_frame_indices
 from astrolabe.rewards.models.common import (
-    EXECUTION_ONLY_OPTIONS,
+    ModelReward,
     ModelRewardOptions,
+    fingerprint_files,
+    normalize_pixels,
+    require_files,
+    resize_frames,
+    resolved_dir,
+    top_fraction_mean,
+)
+from astrolabe.rewards.models.qwen2vl import (
     Qwen2VLPromptEncoder,
     Qwen2VLRewardNet,
-    fingerprint_files,
-    load_cached,
     load_qwen2vl_config,
     load_safetensors_converted,
     materialize_reward_net,
-    normalize_pixels,
     patchify_qwen2vl,
-    require_files,
-    resize_frames,
-    resolve_device,
-    resolve_dtype,
     smart_resize,
-    top_fraction_mean,
 )
 
 logger = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ class _LoadedHPSv3:
         self.device, self.dtype = device, dtype
 
 
-class HPSv3Reward(Reward):
+class HPSv3Reward(ModelReward):
     """HPSv3 preference score of a video (unbounded; ~ -5..15 on real data): top-30% mean of frame mu."""
 
     name: ClassVar[str] = "hpsv3"
@@ -166,14 +165,10 @@ class HPSv3Reward(Reward):
 
     # ---- identity ---------------------------------------------------------------------------------
 
-    @cached_property
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
         a = fingerprint_files(self.options.checkpoint_dir, [CHECKPOINT_FILE])
         b = fingerprint_files(self.options.backbone_dir, BACKBONE_FILES)
         return f"{a}:{b}"
-
-    def checkpoint_hash(self) -> str:
-        return self._fingerprint
 
     def frame_sampling(self) -> dict[str, Any]:
         return {"stride": 1, "max_frames": self.options.max_frames, "top_fraction": self.options.top_fraction}
@@ -181,19 +176,12 @@ class HPSv3Reward(Reward):
     def resolution(self) -> Any:
         return {"smart_resize": 28, "min_pixels": self.options.min_pixels, "max_pixels": self.options.max_pixels}
 
-    def identity(self) -> dict[str, Any]:
-        ident = super().identity()
-        ident["options"] = {k: v for k, v in ident["options"].items() if k not in EXECUTION_ONLY_OPTIONS}
-        return ident
-
     # ---- scoring ----------------------------------------------------------------------------------
 
     def _model(self) -> _LoadedHPSv3:
-        device = resolve_device(self.options.device)
-        dtype = resolve_dtype(self.options.dtype, device)
-        key = ("hpsv3", str(Path(self.options.checkpoint_dir).resolve()), str(Path(self.options.backbone_dir).resolve()),
-               self.options.attn_implementation, str(device), str(dtype))
-        return load_cached(key, lambda: _LoadedHPSv3(self.options, device, dtype))
+        key = ("hpsv3", resolved_dir(self.options.checkpoint_dir), resolved_dir(self.options.backbone_dir),
+               self.options.attn_implementation)
+        return self.load_model(key, _LoadedHPSv3)
 
     def _pixels(self, model: _LoadedHPSv3, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(N, H, W, 3) uint8 -> patches (N, L, D) on device, per-frame grid (1->2 frames, h, w)."""
@@ -254,7 +242,7 @@ def write_random_checkpoint(checkpoint_dir: Path, backbone_dir: Path, config: An
     """
     from safetensors.torch import save_file
 
-    from astrolabe.rewards.models.common import legacy_state_dict, write_qwen2vl_backbone_files
+    from astrolabe.rewards.models.qwen2vl import legacy_state_dict, write_qwen2vl_backbone_files
 
     torch.manual_seed(seed)  # weights only; scoring never draws random numbers
     config.text_config.vocab_size = 264

@@ -28,7 +28,6 @@ import logging
 import math
 import weakref
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -36,27 +35,27 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from astrolabe.rewards.base import Reward, RewardOutput, VideoBatch
+from astrolabe.rewards.base import RewardOutput, VideoBatch
 from astrolabe.rewards.models.common import (
-    EXECUTION_ONLY_OPTIONS,
     MissingCheckpointError,
+    ModelReward,
     ModelRewardOptions,
+    fingerprint_files,
+    linspace_frame_indices,
+    normalize_pixels,
+    require_files,
+    resize_frames,
+    resolved_dir,
+)
+from astrolabe.rewards.models.qwen2vl import (
     Qwen2VLPromptEncoder,
     Qwen2VLRewardNet,
     convert_qwen2vl_key,
-    fingerprint_files,
-    linspace_frame_indices,
-    load_cached,
     load_qwen2vl_config,
     load_safetensors_converted,
     materialize_reward_net,
     merge_lora_into,
-    normalize_pixels,
     patchify_qwen2vl,
-    require_files,
-    resize_frames,
-    resolve_device,
-    resolve_dtype,
     smart_resize,
     split_lora_key,
 )
@@ -239,7 +238,7 @@ def _gray_uint8(frames: torch.Tensor) -> torch.Tensor:
     return luma.unsqueeze(-3).expand_as(frames)
 
 
-class VideoAlignReward(Reward):
+class VideoAlignReward(ModelReward):
     """One VideoReward dimension (``dimension`` class attribute); z-scored with the checkpoint stats."""
 
     name: ClassVar[str] = "videoalign"
@@ -251,13 +250,9 @@ class VideoAlignReward(Reward):
         super().__init__(options)
         _checkpoint_files(self.options)  # fail fast, naming missing files
 
-    @cached_property
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
         _, ckpt, base = _checkpoint_files(self.options)
         return fingerprint_files(self.options.checkpoint_dir, ckpt) + ":" + fingerprint_files(self.options.backbone_dir, base)
-
-    def checkpoint_hash(self) -> str:
-        return self._fingerprint
 
     def frame_sampling(self) -> dict[str, Any]:
         return {"stride": 1, "max_frames": self.options.num_frames, "method": "round(linspace(0,T-1,n)), repeats if T<n"}
@@ -267,16 +262,13 @@ class VideoAlignReward(Reward):
 
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
-        ident["options"] = {k: v for k, v in ident["options"].items() if k not in EXECUTION_ONLY_OPTIONS}
         ident["dimension"] = self.dimension
         return ident
 
     def _model(self) -> _LoadedVideoAlign:
-        device = resolve_device(self.options.device)
-        dtype = resolve_dtype(self.options.dtype, device)
-        key = ("videoalign", str(Path(self.options.checkpoint_dir).resolve()), str(Path(self.options.backbone_dir).resolve()),
-               self.options.attn_implementation, str(device), str(dtype))
-        return load_cached(key, lambda: _LoadedVideoAlign(self.options, device, dtype))
+        key = ("videoalign", resolved_dir(self.options.checkpoint_dir), resolved_dir(self.options.backbone_dir),
+               self.options.attn_implementation)
+        return self.load_model(key, _LoadedVideoAlign)
 
     def _pixels(self, model: _LoadedVideoAlign, clips: np.ndarray, gray: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(N, T, H, W, 3) uint8 -> patches (N, L, D), grid (T/2, h, w)."""
@@ -361,7 +353,7 @@ def build_ta(options: dict[str, Any]) -> VideoAlignTA:
 def write_random_checkpoint(checkpoint_dir: Path, backbone_dir: Path, config: Any, seed: int = 0, step: int = 1) -> None:
     """Random-weight VideoReward in the real *full* layout (``model_config.json`` + ``checkpoint-<step>/model.pth``
     with PEFT-free legacy keys) and a backbone snapshot. For tests/benchmarks. Vocab = 263 + 3 reward tokens."""
-    from astrolabe.rewards.models.common import legacy_state_dict, write_qwen2vl_backbone_files
+    from astrolabe.rewards.models.qwen2vl import legacy_state_dict, write_qwen2vl_backbone_files
 
     torch.manual_seed(seed)  # weights only
     config.text_config.vocab_size = 266

@@ -1,0 +1,266 @@
+"""Stage ``nft_update``: rollout shards + labels + checkpoint k -> training-state checkpoint k + 1.
+
+Inputs: ``rollout`` (shards), ``labels`` (``labels.zarr``: ``r``, ``kl_mask``), and ``checkpoint`` (the
+previous iteration's nft_update directory) for every iteration but the first; without it the policies
+start from a fresh LoRA (``rl.lora``, seeded by ``rl.lora_seed``). The output holds ``state/``, a
+complete :class:`astrolabe.rl.state.TrainingState` checkpoint (``state/lora/`` is a standard PEFT adapter,
+``state/adapters/old.safetensors`` the sampling policy of the next rollout).
+
+One stage run is one training phase of NFT (paper part 1, DESIGN.md):
+
+1. Records are grouped by ``meta["group"]`` (candidates branched from one prefix). A micro-batch is up to
+   ``rl.micro_batch_size`` candidates of one group, so they share their prefix cache (built once, forked).
+   Records whose ``r`` is NaN (no valid reward) are skipped and counted.
+2. For each of ``rl.epochs`` passes the micro-batches are shuffled by the ``shuffle`` generator; each runs
+   :func:`astrolabe.rl.streaming_update.window_nft_step` (old / ref / current forwards, NFT loss) with the
+   loss divided by the number of micro-batches of its optimizer step; every ``rl.accumulation_steps``
+   micro-batches (and at the end of a pass) one optimizer step is taken.
+3. End of phase: ``theta_old <- d theta_old + (1 - d) theta`` (:meth:`TrainingState.update_old`), and the
+   lagging KL reference is refreshed when the mean KL of the phase says so.
+
+Every generator (LoRA init, sigma, noise, shuffle) is part of the checkpoint, so iteration k + 1 continues
+the streams of iteration k: a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from astrolabe.config import RunConfig, config_to_dict
+from astrolabe.data.arrays import check_keys_aligned, read_columns
+from astrolabe.data.shards import list_shards, read_rollout_shards
+from astrolabe.models.factory import build_dit, build_text, stream_spec
+from astrolabe.models.registry import get_base_model
+from astrolabe.rl.policies import PolicyConfig, PolicySet
+from astrolabe.rl.state import TrainingState
+from astrolabe.rl.streaming_update import WindowBatch, window_nft_step
+from stages.base import StageInfo, StageResult
+from stages.label_uncertainty import LABELS_FILE
+
+log = logging.getLogger(__name__)
+
+STATE_SUBDIR = "state"
+GENERATORS = ("sigma", "noise", "shuffle")
+
+
+def _config_subset(cfg: RunConfig) -> dict[str, Any]:
+    return {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl)}
+
+
+STAGE = StageInfo(name="nft_update", code_version="1", config_subset=_config_subset, per_iteration=True)
+
+
+def checkpoint_state_dir(stage_dir: str | Path) -> Path:
+    """The TrainingState directory inside an nft_update output directory."""
+    return Path(stage_dir) / STATE_SUBDIR
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Candidate:
+    key: str
+    group: str
+    prompt: str
+    prefix: np.ndarray  # (P, C, h, w) float32
+    window: np.ndarray  # (W, C, h, w) float32
+    r: float
+    kl_mask: bool
+
+
+def read_candidates(rollout: Path, labels: Path) -> tuple[list[Candidate], int]:
+    """Every record with a finite ``r``, in shard order, and the number skipped for a NaN ``r``."""
+    keys, cols, _ = read_columns(Path(labels) / LABELS_FILE)
+    for name in ("r", "kl_mask"):
+        if name not in cols:
+            raise KeyError(f"{labels}/{LABELS_FILE} has no column {name!r}; rerun the label_uncertainty stage")
+    paths = list_shards(rollout)
+    if not paths:
+        raise ValueError(f"no rollout shards (*.tar) in {rollout}; run the rollout stage first")
+    records = list(read_rollout_shards(paths))
+    check_keys_aligned(keys, [rec["__key__"] for rec in records], what=f"{labels}/{LABELS_FILE}")
+    out: list[Candidate] = []
+    skipped = 0
+    for rec, r, m in zip(records, cols["r"], cols["kl_mask"], strict=True):
+        if not math.isfinite(float(r)):
+            skipped += 1
+            continue
+        if "prefix" not in rec:
+            raise KeyError(f"record {rec['__key__']!r} in {rec['__shard__']} has no prefix latents; rerun rollout")
+        meta = rec["meta"]
+        out.append(Candidate(rec["__key__"], str(meta["group"]), meta["prompt"], rec["prefix"], rec["latents"],
+                             float(r), bool(m > 0.5)))
+    return out, skipped
+
+
+def plan_micro_batches(cands: list[Candidate], micro_batch_size: int) -> list[list[int]]:
+    """Indices of ``cands`` cut into micro-batches of at most ``micro_batch_size`` from one group each."""
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(cands):
+        by_group[c.group].append(i)
+    return [idx[s : s + micro_batch_size] for idx in by_group.values() for s in range(0, len(idx), micro_batch_size)]
+
+
+def make_batch(cands: list[Candidate], idx: list[int], context: torch.Tensor, device: torch.device,
+               dtype: torch.dtype) -> WindowBatch:  # fmt: skip
+    """A :class:`WindowBatch` of candidates sharing one prompt; ``context`` is (1, L, D)."""
+    def stack(xs: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(xs)).to(device=device, dtype=dtype)
+
+    return WindowBatch(
+        context=context.expand(len(idx), -1, -1),
+        prefix_latents=stack([cands[i].prefix for i in idx]),  # (B, P, C, h, w)
+        window_x0=stack([cands[i].window for i in idx]),  # (B, W, C, h, w)
+        r=torch.tensor([cands[i].r for i in idx], dtype=torch.float64, device=device),
+        kl_mask=torch.tensor([cands[i].kl_mask for i in idx], dtype=torch.bool, device=device),
+    )
+
+
+# ----------------------------------------------------------------------------------- state
+
+
+def build_training_state(cfg: RunConfig, dit: torch.nn.Module) -> TrainingState:
+    """Fresh policies (LoRA from ``rl.lora_seed``) and optimizer with the update's generators registered."""
+    rl = cfg.rl
+    policy_cfg = PolicyConfig(averaging=rl.averaging, ema_start_step=rl.ema_start_step, reference=rl.reference,
+                              refresh=rl.reference_refresh)
+    policies = PolicySet.build(dit, rl.lora, policy_cfg, generator=torch.Generator().manual_seed(rl.lora_seed))
+    state = TrainingState(policies, rl.optim)
+    for i, name in enumerate(GENERATORS):
+        state.register_generator(name, torch.Generator().manual_seed(rl.lora_seed + 1 + i))
+    return state
+
+
+def restore_or_start(cfg: RunConfig, state: TrainingState, checkpoint: Path | None, iteration: int) -> None:
+    if checkpoint is None:
+        if iteration > 0:
+            raise FileNotFoundError(
+                f"nft_update at iteration {iteration} needs inputs['checkpoint'] (the nft_update output of "
+                f"iteration {iteration - 1}); run the earlier iterations first (astrolabe train)"
+            )
+        log.info("nft_update it%d: fresh LoRA (rank %d, seed %d)", iteration, cfg.rl.lora.rank, cfg.rl.lora_seed)
+        return
+    state.load(checkpoint_state_dir(checkpoint))
+
+
+def _policies(state: TrainingState, with_ref: bool) -> dict[str, Callable[[], Any]]:
+    ps = state.policies
+    out: dict[str, Callable[[], Any]] = {"default": lambda: ps.use("default"), "old": lambda: ps.use("old")}
+    if with_ref:
+        out["ref"] = lambda: ps.use("ref")
+    return out
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], contexts: Mapping[str, torch.Tensor],
+                spec_stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:  # fmt: skip
+    """``rl.epochs`` shuffled passes of accumulated window NFT steps; returns averaged metrics."""
+    rl = cfg.rl
+    device, dtype = torch.device(cfg.model.device), next(state.policies.model.parameters()).dtype
+    batches = plan_micro_batches(cands, rl.micro_batch_size)
+    policies = _policies(state, with_ref=rl.nft.kl_weight > 0)
+    model = state.policies.model
+    gens = state.generators
+    sums: dict[str, list[float]] = defaultdict(list)
+    total_steps = rl.epochs * math.ceil(len(batches) / rl.accumulation_steps)
+    done = 0
+    for _ in range(rl.epochs):
+        order = torch.randperm(len(batches), generator=gens["shuffle"]).tolist()
+        for start in range(0, len(order), rl.accumulation_steps):
+            chunk = order[start : start + rl.accumulation_steps]
+            for b in chunk:
+                idx = batches[b]
+                batch = make_batch(cands, idx, contexts[cands[idx[0]].prompt], device, dtype)
+                with state.autocast():
+                    loss, metrics = window_nft_step(
+                        policies, model, spec_stream, batch, rl.nft, gens["sigma"], gens["noise"], rl.update,
+                        shift=shift, group_size=len(idx), backward=False,
+                    )
+                state.backward(loss, accumulation_steps=len(chunk))
+                for k, v in metrics.items():
+                    sums[k].append(float(v))
+            stats = state.optimizer_step()
+            sums["update/grad_norm"].append(stats.grad_norm)
+            sums["update/lr"].append(stats.lr)
+            done += 1
+            if on_step is not None:
+                on_step(done, total_steps)
+    out = {k: _mean(v) for k, v in sums.items()}
+    out["update/micro_batches"] = float(len(batches) * rl.epochs)
+    out["update/optimizer_steps"] = float(total_steps)
+    return out
+
+
+def end_phase(state: TrainingState, metrics: dict[str, float]) -> None:
+    """Old-policy blend and (lagging) reference refresh after the phase; adds their metrics."""
+    metrics["update/old_decay"] = state.update_old()
+    kl = metrics.get("loss/kl")
+    refreshed = state.policies.maybe_refresh_ref(state.step, kl if kl is not None and math.isfinite(kl) else None)
+    metrics["update/ref_refreshed"] = float(refreshed)
+
+
+def encode_prompts(cfg: RunConfig, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Text features (1, L, D) of each distinct prompt, without gradient."""
+    base = get_base_model(cfg.model.base)
+    text = build_text(cfg.model, base)
+    dtype = getattr(torch, cfg.model.dtype)
+    with torch.no_grad():
+        return {p: text.encode([p]).to(device=cfg.model.device, dtype=dtype) for p in dict.fromkeys(prompts)}
+
+
+def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
+    if iteration is None:
+        raise ValueError("the nft_update stage runs per iteration; pass iteration=<int>")
+    for name in ("rollout", "labels"):
+        if name not in inputs:
+            raise KeyError(f"the nft_update stage needs inputs[{name!r}]")
+    t0 = time.perf_counter()
+    cands, skipped = read_candidates(Path(inputs["rollout"]), Path(inputs["labels"]))
+    if not cands:
+        raise ValueError(
+            f"no trainable sample in {inputs['labels']}: every record has a NaN optimality r ({skipped} skipped); "
+            "check the score stage (failed rewards) and rerun score and label_uncertainty"
+        )
+    if skipped:
+        log.warning("nft_update it%d: %d records with NaN r skipped", iteration, skipped)
+    base = get_base_model(cfg.model.base)
+    contexts = encode_prompts(cfg, [c.prompt for c in cands])
+    dit = build_dit(cfg.model, base)
+    state = build_training_state(cfg, dit)
+    ckpt = inputs.get("checkpoint")
+    restore_or_start(cfg, state, Path(ckpt) if ckpt is not None else None, iteration)
+    t_build = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    metrics = train_phase(cfg, state, cands, contexts, stream_spec(cfg.model, base), base.flow_shift)
+    end_phase(state, metrics)
+    t_train = time.perf_counter() - t1
+    state.extra = {"iteration": iteration, "trained_records": len(cands)}
+    state.save(checkpoint_state_dir(out_dir))
+    log.info("nft_update it%d: %d samples, %d steps, loss %.4g, kl %.3g", iteration, len(cands),
+             int(metrics["update/optimizer_steps"]), metrics.get("loss/total", float("nan")),
+             metrics.get("loss/kl", float("nan")))
+    return StageResult(
+        counts={"records": len(cands) + skipped, "trained": len(cands), "skipped_nan_r": skipped,
+                "optimizer_steps": int(metrics["update/optimizer_steps"]), "step": state.step},
+        seeds={"lora_seed": cfg.rl.lora_seed, "from_checkpoint": str(ckpt) if ckpt else None},
+        timings={"build": t_build, "train": t_train},
+        extra={"metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}},
+    )
