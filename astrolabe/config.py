@@ -107,7 +107,8 @@ class PipelineConfig(Frozen):
     runs_root: Path = Path("runs")
     iterations: int = Field(3, ge=1)
     eval_every: int = Field(1, ge=1, description="Evaluate every N iterations (and at 0 and the last).")
-    eval_seeds: tuple[int, ...] = (1000, 1001)
+    eval_seeds: tuple[int, ...] = Field((1000, 1001), min_length=1, description="Noise seeds of every eval video.")
+    eval_max_prompts: int | None = Field(None, ge=1, description="Evaluate the first N held-out prompts; None = all.")
 
 
 class RunConfig(Frozen):

@@ -75,6 +75,7 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
         "model": config_to_dict(cfg.model),
         "eval_rewards": reward_identities(eval_rewards_config(cfg).rewards),
         "eval_seeds": list(cfg.pipeline.eval_seeds),
+        "eval_max_prompts": cfg.pipeline.eval_max_prompts,
         "num_latent_frames": cfg.rollout.num_latent_frames,
     }
 
@@ -227,6 +228,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     if "prompts" not in inputs:
         raise KeyError("the evaluate stage needs inputs['prompts'] (the filter_prompts directory)")
     prompts = read_heldout(inputs["prompts"])
+    if cfg.pipeline.eval_max_prompts is not None:
+        prompts = prompts[: cfg.pipeline.eval_max_prompts]
     plan = eval_plan(len(prompts), cfg.pipeline.eval_seeds)
     state = resolve_policy(inputs)
     rewards_cfg = eval_rewards_config(cfg)

@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from astrolabe.cli import app
+from flows.cli import app
 from astrolabe.data.video import decode_mp4
 
 

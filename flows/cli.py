@@ -1,0 +1,391 @@
+"""The ``astrolabe`` command line (typer). Thin: parses options, builds from config, shows progress.
+
+It lives in ``flows/`` because it drives the pipeline (stages and Prefect flows); the library
+``astrolabe/`` never imports it. Pipeline commands import Prefect only when they run a flow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from astrolabe.config import ConfigError, config_to_dict, dump_config, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Astrolabe: RL post-training of AR video models.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one run).")
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: tiny CPU run).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set rl.nft.beta=0.2 (repeatable).")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config as YAML (every key and its value)."""
+    cfg = _load(config, set_)
+    typer.echo(dump_config(cfg))
+
+
+@app.command()
+def generate(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where mp4s and JSON sidecars go.")],
+    config: ConfigOpt = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="One prompt or scene prompt 'a[2s] | b'.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="One (scene) prompt per line.")] = None,
+    num_frames: Annotated[int | None, typer.Option("--num-frames", help="Pixel frames, 1 + 4k (e.g. 81).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first prompt; prompt i uses seed + i.")] = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="PEFT LoRA dir, or a checkpoint dir containing lora/.")
+    ] = None,
+    set_: SetOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Generate one mp4 per prompt (+ a JSON sidecar with prompt, seeds, config and timing)."""
+    _setup_logging(verbose)
+    from astrolabe.generate import generate_video, latent_frames_for_pixels
+    from astrolabe.models.factory import build_generation_stack
+
+    if (prompt is None) == (prompt_file is None):
+        console.print("[red]give exactly one of --prompt TEXT or --prompt-file FILE[/red]")
+        raise typer.Exit(2)
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            console.print(f"[red]prompt file {prompt_file} does not exist[/red]")
+            raise typer.Exit(2)
+        prompts = [ln.strip() for ln in prompt_file.read_text().splitlines() if ln.strip()]
+        if not prompts:
+            console.print(f"[red]prompt file {prompt_file} has no prompts (one per line)[/red]")
+            raise typer.Exit(2)
+    else:
+        prompts = [prompt]
+    cfg = _load(config, set_)
+    try:
+        stack, base = build_generation_stack(cfg, lora=checkpoint)
+        latent = (
+            latent_frames_for_pixels(num_frames, stack.spec.block_frames)
+            if num_frames is not None
+            else base.latent_frames
+        )
+        from astrolabe.sampling.scenes import parse_scene_prompt
+
+        for p in prompts:
+            parse_scene_prompt(p)  # fail before any compute on a malformed line
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _progress() as progress:
+        for i, p in enumerate(prompts):
+            task = progress.add_task(f"video {i + 1}/{len(prompts)}", total=latent // stack.spec.block_frames)
+            out = output_dir / f"{i:04d}.mp4"
+            res = generate_video(
+                stack,
+                p,
+                seed + i,
+                latent,
+                out,
+                on_block=lambda done, total: progress.update(task, completed=done),
+                num_pixel_frames=num_frames,
+            )
+            sidecar = {
+                "prompt": p,
+                "seed": res.seed,
+                "video": out.name,
+                "num_latent_frames": res.num_latent_frames,
+                "num_pixel_frames": res.num_pixel_frames,
+                "fps": stack.fps,
+                "scenes": [seg.__dict__ for seg in res.segments],
+                "seconds": round(res.seconds, 3),
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "config": config_to_dict(cfg),
+                "host": platform.node(),
+            }
+            (output_dir / f"{i:04d}.json").write_text(json.dumps(sidecar, indent=2, default=str))
+    console.print(f"wrote {len(prompts)} video(s) to {output_dir}")
+
+
+# ----------------------------------------------------------------------------------- pipeline
+
+EngineOpt = Annotated[
+    str, typer.Option("--engine", help="'prefect' (flows, local temporary server unless PREFECT_API_URL) or 'local'.")
+]
+RunOpt = Annotated[str, typer.Option("--run", help="Run directory, or run name under runs/.")]
+RootOpt = Annotated[Path | None, typer.Option("--runs-root", help="Where run names are looked up (default runs/).")]
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError)
+
+
+def _fail(e: BaseException, code: int = 1) -> None:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    console.print(f"[red]{type(e).__name__}: {msg}[/red]")
+    raise typer.Exit(code) from None
+
+
+def _node_progress(progress: Progress, total: int):
+    task = progress.add_task("stages", total=total)
+
+    def on_done(res, results) -> None:
+        state = "cached" if res.cached else f"{res.manifest.timings.get('total', 0.0):.1f}s"
+        progress.update(task, advance=1, description=f"{res.node.label} ({state})")
+
+    return on_done
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    from flows.run import stage_times
+
+    console.print(f"run {summary['run_path']}: {summary['wall_seconds']:.1f}s wall, "
+                  f"{summary['computed_nodes']} stages computed, {summary['cached_nodes']} cached")
+    if summary["stage_seconds"]:
+        console.print("stage time: " + stage_times(summary["stage_seconds"]))
+        if summary.get("overhead_fraction") is not None:
+            console.print(f"overhead (Prefect + MLflow + bookkeeping) / stage compute: {summary['overhead_fraction']:.1%}")
+    evals = summary.get("eval") or {}
+    if evals:
+        names = sorted({k for m in evals.values() for k in m if k.endswith("/mean")})
+        table = Table("eval iteration", *names)
+        for it in sorted(evals, key=int):
+            table.add_row(str(it), *[f"{evals[it].get(n):.4f}" if evals[it].get(n) is not None else "-" for n in names])
+        Console().print(table)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml.")],
+    run_name: Annotated[str | None, typer.Option("--run-name", help="Run name (default: the config's name).")] = None,
+    set_: SetOpt = None,
+    engine: EngineOpt = "prefect",
+    verbose: bool = False,
+) -> None:
+    """Train: all iterations of prompt filtering, rollout, scoring, labelling, NFT update, evaluation (resumes)."""
+    _setup_logging(verbose)
+    from astrolabe.artifacts import RunLockedError
+
+    sets = list(set_ or []) + ([f"name={run_name}"] if run_name else [])
+    cfg = _load(config, sets)
+    try:
+        if engine == "prefect":
+            from flows.train import train as train_flow
+
+            summary = train_flow(str(config), None, sets)
+        elif engine == "local":
+            from flows.run import train_run
+            from stages.pipeline import build_plan
+
+            with _progress() as progress:
+                summary = train_run(cfg, on_done=_node_progress(progress, len(build_plan(cfg)))).to_json()
+        else:
+            console.print(f"[red]--engine {engine!r}: use 'prefect' or 'local'[/red]")
+            raise typer.Exit(2)
+    except RunLockedError as e:
+        _fail(e, 3)
+    except ConfigError as e:
+        _fail(e, 2)
+    except _USER_ERRORS as e:
+        _fail(e)
+    _print_summary(summary)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="filter_prompts, rollout, score, label_uncertainty, nft_update, evaluate")],
+    run: RunOpt,
+    iteration: Annotated[int | None, typer.Option("--iteration", help="Iteration (per-iteration stages).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute even if done; its dependents become stale.")] = False,
+    runs_root: RootOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Run one stage of a run from its current inputs (upstream is never touched)."""
+    _setup_logging(verbose)
+    from astrolabe.artifacts import RunLock, RunLockedError
+    from flows.run import load_run_config, resolve_run_path
+    from stages.pipeline import STAGES, run_stage
+
+    try:
+        run_path = resolve_run_path(run, runs_root)
+        cfg = load_run_config(run_path)
+        if name in STAGES and STAGES[name].STAGE.per_iteration and iteration is None:
+            raise ConfigError(f"{name} runs per iteration: pass --iteration K")
+        with RunLock(run_path):
+            res = run_stage(cfg, run_path, name, iteration, force)
+    except RunLockedError as e:
+        _fail(e, 3)
+    except ConfigError as e:
+        _fail(e, 2)
+    except _USER_ERRORS as e:
+        _fail(e)
+    what = "cached" if res.cached else f"computed in {res.manifest.timings.get('total', 0.0):.1f}s"
+    console.print(f"{res.node.label}: {what} -> {res.path}")
+    if force:
+        console.print("its dependents are now stale; `astrolabe train` recomputes them (see `astrolabe status`)")
+
+
+@app.command()
+def rescore(
+    run: RunOpt,
+    reward: Annotated[list[str], typer.Option("--reward", help="NAME or NAME=WEIGHT (repeatable).")],
+    runs_root: RootOpt = None,
+    engine: EngineOpt = "prefect",
+    verbose: bool = False,
+) -> None:
+    """Score every stored rollout of a run with another reward set, without regenerating anything."""
+    _setup_logging(verbose)
+    from astrolabe.artifacts import RunLockedError
+
+    try:
+        if engine == "prefect":
+            from flows.train import rescore as rescore_flow
+
+            out = rescore_flow(run, reward, str(runs_root) if runs_root else None)
+        else:
+            from flows.run import rescore_run, resolve_run_path
+
+            out = {str(k): v for k, v in rescore_run(resolve_run_path(run, runs_root), reward).items()}
+    except RunLockedError as e:
+        _fail(e, 3)
+    except ConfigError as e:
+        _fail(e, 2)
+    except _USER_ERRORS as e:
+        _fail(e)
+    from rich.table import Table
+
+    names = sorted({k for m in out.values() for k in m if k.endswith("/mean")})
+    table = Table("iteration", *names)
+    for it in sorted(out, key=int):
+        table.add_row(str(it), *[f"{out[it].get(n, float('nan')):.4f}" for n in names])
+    Console().print(table)
+
+
+@app.command()
+def status(run: Annotated[str, typer.Argument(help="Run directory or name.")], runs_root: RootOpt = None) -> None:
+    """A table of stages x iterations: done / stale / missing."""
+    from rich.table import Table
+
+    from flows.run import load_run_config, resolve_run_path
+    from stages.pipeline import STAGE_ORDER, plan_status
+
+    try:
+        run_path = resolve_run_path(run, runs_root)
+        cfg = load_run_config(run_path)
+    except ConfigError as e:
+        _fail(e, 2)
+    cells: dict[tuple[str, int | None], str] = {s.node.id: s.status for s in plan_status(cfg, run_path)}
+    iters = sorted({i for _, i in cells if i is not None})
+    style = {"done": "[green]done[/green]", "stale": "[yellow]stale[/yellow]", "missing": "[dim]missing[/dim]"}
+    table = Table("stage", *[str(i) for i in iters], title=f"{run_path} ({cfg.pipeline.iterations} iterations)")
+    for st in STAGE_ORDER:
+        if (st, None) in cells:
+            table.add_row(st, style[cells[(st, None)]], *[""] * (len(iters) - 1))
+        else:
+            table.add_row(st, *[style[cells[(st, i)]] if (st, i) in cells else "" for i in iters])
+    Console().print(table)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run names (default: all runs of the experiment).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or "
+                                                     "sqlite:///runs/mlflow.db")] = None,
+    experiment: str = "astrolabe",
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="Metrics to show (default: eval means).")] = None,
+) -> None:
+    """A table of runs from MLflow: status, and the last value of each chosen metric."""
+    import os
+
+    from rich.table import Table
+
+    from astrolabe.tracking import compare_runs
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("runs/mlflow.db").resolve())
+    rows = compare_runs(runs or None, uri, experiment)
+    if not rows:
+        console.print(f"no runs in experiment {experiment!r} at {uri}")
+        raise typer.Exit(1)
+    names = metric or sorted({k for r in rows for k in r["metrics"] if k.startswith("eval/") and k.endswith("/mean")})
+    table = Table("run", "status", "started", *names)
+    for r in rows:
+        table.add_row(r["run_name"], r["status"], r["start_time"],
+                      *[f"{r['metrics'][n]:.4f}" if n in r["metrics"] else "-" for n in names])
+    Console().print(table)
+
+
+def _bench_output(result: dict, table, json_out: Path | None) -> None:
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+
+
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the raw results as JSON.")]
+GpuOpt = Annotated[bool, typer.Option("--gpu", help="Wan 1.3B, random weights, bf16 at 480x832 (needs CUDA).")]
+
+
+@bench_app.command("rollout")
+def bench_rollout(gpu: GpuOpt = False, json_out: JsonOpt = None) -> None:
+    """Streaming rollout: memory and time per block as the video grows; KV cache and fork speed-ups."""
+    from astrolabe.bench import rollout
+
+    result = rollout.run_gpu() if gpu else rollout.run()
+    _bench_output(result, rollout.format_table(result), json_out)
+
+
+@bench_app.command("update")
+def bench_update(gpu: GpuOpt = False, json_out: JsonOpt = None) -> None:
+    """Clip-window update vs whole-sequence update as the prefix grows."""
+    from astrolabe.bench import update
+
+    result = update.run_gpu() if gpu else update.run()
+    _bench_output(result, update.format_table(result), json_out)
+
+
+@bench_app.command("rewards")
+def bench_rewards(
+    num_videos: int = 32, frames: int = 16, size: int = 64, json_out: JsonOpt = None
+) -> None:
+    """Videos/s of each weight-free reward at the tiny default's video size."""
+    from rich.table import Table
+
+    from astrolabe.rewards.bench import benchmark_signal_rewards
+
+    result = benchmark_signal_rewards(num_videos=num_videos, frames=frames, height=size, width=size)
+    table = Table("reward", "videos/s")
+    for name, v in result.items():
+        table.add_row(name, f"{v:.1f}")
+    _bench_output(result, table, json_out)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

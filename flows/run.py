@@ -1,0 +1,362 @@
+"""What every flow of a run shares, without Prefect: the run directory, its lock and config, MLflow logging.
+
+A run lives in ``<pipeline.runs_root>/<name>/``::
+
+    .lock                 held by the one process writing the run (flock: released when it dies)
+    config.yaml           the resolved config of the latest attempt (what `stage`, `status`, `rescore` read)
+    config-history/       every earlier attempt's config, numbered
+    mlflow_run_id.txt     the MLflow run continued on resume
+    tracking-logged.json  stage outputs already logged to MLflow (a resumed run does not log twice)
+    run-summary.json      wall time, time per stage, bookkeeping overhead of the last attempt
+    filter_prompts/<key>/  iter-0000/<stage>/<key>/ ...
+
+The flows (``flows/train.py`` ...) wrap :func:`train_run` etc. in Prefect; the CLI can also call them
+directly (``--engine local``). Both execute the same plan (:mod:`stages.pipeline`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from astrolabe.artifacts import Manifest, RunLock, run_dir, stage_root
+from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
+from astrolabe.data.arrays import read_columns
+from astrolabe.tracking import Tracker
+from stages.base import execute
+from stages.pipeline import NodeResult, RunResults, Runner, explain_change, plan_status, run_plan
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+HISTORY_DIR = "config-history"
+LOGGED_FILE = "tracking-logged.json"
+SUMMARY_FILE = "run-summary.json"
+
+
+# ----------------------------------------------------------------------------------- run directory
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_run_config(run_path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config a run was last trained with (``<run>/config.yaml``)."""
+    path = Path(run_path) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} does not exist: {run_path} is not a run directory (start one with `astrolabe train CONFIG`)"
+        )
+    return load_config(path, overrides)
+
+
+def resolve_run_path(run: str | Path, runs_root: Path | None = None) -> Path:
+    """A run given as a directory, or as a name under ``runs_root`` (default ``runs``)."""
+    p = Path(run)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    cand = Path(runs_root or "runs") / str(run)
+    if (cand / CONFIG_FILE).is_file():
+        return cand
+    raise ConfigError(f"no run at {p} or {cand} (a run directory holds {CONFIG_FILE}); pass --run <dir or name>")
+
+
+def record_config(run_path: Path, cfg: RunConfig) -> str | None:
+    """Save ``cfg`` as the run's config; returns the explanation of a change since the last attempt."""
+    path = run_path / CONFIG_FILE
+    message = None
+    if path.is_file():
+        previous = load_config(path)
+        message = explain_change(previous, cfg, run_path)
+        if message is not None:
+            hist = run_path / HISTORY_DIR
+            hist.mkdir(exist_ok=True)
+            n = len(list(hist.glob("*.yaml")))
+            write_text_atomic(hist / f"{n:03d}.yaml", path.read_text(encoding="utf-8"))
+    write_text_atomic(path, dump_config(cfg))
+    return message
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def column_stats(values: np.ndarray) -> dict[str, float]:
+    """mean, std (NaN-aware) and the NaN fraction of one reward column."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    stats = {"nan_fraction": float(1.0 - ok.mean()) if v.size else 0.0}
+    if ok.any():
+        stats |= {"mean": float(v[ok].mean()), "std": float(v[ok].std())}
+    return stats
+
+
+def score_metrics(score_dir: Path, names: list[str], prefix: str = "reward") -> dict[str, float]:
+    """``<prefix>/<name>/{mean,std,nan_fraction}`` of every reward column of a score output."""
+    from stages.score import REWARDS_FILE
+
+    _, cols, _ = read_columns(score_dir / REWARDS_FILE)
+    out: dict[str, float] = {}
+    for name in names:
+        if name in cols:
+            out |= {f"{prefix}/{name}/{k}": v for k, v in column_stats(cols[name]).items()}
+    return out
+
+
+def node_metrics(res: NodeResult, cfg: RunConfig) -> dict[str, float]:
+    """The MLflow metrics of one stage output (logged at step = its iteration)."""
+    m, stage = res.manifest, res.node.stage
+    out = {f"time/{stage}": m.timings.get("total", float("nan"))}
+    if "peak_rss_mib" in m.timings:
+        out[f"memory/{stage}_peak_rss_mib"] = m.timings["peak_rss_mib"]
+    if "peak_cuda_mib" in m.timings:
+        out[f"memory/{stage}_peak_cuda_mib"] = m.timings["peak_cuda_mib"]
+    if stage == "score":
+        out |= score_metrics(res.path, [s.name for s in cfg.rewards.rewards])
+    elif stage == "label_uncertainty":
+        c = m.counts
+        out["kl/flagged_fraction"] = c.get("flagged", 0) / max(c.get("records", 1), 1)
+        out["labels/nan_groups"] = float(c.get("nan_groups", 0))
+        out["labels/zero_std_groups"] = float(c.get("zero_std_groups", 0))
+    elif stage == "nft_update":
+        out |= {k: v for k, v in m.extra.get("metrics", {}).items() if v is not None}
+    elif stage == "evaluate":
+        out |= {f"eval/{k}": v for k, v in m.extra.get("metrics", {}).items() if v is not None and k != "n"}
+    elif stage == "rollout":
+        out["rollout/candidates"] = float(m.counts.get("candidates", 0))
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+
+@dataclass
+class RunLogger:
+    """Logs each stage output once to MLflow, collects curves and timings for the summary."""
+
+    tracker: Tracker
+    cfg: RunConfig
+    run_path: Path
+    history: dict[str, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
+    computed: dict[str, float] = field(default_factory=dict)  # node label -> seconds (not cached)
+    logged: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        path = self.run_path / LOGGED_FILE
+        if path.is_file():
+            self.logged = set(json.loads(path.read_text(encoding="utf-8")))
+
+    def __call__(self, res: NodeResult, results: RunResults) -> None:
+        metrics = node_metrics(res, self.cfg)
+        step = res.node.iteration or 0
+        for k, v in metrics.items():
+            if k.startswith(("reward/", "eval/")) and k.endswith("/mean"):
+                self.history[k].append((step, v))
+        if not res.cached:
+            self.computed[res.node.label] = res.manifest.timings.get("total", 0.0)
+        ident = f"{res.node.label}:{res.manifest.key}:{res.manifest.instance}"
+        if ident in self.logged:
+            return
+        self.tracker.log_metrics(metrics, step=step)
+        if res.node.stage == "evaluate":
+            self._log_eval_artifacts(res)
+        self.logged.add(ident)
+        write_text_atomic(self.run_path / LOGGED_FILE, json.dumps(sorted(self.logged)))
+
+    def _log_eval_artifacts(self, res: NodeResult) -> None:
+        where = f"eval/iter-{res.node.iteration:04d}"
+        for name in ("grid.mp4", "grid.png", "metrics.json"):
+            if (res.path / name).is_file():
+                self.tracker.log_artifact(res.path / name, where)
+
+    def finish(self) -> None:
+        if self.history:
+            self.tracker.log_curves(dict(self.history), name="reward_curves.png", title=self.cfg.name)
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainSummary:
+    run_path: Path
+    wall_seconds: float
+    stage_seconds: dict[str, float]  # per stage name, computed (not cached) nodes only
+    computed_nodes: int
+    cached_nodes: int
+    eval: dict[int, dict[str, float]]  # evaluated iteration -> metrics
+    config_change: str | None
+
+    @property
+    def overhead_fraction(self) -> float:
+        """(wall - stage compute) / stage compute: Prefect, MLflow, bookkeeping, model building between stages."""
+        compute = sum(self.stage_seconds.values())
+        return (self.wall_seconds - compute) / compute if compute > 0 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_path": str(self.run_path), "wall_seconds": self.wall_seconds, "stage_seconds": self.stage_seconds,
+            "computed_nodes": self.computed_nodes, "cached_nodes": self.cached_nodes,
+            "overhead_fraction": _finite(self.overhead_fraction), "eval": {str(k): v for k, v in self.eval.items()},
+            "config_change": self.config_change,
+        }
+
+
+def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:
+    return {
+        node_id[1]: dict(r.manifest.extra.get("metrics", {}))
+        for node_id, r in results.by_id.items()
+        if node_id[0] == "evaluate" and node_id[1] is not None
+    }
+
+
+def train_run(
+    cfg: RunConfig,
+    runner_factory: Callable[[RunConfig, Path], Runner] | None = None,
+    on_done: Callable[[NodeResult, RunResults], None] | None = None,
+) -> TrainSummary:
+    """Train (or resume) the run ``cfg.name`` under ``cfg.pipeline.runs_root``; returns its summary.
+
+    Takes the run lock (a second process exits with :class:`astrolabe.artifacts.RunLockedError`), records
+    the config (explaining what a change makes stale), continues the MLflow run, and runs the plan.
+    """
+    start = time.perf_counter()
+    run_path = run_dir(cfg.pipeline.runs_root, cfg.name)
+    with RunLock(run_path):
+        change = record_config(run_path, cfg)
+        if change:
+            log.warning("%s", change)
+        tracker = Tracker(cfg.tracking, cfg.pipeline.runs_root)
+        tracker.start_or_resume(cfg.name, run_path)
+        status = "FAILED"
+        try:
+            tracker.log_params(config_to_dict(cfg))
+            tracker.log_artifact(run_path / CONFIG_FILE, "config")
+            logger = RunLogger(tracker, cfg, run_path)
+
+            def done(res: NodeResult, results: RunResults) -> None:
+                logger(res, results)
+                if on_done is not None:
+                    on_done(res, results)
+
+            runner = runner_factory(cfg, run_path) if runner_factory is not None else None
+            results = run_plan(cfg, run_path, runner=runner, on_done=done)
+            logger.finish()
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.end(status)
+        per_stage: dict[str, float] = defaultdict(float)
+        for label, secs in logger.computed.items():
+            per_stage[label.split("[")[0]] += secs
+        summary = TrainSummary(
+            run_path=run_path, wall_seconds=time.perf_counter() - start, stage_seconds=dict(per_stage),
+            computed_nodes=len(logger.computed), cached_nodes=len(results.by_id) - len(logger.computed),
+            eval=eval_summary(results), config_change=change,
+        )
+        write_text_atomic(run_path / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2))
+        return summary
+
+
+def parse_reward_args(items: list[str]) -> list[dict[str, Any]]:
+    """``["hpsv2", "motion=0.5"]`` -> reward specs ``[{"name": "hpsv2", "weight": 1.0}, ...]``."""
+    specs = []
+    for item in items:
+        name, _, w = item.partition("=")
+        if not name.strip():
+            raise ConfigError(f"--reward {item!r}: give NAME or NAME=WEIGHT, e.g. --reward hpsv2=1.0")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise ConfigError(f"--reward {item!r}: weight {w!r} is not a number") from None
+        specs.append({"name": name.strip(), "weight": weight})
+    if not specs:
+        raise ConfigError("give at least one --reward NAME[=WEIGHT]")
+    return specs
+
+
+def with_rewards(cfg: RunConfig, specs: list[dict[str, Any]]) -> RunConfig:
+    """``cfg`` with its reward set replaced (validated; an unknown name fails when the rewards are built)."""
+    data = config_to_dict(cfg)
+    data["rewards"]["rewards"] = specs
+    data["rl"]["selective_kl"] = None  # the new set may lack the KL rewards; rescoring does not train
+    from astrolabe.config import config_from_dict
+
+    return config_from_dict(data, "rescore")
+
+
+def stage_times(results: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}s" for k, v in sorted(results.items(), key=lambda kv: -kv[1]))
+
+
+# ----------------------------------------------------------------------------------- rescore
+
+
+ScoreRunner = Callable[[RunConfig, Path, Path, int], Manifest]
+
+
+def direct_score(cfg: RunConfig, run_path: Path, rollout_dir: Path, iteration: int) -> Manifest:
+    from stages import score
+
+    return execute(score, cfg, run_path, {"rollout": rollout_dir}, iteration)
+
+
+def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunner | None = None) -> dict[int, dict[str, float]]:
+    """Score every stored rollout of a run with another reward set; nothing is regenerated.
+
+    Each iteration gets a new score output next to the training one (its key holds the new rewards'
+    identities); the run's MLflow run receives ``rescore/<name>/{mean,std,nan_fraction}`` at each
+    iteration, next to the training ``reward/...`` curves, and a ``rescore_curves.png`` with both.
+    """
+    score_runner = score_runner or direct_score
+    with RunLock(run_path):
+        cfg = load_run_config(run_path)
+        new_cfg = with_rewards(cfg, parse_reward_args(reward_args))
+        from astrolabe.rewards import build_rewards
+
+        build_rewards(new_cfg.rewards.rewards)  # unknown names / missing weights fail before any work
+        rollouts = [s for s in plan_status(cfg, run_path) if s.node.stage == "rollout" and s.status == "done"]
+        if not rollouts:
+            raise ValueError(f"{run_path} has no completed rollout to rescore; run `astrolabe train` first")
+        tracker = Tracker(cfg.tracking, cfg.pipeline.runs_root)
+        tracker.start_or_resume(cfg.name, run_path)
+        names = [s.name for s in new_cfg.rewards.rewards]
+        out: dict[int, dict[str, float]] = {}
+        history: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        try:
+            for st in rollouts:
+                k = st.node.iteration
+                assert k is not None and st.path is not None
+                m = score_runner(new_cfg, run_path, st.path, k)
+                metrics = score_metrics(stage_root(run_path, "score", k) / m.key, names, prefix="rescore")
+                tracker.log_metrics(metrics, step=k)
+                out[k] = metrics
+                for key, v in metrics.items():
+                    if key.endswith("/mean"):
+                        history[key].append((k, v))
+            old = [s for s in plan_status(cfg, run_path) if s.node.stage == "score" and s.status == "done"]
+            for s in old:
+                assert s.path is not None and s.node.iteration is not None
+                for key, v in score_metrics(s.path, [r.name for r in cfg.rewards.rewards]).items():
+                    if key.endswith("/mean"):
+                        history[key].append((s.node.iteration, v))
+            if history:
+                tracker.log_curves(dict(history), name="rescore_curves.png", title=f"{cfg.name}: rescore")
+        finally:
+            tracker.end("FINISHED")
+        return out

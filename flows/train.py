@@ -1,0 +1,113 @@
+"""Prefect flows: ``train``, ``rescore``, ``evaluate``, ``generate``; thin wiring over :mod:`flows.run`.
+
+Flows pass paths and names, never tensors. Every stage call is one task run named
+``<stage>-it<k>``; the ``score`` stage is retried on transient errors (``SCORE_RETRIES``). Caching is
+Astrolabe's own (content-keyed stage directories), so Prefect's task cache is off.
+
+Local mode (default): no ``PREFECT_API_URL``, so Prefect starts a temporary local server per process,
+quiet and offline (:func:`flows.prefect_env.configure`). Set ``PREFECT_API_URL`` to run against a
+server (UI, deployments in ``deploy/prefect.yaml``, workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flows.prefect_env import configure
+
+configure()
+
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from astrolabe.artifacts import Manifest  # noqa: E402
+from astrolabe.config import RunConfig, load_config  # noqa: E402
+from flows import run as run_mod  # noqa: E402
+from stages.base import execute  # noqa: E402
+from stages.pipeline import STAGES, Node, Runner, run_stage  # noqa: E402
+
+SCORE_RETRIES = 2
+SCORE_RETRY_DELAY_S = 5.0
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def stage_task(config_path: str, run_path: str, stage: str, iteration: int | None, inputs: dict[str, str],
+               force: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run one stage from the run's recorded config; returns its manifest as a dict."""
+    cfg = load_config(config_path)
+    m = execute(STAGES[stage], cfg, Path(run_path), {k: Path(v) for k, v in inputs.items()}, iteration, force=force)
+    return m.model_dump(mode="json")
+
+
+def task_name(stage: str, iteration: int | None) -> str:
+    return stage if iteration is None else f"{stage}-it{iteration}"
+
+
+def prefect_runner(cfg: RunConfig, run_path: Path) -> Runner:
+    """Each node as a Prefect task run (score retried); the config is read from ``<run>/config.yaml``."""
+    config_path = str(run_path / run_mod.CONFIG_FILE)
+
+    def run(node: Node, inputs: Mapping[str, Path], force: bool) -> Manifest:
+        retries = SCORE_RETRIES if node.stage == "score" else 0
+        t = stage_task.with_options(name=task_name(node.stage, node.iteration), retries=retries,
+                                    retry_delay_seconds=SCORE_RETRY_DELAY_S)
+        out = t(config_path, str(run_path), node.stage, node.iteration, {k: str(v) for k, v in inputs.items()}, force)
+        return Manifest.model_validate(out)
+
+    return run
+
+
+@flow(name="train")
+def train(config: str, run_name: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """All iterations of a run (resumes: completed stages are skipped). Returns the run summary."""
+    sets = list(overrides or []) + ([f"name={run_name}"] if run_name else [])
+    cfg = load_config(config, sets)
+    return run_mod.train_run(cfg, runner_factory=prefect_runner).to_json()
+
+
+@flow(name="rescore")
+def rescore(run: str, rewards: list[str], runs_root: str | None = None) -> dict[str, Any]:
+    """Score every stored rollout of ``run`` with another reward set (no regeneration)."""
+    run_path = run_mod.resolve_run_path(run, Path(runs_root) if runs_root else None)
+
+    def score_runner(cfg: RunConfig, rp: Path, rollout_dir: Path, iteration: int) -> Manifest:
+        t = stage_task.with_options(name=task_name("score", iteration), retries=SCORE_RETRIES,
+                                    retry_delay_seconds=SCORE_RETRY_DELAY_S)
+        from astrolabe.config import dump_config
+
+        path = rp / f".rescore-config-{iteration}.yaml"
+        run_mod.write_text_atomic(path, dump_config(cfg))
+        return Manifest.model_validate(t(str(path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}))
+
+    out = run_mod.rescore_run(run_path, rewards, score_runner)
+    return {str(k): v for k, v in out.items()}
+
+
+@flow(name="evaluate")
+def evaluate(run: str, iteration: int | None = None, runs_root: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Evaluate one policy version of a run (default: the last one planned)."""
+    from astrolabe.artifacts import RunLock
+
+    run_path = run_mod.resolve_run_path(run, Path(runs_root) if runs_root else None)
+    with RunLock(run_path):
+        cfg = run_mod.load_run_config(run_path)
+        k = cfg.pipeline.iterations if iteration is None else iteration
+        res = run_stage(cfg, run_path, "evaluate", k, force, runner=prefect_runner(cfg, run_path))
+    return res.manifest.extra.get("metrics", {})
+
+
+@flow(name="generate")
+def generate(config: str, prompts: list[str], output_dir: str, checkpoint: str | None = None, seed: int = 0,
+             overrides: list[str] | None = None) -> list[str]:  # fmt: skip
+    """Generate one mp4 per prompt with the base model or a checkpoint's trained LoRA."""
+    from astrolabe.generate import generate_video
+    from astrolabe.models.factory import build_generation_stack
+
+    cfg = load_config(config, overrides)
+    stack, base = build_generation_stack(cfg, lora=Path(checkpoint) if checkpoint else None)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = cfg.rollout.num_latent_frames or base.latent_frames
+    return [str(generate_video(stack, p, seed + i, frames, out / f"{i:04d}.mp4").path) for i, p in enumerate(prompts)]
