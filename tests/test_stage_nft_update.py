@@ -1,0 +1,127 @@
+"""nft_update stage on a real tiny rollout (filter -> rollout -> score -> label -> update) and the plan."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from astrolabe.artifacts import stage_root
+from astrolabe.config import load_config
+from astrolabe.data.arrays import read_columns, write_columns
+from stages import filter_prompts, label_uncertainty, nft_update, rollout, score
+from stages.base import StageInfo, StageResult, execute
+from stages.pipeline import build_plan, eval_points, plan_status
+
+OVERRIDES = [
+    "rollout.prompts_per_iteration=2", "rollout.group_size=2", "rl.optim.precision=fp32", "rl.optim.lr=1e-3",
+    "rl.lora.rank=4", "rl.lora.alpha=4", "rl.micro_batch_size=2",
+]
+
+
+def _out(run: Path, m) -> Path:
+    return stage_root(run, m.stage, m.iteration) / m.key
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config("configs/tiny.yaml", OVERRIDES + [f"pipeline.runs_root={run.parent}"])
+    p = _out(run, execute(filter_prompts, cfg, run, {}))
+    r = _out(run, execute(rollout, cfg, run, {"prompts": p}, 0))
+    s = _out(run, execute(score, cfg, run, {"rollout": r}, 0))
+    lab = _out(run, execute(label_uncertainty, cfg, run, {"rollout": r, "score": s}, 0))
+    m = execute(nft_update, cfg, run, {"rollout": r, "labels": lab}, 0)
+    return cfg, run, r, lab, m
+
+
+def test_update_writes_a_complete_checkpoint_that_moved_the_lora(chain):
+    cfg, run, _, _, m = chain
+    state = nft_update.checkpoint_state_dir(_out(run, m))
+    lora = load_file(str(state / "lora" / "adapter_model.safetensors"))
+    old = load_file(str(state / "adapters" / "old.safetensors"))
+    b = [v for k, v in lora.items() if "lora_B" in k]
+    assert b and all(float(t.abs().max()) > 0 for t in b)  # B starts at 0: every B moved
+    assert set(old) == set(lora)  # same layout: the next rollout can sample with it
+    assert m.counts["trained"] == 4 and m.counts["skipped_nan_r"] == 0
+    assert m.counts["optimizer_steps"] == 2  # 2 groups x (2 candidates / micro-batch 2), accumulation 1
+    assert math.isfinite(m.extra["metrics"]["loss/total"])
+    assert m.timings["peak_rss_mib"] > 0
+
+
+def test_update_is_deterministic_and_next_iteration_needs_the_checkpoint(chain, tmp_path):
+    cfg, run, r, lab, m = chain
+    out = tmp_path / "again"
+    out.mkdir()
+    nft_update.run(cfg, {"rollout": r, "labels": lab}, out, 0)
+    a = load_file(str(nft_update.checkpoint_state_dir(_out(run, m)) / "lora" / "adapter_model.safetensors"))
+    b = load_file(str(out / "state" / "lora" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="needs inputs\\['checkpoint'\\]"):
+        nft_update.run(cfg, {"rollout": r, "labels": lab}, tmp_path / "x", 1)
+
+
+def test_nan_group_is_skipped_and_all_nan_is_an_error(chain, tmp_path):
+    cfg, run, r, lab, _ = chain
+    keys, cols, attrs = read_columns(lab / "labels.zarr")
+    rr = cols["r"].copy()
+    rr[:2] = np.nan  # the first group
+    fake = tmp_path / "labels"
+    fake.mkdir()
+    write_columns(fake / "labels.zarr", keys, {**cols, "r": rr}, attrs=attrs)
+    res = nft_update.run(cfg, {"rollout": r, "labels": fake}, tmp_path / "o1", 0)
+    assert res.counts["skipped_nan_r"] == 2 and res.counts["trained"] == 2
+    write_columns(fake / "labels.zarr", keys, {**cols, "r": np.full_like(rr, np.nan)}, attrs=attrs)
+    with pytest.raises(ValueError, match="no trainable sample"):
+        nft_update.run(cfg, {"rollout": r, "labels": fake}, tmp_path / "o2", 0)
+
+
+def test_rollout_after_update_samples_the_old_policy(chain):
+    cfg, run, r, lab, m = chain
+    p = next(stage_root(run, "filter_prompts").iterdir())
+    m1 = execute(rollout, cfg, run, {"prompts": p, "checkpoint": _out(run, m)}, 1)
+    assert m1.extra["policy"] == str(_out(run, m))
+
+
+def test_plan_wiring_and_status():
+    cfg = load_config("configs/tiny.yaml", ["pipeline.iterations=3", "pipeline.eval_every=2"])
+    assert eval_points(cfg) == [0, 2, 3]
+    plan = {n.id: dict(n.inputs) for n in build_plan(cfg)}
+    assert plan[("rollout", 0)] == {"prompts": ("filter_prompts", None)}
+    assert plan[("rollout", 2)]["checkpoint"] == ("nft_update", 1)
+    assert plan[("label_uncertainty", 1)]["labels_prev"] == ("label_uncertainty", 0)  # selective KL on in tiny
+    assert plan[("nft_update", 1)] == {"rollout": ("rollout", 1), "labels": ("label_uncertainty", 1),
+                                       "checkpoint": ("nft_update", 0)}
+    assert plan[("evaluate", 2)]["checkpoint"] == ("nft_update", 1) and ("evaluate", 1) not in plan
+    assert plan[("evaluate", 3)]["baseline"] == ("evaluate", 0)
+
+
+def test_status_done_stale_missing_and_forced_instance(tmp_path):
+    """A forced rerun of a stage makes its consumers stale; upstream stays done."""
+    calls = []
+
+    def mod(name):
+        def run(cfg, inputs, out, it):
+            calls.append(name)
+            (out / "x.txt").write_text(name)
+            return StageResult()
+
+        info = StageInfo(name=name, code_version="1", config_subset=lambda c: {}, per_iteration=False)
+        return type("M", (), {"STAGE": info, "run": staticmethod(run)})
+
+    a, b = mod("a"), mod("b")
+    cfg = load_config("configs/tiny.yaml")
+    ma = execute(a, cfg, tmp_path, {})
+    mb = execute(b, cfg, tmp_path, {"a": _out(tmp_path, ma)})
+    assert execute(b, cfg, tmp_path, {"a": _out(tmp_path, ma)}).key == mb.key  # cached
+    ma2 = execute(a, cfg, tmp_path, {}, force=True)
+    assert ma2.key == ma.key and ma2.instance and ma2.created != ma.created
+    mb2 = execute(b, cfg, tmp_path, {"a": _out(tmp_path, ma2)})
+    assert mb2.key != mb.key  # the consumer of the forced output is recomputed
+    assert calls == ["a", "b", "a", "b"]
+    # the real plan on an empty run: everything missing
+    assert {s.status for s in plan_status(cfg, tmp_path / "empty")} == {"missing"}
