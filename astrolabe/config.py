@@ -67,6 +67,10 @@ class RolloutConfig(Frozen):
     prompts_per_iteration: int = Field(4, ge=1)
     seed: int = 0
     save_mp4: bool = True
+    video_crf: int = Field(
+        0, ge=0, le=51, description="x264 CRF of the scored mp4s (rollout and evaluation). 0 = lossless: rewards see "
+        "exactly the generated frames and reruns are bit-identical (lossy x264 output differs between processes).",
+    )
     shards: ShardWriterConfig = ShardWriterConfig()
 
 

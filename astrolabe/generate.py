@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from astrolabe.data.video import StreamingMp4Writer, to_uint8_frames
+from astrolabe.data.video import DEFAULT_CRF, StreamingMp4Writer, to_uint8_frames
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.vae import StreamingDecoder, WanVAE
 from astrolabe.sampling.scenes import SceneSegment, parse_scene_prompt, plan_scenes
@@ -72,6 +72,7 @@ def generate_video(
     out_path: Path,
     on_block: Callable[[int, int], None] | None = None,
     num_pixel_frames: int | None = None,
+    crf: int = DEFAULT_CRF,
 ) -> GenerationResult:
     """Generate one (scene) prompt into ``out_path`` (mp4), decoding and writing block by block.
 
@@ -86,7 +87,7 @@ def generate_video(
     streamer = BlockStreamer(stack.dit, stack.spec, contexts[0], SampleNoise([seed], stack.device))
     decoder = StreamingDecoder(stack.vae)
     frames_written = 0
-    with StreamingMp4Writer(out_path, fps=stack.fps) as writer:
+    with StreamingMp4Writer(out_path, fps=stack.fps, crf=crf) as writer:
         for seg_idx, seg in enumerate(segments):
             if seg_idx > 0:
                 streamer.switch_prompt(contexts[seg_idx], hard=seg.hard_cut_before)

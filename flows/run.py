@@ -131,7 +131,7 @@ def node_metrics(res: NodeResult, cfg: RunConfig) -> dict[str, float]:
         out |= score_metrics(res.path, [s.name for s in cfg.rewards.rewards])
     elif stage == "label_uncertainty":
         c = m.counts
-        out["kl/flagged_fraction"] = c.get("flagged", 0) / max(c.get("records", 1), 1)
+        out["labels/flagged_fraction"] = c.get("flagged", 0) / max(c.get("records", 1), 1)
         out["labels/nan_groups"] = float(c.get("nan_groups", 0))
         out["labels/zero_std_groups"] = float(c.get("zero_std_groups", 0))
     elif stage == "nft_update":

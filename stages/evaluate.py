@@ -77,6 +77,7 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
         "eval_seeds": list(cfg.pipeline.eval_seeds),
         "eval_max_prompts": cfg.pipeline.eval_max_prompts,
         "num_latent_frames": cfg.rollout.num_latent_frames,
+        "video_crf": cfg.rollout.video_crf,
     }
 
 
@@ -133,12 +134,13 @@ def generate_all(
     num_latent_frames: int,
     videos_dir: Path,
     iteration: int,
+    crf: int = 0,
 ) -> list[Path]:
     """Generate every planned video into ``videos_dir/<sample_key>.mp4``; returns the paths in plan order."""
     paths: list[Path] = []
     for n, (i, seed) in enumerate(plan):
         path = videos_dir / f"{sample_key(i, seed)}.mp4"
-        generate_video(stack, prompts[i], seed, num_latent_frames, path)
+        generate_video(stack, prompts[i], seed, num_latent_frames, path, crf=crf)
         paths.append(path)
         log.info("evaluate it%d video %d/%d", iteration, n + 1, len(plan))
     return paths
@@ -240,7 +242,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     timings["build"] = time.perf_counter() - t0
     num_latent_frames = cfg.rollout.num_latent_frames or spec.latent_frames
     t0 = time.perf_counter()
-    paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration)
+    paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
+                         crf=cfg.rollout.video_crf)
     timings["generation"] = time.perf_counter() - t0
     del stack  # free the generator before loading judges
 

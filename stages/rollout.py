@@ -132,7 +132,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
             prefix_np = group.prefix_latents.numpy()  # (P, C, h, w)
             for j, cand_seed in enumerate(cand_seeds):
                 t_enc = time.perf_counter()
-                mp4 = encode_mp4(group.window_pixels[j], fps=stack.fps) if group.window_pixels is not None else None
+                mp4 = encode_mp4(group.window_pixels[j], fps=stack.fps, crf=ro.video_crf) if group.window_pixels is not None else None
                 timings["encoding_mp4"] += time.perf_counter() - t_enc
                 meta = candidate_meta(cfg, iteration, slot, idx, prompts[idx], j, group, prefix_seed, cand_seed)
                 writer.write(f"{group_id(iteration, slot)}-c{j}", group.window_latents[j].numpy(), meta,

@@ -129,7 +129,7 @@ def test_scores_and_metrics(runs):
 
 def test_video_equals_direct_generation(runs, tmp_path):
     stack, _ = build_generation_stack(runs.cfg)
-    path = generate_video(stack, HELDOUT[1], 1001, 3, tmp_path / "x.mp4").path
+    path = generate_video(stack, HELDOUT[1], 1001, 3, tmp_path / "x.mp4", crf=runs.cfg.rollout.video_crf).path
     np.testing.assert_array_equal(decode_mp4(path), decode_mp4(runs.d0 / "videos" / "p001-s1001.mp4"))
 
 

@@ -19,7 +19,7 @@ from stages.pipeline import build_plan, eval_points, plan_status
 
 OVERRIDES = [
     "rollout.prompts_per_iteration=2", "rollout.group_size=2", "rl.optim.precision=fp32", "rl.optim.lr=1e-3",
-    "rl.lora.rank=4", "rl.lora.alpha=4", "rl.micro_batch_size=2",
+    "rl.lora.rank=4", "rl.lora.alpha=4", "rl.micro_batch_size=2", "rl.epochs=1",
 ]
 
 

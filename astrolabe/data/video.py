@@ -143,9 +143,13 @@ class _Mp4Encoder:
         self._av = av
         self._container = av.open(dst, mode="w", format="mp4")
         rate = Fraction(fps).limit_denominator(1001)
-        options = {"crf": str(int(crf)), "preset": preset}
+        # One thread, explicit pts: multi-threaded x264 (frame/slice threads, lookahead) is not bit-reproducible,
+        # and stored rollouts must be (scores, labels and the update read these mp4s).
+        options = {"crf": str(int(crf)), "preset": preset, "threads": "1"}
         self._stream = self._container.add_stream("libx264", rate=rate, options=options)
         self._stream.pix_fmt = "yuv420p"
+        self._stream.codec_context.thread_count = 1
+        self._stream.codec_context.thread_type = "NONE"
         self._size: tuple[int, int] | None = None  # (H, W) after padding
         self.n_frames = 0
 
@@ -159,8 +163,9 @@ class _Mp4Encoder:
             self._stream.height, self._stream.width = size
         elif size != self._size:
             raise ValueError(f"frame size changed mid-video: {size} after {self._size}; all frames must share (H, W)")
-        for frame in frames:
+        for i, frame in enumerate(frames):
             vf = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts = self.n_frames + i
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
         self.n_frames += frames.shape[0]
