@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 import platform
 import sys
 from pathlib import Path
@@ -149,6 +151,21 @@ def _fail(e: BaseException, code: int = 1) -> None:
     raise typer.Exit(code) from None
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Known failures become one red line and an exit code: 3 run locked, 2 bad config/input, 1 stage error."""
+    from astrolabe.artifacts import RunLockedError
+
+    try:
+        yield
+    except RunLockedError as e:
+        _fail(e, 3)
+    except ConfigError as e:
+        _fail(e, 2)
+    except _USER_ERRORS as e:
+        _fail(e)
+
+
 def _node_progress(progress: Progress, total: int):
     task = progress.add_task("stages", total=total)
 
@@ -189,11 +206,9 @@ def train(
 ) -> None:
     """Train: all iterations of prompt filtering, rollout, scoring, labelling, NFT update, evaluation (resumes)."""
     _setup_logging(verbose)
-    from astrolabe.artifacts import RunLockedError
-
     sets = list(set_ or []) + ([f"name={run_name}"] if run_name else [])
     cfg = _load(config, sets)
-    try:
+    with _user_errors():
         if engine == "prefect":
             from flows.train import train as train_flow
 
@@ -207,12 +222,6 @@ def train(
         else:
             console.print(f"[red]--engine {engine!r}: use 'prefect' or 'local'[/red]")
             raise typer.Exit(2)
-    except RunLockedError as e:
-        _fail(e, 3)
-    except ConfigError as e:
-        _fail(e, 2)
-    except _USER_ERRORS as e:
-        _fail(e)
     _print_summary(summary)
 
 
@@ -227,23 +236,17 @@ def stage(
 ) -> None:
     """Run one stage of a run from its current inputs (upstream is never touched)."""
     _setup_logging(verbose)
-    from astrolabe.artifacts import RunLock, RunLockedError
+    from astrolabe.artifacts import RunLock
     from flows.run import load_run_config, resolve_run_path
     from stages.pipeline import STAGES, run_stage
 
-    try:
+    with _user_errors():
         run_path = resolve_run_path(run, runs_root)
         cfg = load_run_config(run_path)
         if name in STAGES and STAGES[name].STAGE.per_iteration and iteration is None:
             raise ConfigError(f"{name} runs per iteration: pass --iteration K")
         with RunLock(run_path):
             res = run_stage(cfg, run_path, name, iteration, force)
-    except RunLockedError as e:
-        _fail(e, 3)
-    except ConfigError as e:
-        _fail(e, 2)
-    except _USER_ERRORS as e:
-        _fail(e)
     what = "cached" if res.cached else f"computed in {res.manifest.timings.get('total', 0.0):.1f}s"
     console.print(f"{res.node.label}: {what} -> {res.path}")
     if force:
@@ -260,9 +263,7 @@ def rescore(
 ) -> None:
     """Score every stored rollout of a run with another reward set, without regenerating anything."""
     _setup_logging(verbose)
-    from astrolabe.artifacts import RunLockedError
-
-    try:
+    with _user_errors():
         if engine == "prefect":
             from flows.train import rescore as rescore_flow
 
@@ -271,12 +272,6 @@ def rescore(
             from flows.run import rescore_run, resolve_run_path
 
             out = {str(k): v for k, v in rescore_run(resolve_run_path(run, runs_root), reward).items()}
-    except RunLockedError as e:
-        _fail(e, 3)
-    except ConfigError as e:
-        _fail(e, 2)
-    except _USER_ERRORS as e:
-        _fail(e)
     from rich.table import Table
 
     names = sorted({k for m in out.values() for k in m if k.endswith("/mean")})

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 SMALL_OVERRIDES = [
     "pipeline.iterations=2",
+    "pipeline.eval_every=1",
+    "rl.epochs=1",
     "pipeline.eval_max_prompts=1",
     "pipeline.eval_seeds=[1000]",
     "rollout.prompts_per_iteration=2",
@@ -213,3 +215,20 @@ def wait_for_lock_holder(proc: subprocess.Popen, run: Path, timeout: float = 120
             raise AssertionError(f"train exited ({proc.returncode}) before taking the run lock")
         time.sleep(0.02)
     raise AssertionError(f"train did not take the lock within {timeout}s")
+
+
+# ----------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def ref(tmp_path_factory):
+    """The completed reference run (trained once per pytest process)."""
+    return reference_run(tmp_path_factory)
+
+
+@pytest.fixture
+def base(tmp_path_factory, monkeypatch, ref):
+    """The directory holding copies of the reference run, with MLflow pointed inside it."""
+    b = base_dir(tmp_path_factory)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri(b))
+    return b

@@ -11,7 +11,7 @@ def test_defaults_and_tiny_preset_roundtrip(tmp_path):
         p.write_text(text)
         assert load_config(p) == cfg
     cfg = load_config("configs/tiny.yaml", ["rl.nft.beta=0.2"])
-    assert cfg.rl.nft.beta == 0.2 and cfg.rl.selective_kl.main_reward == "text_color_match"
+    assert cfg.rl.nft.beta == 0.2 and cfg.rl.selective_kl.main_reward == "colorfulness"
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import pipeline_helpers as ph
+from pipeline_helpers import base, ref  # noqa: F401  (shared fixtures)
 from astrolabe.artifacts import ArtifactPublishError, stage_root, verify
 from astrolabe.config import config_from_dict, config_to_dict
 from astrolabe.data.arrays import read_columns
@@ -24,17 +25,6 @@ from stages import label_uncertainty, nft_update, score
 from stages.base import execute
 from stages.pipeline import StageInputError, plan_status, run_stage
 
-
-@pytest.fixture
-def ref(tmp_path_factory):
-    return ph.reference_run(tmp_path_factory)
-
-
-@pytest.fixture
-def base(tmp_path_factory, monkeypatch, ref):
-    b = ph.base_dir(tmp_path_factory)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", ph.mlflow_uri(b))
-    return b
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import pipeline_helpers as ph
+from pipeline_helpers import base, ref  # noqa: F401  (shared fixtures)
 from astrolabe.artifacts import StageDir, stage_root, verify
 from astrolabe.config import load_config
 from flows.run import HISTORY_DIR, load_run_config, record_config, train_run
@@ -23,17 +24,6 @@ from stages.pipeline import STAGES, direct_runner, plan_status, run_stage
 
 ITER1 = [("rollout", 1), ("score", 1), ("label_uncertainty", 1), ("nft_update", 1), ("evaluate", 2)]
 
-
-@pytest.fixture
-def ref(tmp_path_factory):
-    return ph.reference_run(tmp_path_factory)
-
-
-@pytest.fixture
-def base(tmp_path_factory, monkeypatch, ref):
-    b = ph.base_dir(tmp_path_factory)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", ph.mlflow_uri(b))
-    return b
 
 
 def statuses(run):
