@@ -23,7 +23,7 @@ from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.nft import NFTConfig
 from astrolabe.rl.schedules import PolicyAveragingConfig, ReferenceRefreshConfig
 from astrolabe.rl.selective_kl import SelectiveKLConfig
-from astrolabe.rl.state import OptimConfig
+from astrolabe.rl.optim import OptimConfig
 from astrolabe.rl.streaming_update import StreamingUpdateConfig
 from astrolabe.tracking import TrackingConfig
 

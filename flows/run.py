@@ -330,7 +330,8 @@ def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunne
         from astrolabe.rewards import build_rewards
 
         build_rewards(new_cfg.rewards.rewards)  # unknown names / missing weights fail before any work
-        rollouts = [s for s in plan_status(cfg, run_path) if s.node.stage == "rollout" and s.status == "done"]
+        statuses = plan_status(cfg, run_path)
+        rollouts = [s for s in statuses if s.node.stage == "rollout" and s.status == "done"]
         if not rollouts:
             raise ValueError(f"{run_path} has no completed rollout to rescore; run `astrolabe train` first")
         tracker = Tracker(cfg.tracking, cfg.pipeline.runs_root)
@@ -349,7 +350,7 @@ def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunne
                 for key, v in metrics.items():
                     if key.endswith("/mean"):
                         history[key].append((k, v))
-            old = [s for s in plan_status(cfg, run_path) if s.node.stage == "score" and s.status == "done"]
+            old = [s for s in statuses if s.node.stage == "score" and s.status == "done"]
             for s in old:
                 assert s.path is not None and s.node.iteration is not None
                 for key, v in score_metrics(s.path, [r.name for r in cfg.rewards.rewards]).items():

@@ -70,16 +70,17 @@ def train(config: str, run_name: str | None = None, overrides: list[str] | None 
 @flow(name="rescore")
 def rescore(run: str, rewards: list[str], runs_root: str | None = None) -> dict[str, Any]:
     """Score every stored rollout of ``run`` with another reward set (no regeneration)."""
+    from astrolabe.config import dump_config
+
     run_path = run_mod.resolve_run_path(run, Path(runs_root) if runs_root else None)
+    config_path = run_path / ".rescore-config.yaml"  # the tasks read the rescoring config from a path
 
     def score_runner(cfg: RunConfig, rp: Path, rollout_dir: Path, iteration: int) -> Manifest:
+        if not config_path.is_file() or load_config(config_path) != cfg:
+            run_mod.write_text_atomic(config_path, dump_config(cfg))
         t = stage_task.with_options(name=task_name("score", iteration), retries=SCORE_RETRIES,
                                     retry_delay_seconds=SCORE_RETRY_DELAY_S)
-        from astrolabe.config import dump_config
-
-        path = rp / f".rescore-config-{iteration}.yaml"
-        run_mod.write_text_atomic(path, dump_config(cfg))
-        return Manifest.model_validate(t(str(path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}))
+        return Manifest.model_validate(t(str(config_path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}))
 
     out = run_mod.rescore_run(run_path, rewards, score_runner)
     return {str(k): v for k, v in out.items()}

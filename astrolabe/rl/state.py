@@ -30,23 +30,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-
-from astrolabe.artifacts import fsync_path
-from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
-from astrolabe.artifacts import sha256_file
-from astrolabe.configbase import Frozen
+from astrolabe.artifacts import fsync_path, sha256_file
 from astrolabe.rl.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -59,7 +53,9 @@ from astrolabe.rl.lora import (
     read_lora_config,
     save_adapter,
 )
+from astrolabe.rl.optim import OptimConfig, StepStats, build_optimizer, build_scheduler, lr_factor  # noqa: F401
 from astrolabe.rl.policies import TRAINED, PolicyConfig, PolicySet
+from astrolabe.rl.rng import CheckpointError, capture_rng, restore_rng  # noqa: F401  (re-exported)
 from astrolabe.rl.selective_kl import FractionController
 
 logger = logging.getLogger(__name__)
@@ -71,113 +67,6 @@ STATE_JSON = "state.json"
 OPTIMIZER_PT = "optimizer.pt"
 RNG_PT = "rng.pt"
 ADAPTERS_DIR = "adapters"
-
-
-class CheckpointError(RuntimeError):
-    """A training checkpoint is missing a piece, is corrupt, or does not fit the current run."""
-
-
-class OptimConfig(Frozen):
-    """AdamW over the trained LoRA (reference 5.4: lr 1e-5, betas (0.9, 0.999), wd 1e-4, eps 1e-8, clip 1.0)."""
-
-    lr: float = Field(1e-5, gt=0.0, description="Peak learning rate (release: 1e-5; 2e-5 for two Causal Forcing configs).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
-    weight_decay: float = Field(1e-4, ge=0.0, description="Decoupled weight decay.")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
-    grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip; None = no clipping.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps: lr * min(1, (s + 1) / warmup_steps).")
-    schedule: Literal["constant"] = Field("constant", description="LR schedule after warm-up (release: constant).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="Autocast precision of training forwards; 'fp16' enables the GradScaler."
-    )
-
-    @field_validator("betas")
-    @classmethod
-    def _check_betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError(f"betas={v}: each beta must lie in [0, 1)")
-        return v
-
-
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Multiplier of the peak lr at scheduler step ``step``: ``min(1, (step + 1) / warmup_steps)``, 1 without warm-up."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
-def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    if not params:
-        raise ValueError("no trainable parameters: the 'default' LoRA adapter is empty")
-    return torch.optim.AdamW(list(params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = cfg.warmup_steps
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup))
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one optimizer step did."""
-
-    step: int  # optimizer steps taken, after this one
-    grad_norm: float  # global norm of the (unscaled) gradient before clipping
-    lr: float  # lr used by this step
-    ema_decay: float | None  # EMA decay applied, None when no EMA update happened
-    skipped: bool  # fp16 only: the GradScaler skipped the step (inf/NaN gradients)
-
-
-# ----------------------------------------------------------------------------------- RNG
-
-
-def capture_rng(generators: Mapping[str, torch.Generator | np.random.Generator]) -> dict[str, Any]:
-    """Snapshot of every random stream: torch CPU, CUDA (all devices), numpy global, python, named ones."""
-    np_state = np.random.get_state()
-    return {
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": {
-            "kind": np_state[0],
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": random.getstate(),
-        "torch_generators": {k: g.get_state() for k, g in generators.items() if isinstance(g, torch.Generator)},
-        "numpy_generators": {
-            k: json.dumps(g.bit_generator.state) for k, g in generators.items() if isinstance(g, np.random.Generator)
-        },
-    }
-
-
-def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator | np.random.Generator]) -> None:
-    """Inverse of :func:`capture_rng`. The registered generator names must equal the saved ones."""
-    saved = set(state["torch_generators"]) | set(state["numpy_generators"])
-    if saved != set(generators):
-        raise CheckpointError(
-            f"rng.pt holds generators {sorted(saved)} but {sorted(generators)} are registered; register exactly "
-            "the generators of the saved run (TrainingState.register_generator) before load()"
-        )
-    torch.set_rng_state(state["torch_cpu"])
-    if state["torch_cuda"] is not None:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["torch_cuda"])
-        else:
-            logger.warning("checkpoint holds CUDA RNG states but CUDA is unavailable; they are not restored")
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(state["python"])
-    for k, g in generators.items():
-        if isinstance(g, torch.Generator):
-            if k not in state["torch_generators"]:
-                raise CheckpointError(f"generator {k!r} is a torch.Generator now but was a numpy Generator when saved")
-            g.set_state(state["torch_generators"][k])
-        else:
-            if k not in state["numpy_generators"]:
-                raise CheckpointError(f"generator {k!r} is a numpy Generator now but was a torch.Generator when saved")
-            g.bit_generator.state = json.loads(state["numpy_generators"][k])
 
 
 # ----------------------------------------------------------------------------------- files
