@@ -43,6 +43,11 @@ class ModelConfig(Frozen):
         "default", description="Which sub-dict of a .pt checkpoint to load; 'default' = the registry's choice."
     )
     init_seed: int = Field(0, description="Seed of the tiny model's random weights (tiny only).")
+    tiny_vae_init: Literal["preview", "random"] = Field(
+        "preview",
+        description="Tiny model only: 'preview' sets the VAE decoder to the Wan2.1 latent-to-RGB preview (pixels "
+        "follow the latents smoothly, so pixel rewards are learnable); 'random' keeps a random decoder.",
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
     attention_backend: Literal["sdpa", "flash"] = "sdpa"

@@ -21,6 +21,7 @@ from astrolabe.models.wan.attention import CausalSpec
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
 from astrolabe.models.wan.vae import WanVAE, tiny_vae, vae_from_pretrained_dir
+from astrolabe.models.wan.vae_preview import init_preview_decoder_
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
 from astrolabe.sampling.streaming import StreamSpec
 
@@ -78,10 +79,13 @@ def build_dit(mc: ModelConfig, spec: BaseModelSpec) -> WanDiT:
 
 
 def build_vae(mc: ModelConfig, spec: BaseModelSpec) -> WanVAE:
+    """The VAE in eval mode: the tiny one (preview decoder unless ``tiny_vae_init=random``) or the real file."""
     if spec.vae is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mc.init_seed + 1)
             vae = WanVAE(tiny_vae())
+        if mc.tiny_vae_init == "preview":
+            init_preview_decoder_(vae)
         return vae.to(mc.device).eval().requires_grad_(False)
     root = _require_dir(mc, spec)
     path = check_files(spec, root, roles=("vae",))["vae"]
