@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import platform
 import sys
 from pathlib import Path
@@ -33,7 +34,10 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. 
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Log to stderr; under torchrun (``WORLD_SIZE > 1``) every line names its rank."""
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(levelname)s {rank}%(name)s: %(message)s")
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -140,7 +144,9 @@ def generate(
 EngineOpt = Annotated[
     str, typer.Option("--engine", help="'prefect' (flows, local temporary server unless PREFECT_API_URL) or 'local'.")
 ]
-RunOpt = Annotated[str, typer.Option("--run", help="Run directory, or run name under runs/.")]
+RunOpt = Annotated[str, typer.Option(
+    "--run", "--run-dir", help="Run directory, or run name under runs/ (under torchrun write --run-dir: torchrun "
+    "would take --run for its own --run-path).")]
 RootOpt = Annotated[Path | None, typer.Option("--runs-root", help="Where run names are looked up (default runs/).")]
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError)
 
@@ -164,6 +170,27 @@ def _user_errors() -> Iterator[None]:
         _fail(e, 2)
     except _USER_ERRORS as e:
         _fail(e)
+
+
+@contextmanager
+def _ranks(device: str, engine: str) -> Iterator[bool]:
+    """Join the torchrun ranks (if launched by torchrun) for the block; yields whether this is rank 0.
+
+    Prefect does not fan out ranks (it launches a torchrun job as one task), so ``--engine prefect`` is
+    refused under torchrun.
+    """
+    from astrolabe.distributed import DistContext, init_distributed, shutdown_distributed
+
+    if engine == "prefect" and DistContext.from_env().is_distributed:
+        raise ConfigError(
+            "--engine prefect cannot run under torchrun (WORLD_SIZE > 1): Prefect launches a torchrun job as one "
+            "task and does not fan out ranks. Use `torchrun ... -m flows.cli train CONFIG --engine local`."
+        )
+    ctx = init_distributed(device)
+    try:
+        yield ctx.is_main
+    finally:
+        shutdown_distributed()
 
 
 def _node_progress(progress: Progress, total: int):
@@ -204,25 +231,31 @@ def train(
     engine: EngineOpt = "prefect",
     verbose: bool = False,
 ) -> None:
-    """Train: all iterations of prompt filtering, rollout, scoring, labelling, NFT update, evaluation (resumes)."""
+    """Train: all iterations of prompt filtering, rollout, scoring, labelling, NFT update, evaluation (resumes).
+
+    Under torchrun (``torchrun --nproc_per_node=N -m flows.cli train CONFIG --engine local``) the rollout is
+    split over the ranks; rank 0 runs the other stages, holds the run lock and logs (deploy/README.md).
+    """
     _setup_logging(verbose)
     sets = list(set_ or []) + ([f"name={run_name}"] if run_name else [])
     cfg = _load(config, sets)
-    with _user_errors():
+    if engine not in ("prefect", "local"):
+        console.print(f"[red]--engine {engine!r}: use 'prefect' or 'local'[/red]")
+        raise typer.Exit(2)
+    with _user_errors(), _ranks(cfg.model.device, engine) as is_main:
         if engine == "prefect":
             from flows.train import train as train_flow
 
             summary = train_flow(str(config), None, sets)
-        elif engine == "local":
+        else:
             from flows.run import train_run
             from stages.pipeline import build_plan
 
-            with _progress() as progress:
-                summary = train_run(cfg, on_done=_node_progress(progress, len(build_plan(cfg)))).to_json()
-        else:
-            console.print(f"[red]--engine {engine!r}: use 'prefect' or 'local'[/red]")
-            raise typer.Exit(2)
-    _print_summary(summary)
+            with _progress() if is_main else nullcontext() as progress:
+                on_done = _node_progress(progress, len(build_plan(cfg))) if progress is not None else None
+                summary = train_run(cfg, on_done=on_done).to_json()
+    if is_main:
+        _print_summary(summary)
 
 
 @app.command()
@@ -236,7 +269,7 @@ def stage(
 ) -> None:
     """Run one stage of a run from its current inputs (upstream is never touched)."""
     _setup_logging(verbose)
-    from astrolabe.artifacts import RunLock
+    from astrolabe.distributed import rank0_run_lock
     from flows.run import load_run_config, resolve_run_path
     from stages.pipeline import STAGES, run_stage
 
@@ -245,8 +278,10 @@ def stage(
         cfg = load_run_config(run_path)
         if name in STAGES and STAGES[name].STAGE.per_iteration and iteration is None:
             raise ConfigError(f"{name} runs per iteration: pass --iteration K")
-        with RunLock(run_path):
+        with _ranks(cfg.model.device, "local") as is_main, rank0_run_lock(run_path):
             res = run_stage(cfg, run_path, name, iteration, force)
+    if not is_main:
+        return
     what = "cached" if res.cached else f"computed in {res.manifest.timings.get('total', 0.0):.1f}s"
     console.print(f"{res.node.label}: {what} -> {res.path}")
     if force:
@@ -263,7 +298,11 @@ def rescore(
 ) -> None:
     """Score every stored rollout of a run with another reward set, without regenerating anything."""
     _setup_logging(verbose)
+    from astrolabe.distributed import DistContext
+
     with _user_errors():
+        if DistContext.from_env().is_distributed:
+            raise ConfigError("rescore runs in one process (scoring is not split over ranks): launch it without torchrun")
         if engine == "prefect":
             from flows.train import rescore as rescore_flow
 

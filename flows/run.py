@@ -12,6 +12,10 @@ A run lives in ``<pipeline.runs_root>/<name>/``::
 
 The flows (``flows/train.py`` ...) wrap :func:`train_run` etc. in Prefect; the CLI can also call them
 directly (``--engine local``). Both execute the same plan (:mod:`stages.pipeline`).
+
+Under ``torchrun`` (local engine only) every rank calls :func:`train_run`: rank 0 alone takes the run lock
+(:func:`astrolabe.distributed.rank0_run_lock`), records the config, writes the summary and logs to MLflow;
+the other ranks run the same plan without bookkeeping (:func:`stages.base.execute` keeps them in step).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 from astrolabe.artifacts import Manifest, RunLock, run_dir, stage_root
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
 from astrolabe.data.arrays import read_columns
+from astrolabe.distributed import current_context, rank0_run_lock
 from astrolabe.tracking import Tracker
 from stages.base import execute
 from stages.pipeline import NodeResult, RunResults, Runner, explain_change, plan_status, run_plan
@@ -223,6 +228,19 @@ def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:
     }
 
 
+def summarize(run_path: Path, start: float, results: RunResults, change: str | None) -> TrainSummary:
+    """The summary of an attempt from its node results (seconds of computed, i.e. not cached, nodes)."""
+    computed = {r.node.label: r.manifest.timings.get("total", 0.0) for r in results.by_id.values() if not r.cached}
+    per_stage: dict[str, float] = defaultdict(float)
+    for label, secs in computed.items():
+        per_stage[label.split("[")[0]] += secs
+    return TrainSummary(
+        run_path=run_path, wall_seconds=time.perf_counter() - start, stage_seconds=dict(per_stage),
+        computed_nodes=len(computed), cached_nodes=len(results.by_id) - len(computed),
+        eval=eval_summary(results), config_change=change,
+    )
+
+
 def train_run(
     cfg: RunConfig,
     runner_factory: Callable[[RunConfig, Path], Runner] | None = None,
@@ -232,10 +250,14 @@ def train_run(
 
     Takes the run lock (a second process exits with :class:`astrolabe.artifacts.RunLockedError`), records
     the config (explaining what a change makes stale), continues the MLflow run, and runs the plan.
+    Under torchrun only rank 0 does that bookkeeping (and calls ``on_done``); the others only run the plan.
     """
     start = time.perf_counter()
     run_path = run_dir(cfg.pipeline.runs_root, cfg.name)
-    with RunLock(run_path):
+    with rank0_run_lock(run_path):
+        if not current_context().is_main:
+            runner = runner_factory(cfg, run_path) if runner_factory is not None else None
+            return summarize(run_path, start, run_plan(cfg, run_path, runner=runner), None)
         change = record_config(run_path, cfg)
         if change:
             log.warning("%s", change)
@@ -261,14 +283,7 @@ def train_run(
             raise
         finally:
             tracker.end(status)
-        per_stage: dict[str, float] = defaultdict(float)
-        for label, secs in logger.computed.items():
-            per_stage[label.split("[")[0]] += secs
-        summary = TrainSummary(
-            run_path=run_path, wall_seconds=time.perf_counter() - start, stage_seconds=dict(per_stage),
-            computed_nodes=len(logger.computed), cached_nodes=len(results.by_id) - len(logger.computed),
-            eval=eval_summary(results), config_change=change,
-        )
+        summary = summarize(run_path, start, results, change)
         write_text_atomic(run_path / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2))
         return summary
 

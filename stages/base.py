@@ -5,6 +5,13 @@ A stage module defines ``STAGE = StageInfo(...)`` and ``run(cfg, inputs, out_dir
 goes into the manifest. :func:`execute` computes the cache key (stage name, the config subset the stage
 reads, the keys of its inputs, the stage's code version), skips when a complete manifest with that key
 exists, otherwise runs the stage and publishes atomically (manifest written last, then a rename).
+
+Under ``torchrun`` (world size N > 1, see :mod:`astrolabe.distributed`) :func:`execute` is called by every
+rank with the same arguments. Rank 0 decides "cached?" and creates the temporary directory; a
+``"sliced"`` stage runs on every rank into that one directory (each rank its slice, rank-named files), a
+``"main"`` stage runs on rank 0 while the others wait. The ranks' outcomes are all-gathered: if any rank
+failed, rank 0 removes the temporary directory and every rank raises :class:`StageRankError` naming it;
+otherwise rank 0 publishes the merged result (:func:`merge_results`) and every rank returns the manifest.
 """
 
 from __future__ import annotations
@@ -12,26 +19,44 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
 from astrolabe.artifacts import Manifest, StageDir, cache_key
-from astrolabe.memory import PeakMemory
 from astrolabe.config import RunConfig
+from astrolabe.distributed import DistContext, broadcast_object, current_context, gather_objects
+from astrolabe.memory import PeakMemory
 
 log = logging.getLogger(__name__)
+
+Distribution = Literal["main", "sliced"]
+DISTRIBUTIONS: tuple[str, ...] = ("main", "sliced")
 
 
 @dataclass(frozen=True)
 class StageInfo:
+    """A stage's declaration.
+
+    ``distribution`` says how it runs under N ranks: ``"sliced"``: every rank runs ``run`` into the same
+    temporary directory, writing rank-named files (:func:`astrolabe.artifacts.rank_filename`); ``"main"``:
+    rank 0 runs it, the other ranks wait. ``rank_invariant_counts`` name counts that every rank of a sliced
+    stage reports with the same value (kept once, not summed, by :func:`merge_results`).
+    """
+
     name: str
     code_version: str
     config_subset: Callable[[RunConfig], dict[str, Any]]  # the part of the config this stage reads
     per_iteration: bool = True
+    distribution: Distribution = "main"
+    rank_invariant_counts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"stage {self.name}: distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
 
 
 @dataclass
@@ -40,6 +65,10 @@ class StageResult:
     seeds: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StageRankError(RuntimeError):
+    """A stage failed on some rank under torchrun; raised on every rank, nothing was published."""
 
 
 class StageModule(Protocol):
@@ -71,6 +100,98 @@ def stage_key(stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path]) ->
     return key_from_identities(stage, cfg, identities), identities
 
 
+# ----------------------------------------------------------------------------------- merging rank results
+
+
+def merge_values(values: Sequence[Any]) -> Any:
+    """One value from the ranks' values of a key (in rank order).
+
+    All mappings -> merged key by key (a key missing on a rank is taken from the ranks that have it, e.g.
+    the disjoint per-rank ``groups`` of a rollout); all equal -> that value (e.g. ``world_size``, the run
+    seed); otherwise the list of the values in rank order (e.g. ``rank`` -> ``[0, 1]``).
+    """
+    if not values:
+        raise ValueError("merge_values needs at least one value")
+    if all(isinstance(v, Mapping) for v in values):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        return {k: merge_values([v[k] for v in values if k in v]) for k in keys}
+    if all(v == values[0] for v in values[1:]):
+        return values[0]
+    return list(values)
+
+
+def merge_counts(counts: Sequence[Mapping[str, int]], invariant: Sequence[str] = ()) -> dict[str, int]:
+    """Counts summed over ranks, except ``invariant`` ones, which must be equal on every rank that has them."""
+    out: dict[str, int] = {}
+    for k in dict.fromkeys(k for c in counts for k in c):
+        vals = [c[k] for c in counts if k in c]
+        if k in invariant:
+            if len(set(vals)) != 1:
+                raise ValueError(f"count {k!r} must be equal on every rank, got {vals}: the ranks disagree on the plan")
+            out[k] = vals[0]
+        else:
+            out[k] = sum(vals)
+    return out
+
+
+def merge_results(results: Sequence[StageResult], invariant_counts: Sequence[str] = ()) -> StageResult:
+    """The StageResult of N ranks (rank order) as one: what rank 0 publishes.
+
+    counts: summed (``invariant_counts`` kept once, see :func:`merge_counts`); timings: the max over ranks
+    (the slowest rank is the stage's wall time; peak memory is per process); seeds and extra: merged with
+    :func:`merge_values`. A single result is returned unchanged in content.
+    """
+    if not results:
+        raise ValueError("merge_results needs the result of at least one rank")
+    timings: dict[str, float] = {}
+    for r in results:
+        for k, v in r.timings.items():
+            timings[k] = max(timings.get(k, v), v)
+    return StageResult(
+        counts=merge_counts([r.counts for r in results], invariant_counts),
+        seeds=merge_values([r.seeds for r in results]),
+        timings=timings,
+        extra=merge_values([r.extra for r in results]),
+    )
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+def _run_measured(stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path], out: Path,
+                  iteration: int | None) -> StageResult:  # fmt: skip
+    """``stage.run`` with ``total`` seconds and peak memory added to its timings (the stage's own keys win)."""
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        result = stage.run(cfg, inputs, out, iteration)
+    result.timings = {"total": time.perf_counter() - start, **mem.as_timings(), **result.timings}
+    return result
+
+
+def _publish(sd: StageDir, stage: StageModule, cfg: RunConfig, identities: Mapping[str, str], result: StageResult,
+             force: bool, world_size: int = 1) -> Manifest:  # fmt: skip
+    info = stage.STAGE
+    manifest = sd.manifest(
+        inputs=dict(identities),
+        config=info.config_subset(cfg),
+        seeds=result.seeds,
+        counts=result.counts,
+        timings=result.timings,
+        code_version=info.code_version,
+        extra=result.extra,
+        instance=uuid.uuid4().hex if force else "",
+        world_size=world_size,
+    )
+    return sd.publish(manifest, replace=force)
+
+
+def _stage_dir(stage: StageModule, cfg: RunConfig, run_path: Path, inputs: Mapping[str, Path],
+               iteration: int | None) -> tuple[StageDir, dict[str, str]]:  # fmt: skip
+    info = stage.STAGE
+    key, identities = stage_key(stage, cfg, inputs)
+    return StageDir(run_path, info.name, key, iteration if info.per_iteration else None), identities
+
+
 def execute(
     stage: StageModule,
     cfg: RunConfig,
@@ -84,33 +205,123 @@ def execute(
     ``force`` reruns a complete stage: the new publication gets a new ``instance``, so every artifact
     made from the old one becomes stale (its consumers' keys change) while upstream stays untouched.
     Timings include ``total`` seconds and ``peak_rss_mib`` (and ``peak_cuda_mib`` on CUDA) of the run.
+    Under torchrun every rank calls this with the same arguments (module docstring).
     """
-    info = stage.STAGE
-    it = iteration if info.per_iteration else None
     # Subnormal floats (e.g. from a merged LoRA) make CPU kernels several times slower; flush them to zero.
     torch.set_flush_denormal(True)
-    key, identities = stage_key(stage, cfg, inputs)
-    sd = StageDir(run_path, info.name, key, it)
+    ctx = current_context()
+    if ctx.is_distributed:
+        return _execute_ranks(ctx, stage, cfg, run_path, inputs, iteration, force)
+    sd, identities = _stage_dir(stage, cfg, run_path, inputs, iteration)
     if sd.is_complete() and not force:
-        log.info("%s (iteration %s) is cached at %s", info.name, it, sd.path)
+        log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
         return sd.load_manifest()
     out = sd.begin()
-    start = time.perf_counter()
     try:
-        with PeakMemory() as mem:
-            result = stage.run(cfg, inputs, out, it)
+        result = _run_measured(stage, cfg, inputs, out, sd.iteration)
     except BaseException:
         sd.abort()
         raise
-    timings = {"total": time.perf_counter() - start, **mem.as_timings(), **result.timings}
-    manifest = sd.manifest(
-        inputs=identities,
-        config=info.config_subset(cfg),
-        seeds=result.seeds,
-        counts=result.counts,
-        timings=timings,
-        code_version=info.code_version,
-        extra=result.extra,
-        instance=uuid.uuid4().hex if force else "",
+    return _publish(sd, stage, cfg, identities, result, force)
+
+
+# ----------------------------------------------------------------------------------- N ranks
+
+
+@dataclass(frozen=True)
+class _RankPlan:
+    """What rank 0 decided for all ranks: the key, whether it is cached, the shared temporary directory."""
+
+    key: str = ""
+    iteration: int | None = None
+    identities: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+    tmp: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _RankOutcome:
+    rank: int
+    result: StageResult | None = None  # None: failed, or a "main" stage on a rank other than 0
+    error: str | None = None
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _plan_on_rank0(stage: StageModule, cfg: RunConfig, run_path: Path, inputs: Mapping[str, Path],
+                   iteration: int | None, force: bool) -> _RankPlan:  # fmt: skip
+    try:
+        sd, identities = _stage_dir(stage, cfg, run_path, inputs, iteration)
+        if sd.is_complete() and not force:
+            log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
+            return _RankPlan(sd.key, sd.iteration, identities, cached=True)
+        return _RankPlan(sd.key, sd.iteration, identities, tmp=str(sd.begin()))
+    except Exception as e:  # every rank raises it (below), none is left waiting
+        log.exception("preparing %s failed on rank 0", stage.STAGE.name)
+        return _RankPlan(error=_error_text(e))
+
+
+def _run_on_rank(ctx: DistContext, stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path],
+                 plan: _RankPlan) -> _RankOutcome:  # fmt: skip
+    """This rank's share of the stage; an exception becomes the outcome's error text (gathered, not raised)."""
+    if stage.STAGE.distribution == "main" and not ctx.is_main:
+        return _RankOutcome(ctx.rank)
+    assert plan.tmp is not None
+    try:
+        return _RankOutcome(ctx.rank, _run_measured(stage, cfg, inputs, Path(plan.tmp), plan.iteration))
+    except Exception as e:
+        log.exception("%s (iteration %s) failed on rank %d", stage.STAGE.name, plan.iteration, ctx.rank)
+        return _RankOutcome(ctx.rank, error=_error_text(e))
+
+
+def _failure_message(name: str, iteration: int | None, world_size: int, failed: Sequence[_RankOutcome]) -> str:
+    where = ", ".join(f"rank {o.rank}: {o.error}" for o in failed)
+    ranks = " and ".join(str(o.rank) for o in failed)
+    return (f"{name} (iteration {iteration}) failed on rank {ranks} of {world_size} ({where}); nothing was "
+            "published. Fix the cause (see that rank's log) and rerun: the stage starts over.")
+
+
+def _publish_on_rank0(sd: StageDir, stage: StageModule, cfg: RunConfig, plan: _RankPlan,
+                      outcomes: Sequence[_RankOutcome], force: bool) -> str | None:  # fmt: skip
+    """Merge the ranks' results and publish; returns the error text of a failure (the tmp dir is then gone)."""
+    ran = [o.result for o in outcomes if o.result is not None]
+    try:
+        merged = merge_results(ran, stage.STAGE.rank_invariant_counts)
+        _publish(sd, stage, cfg, plan.identities, merged, force, world_size=len(ran))
+    except Exception as e:
+        sd.abort()
+        log.exception("publishing %s failed on rank 0", stage.STAGE.name)
+        return _error_text(e)
+    return None
+
+
+def _execute_ranks(ctx: DistContext, stage: StageModule, cfg: RunConfig, run_path: Path, inputs: Mapping[str, Path],
+                   iteration: int | None, force: bool) -> Manifest:  # fmt: skip
+    """:func:`execute` on one of N ranks: plan on rank 0, run (sliced or main), all-gather outcomes, publish on 0."""
+    name = stage.STAGE.name
+    plan: _RankPlan = broadcast_object(
+        _plan_on_rank0(stage, cfg, run_path, inputs, iteration, force) if ctx.is_main else None
     )
-    return sd.publish(manifest, replace=force)
+    if plan.error is not None:
+        raise StageRankError(f"{name} (iteration {iteration}) could not start on rank 0: {plan.error}")
+    sd = StageDir(run_path, name, plan.key, plan.iteration)
+    if plan.cached:
+        return sd.load_manifest()
+    try:
+        outcomes: list[_RankOutcome] = gather_objects(_run_on_rank(ctx, stage, cfg, inputs, plan))
+    except BaseException:  # interrupted: torchrun stops the other ranks; leave no partial output behind
+        if ctx.is_main:
+            sd.abort()
+        raise
+    failed = [o for o in outcomes if o.error is not None]
+    if failed:
+        if ctx.is_main:
+            sd.abort()
+        raise StageRankError(_failure_message(name, plan.iteration, ctx.world_size, failed))
+    error = broadcast_object(_publish_on_rank0(sd, stage, cfg, plan, outcomes, force) if ctx.is_main else None)
+    if error is not None:
+        raise StageRankError(f"{name} (iteration {plan.iteration}): publishing on rank 0 failed: {error}")
+    return sd.load_manifest()

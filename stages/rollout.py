@@ -17,7 +17,6 @@ pixel frames decoded after the prefix (see :mod:`astrolabe.rollout`), and ``meta
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from astrolabe.artifacts import rank_slice
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.shards import RolloutShardWriter
 from astrolabe.data.video import encode_mp4
+from astrolabe.distributed import dist_rank_world
 from astrolabe.generate import blocks_for
 from astrolabe.models.factory import build_generation_stack
 from astrolabe.rollout import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
@@ -43,7 +43,10 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     return {"seed": cfg.seed, "model": config_to_dict(cfg.model), "rollout": config_to_dict(cfg.rollout)}
 
 
-STAGE = StageInfo(name="rollout", code_version="1", config_subset=_config_subset, per_iteration=True)
+# Under torchrun every rank generates its slice of the groups into the same directory (rank-named shards);
+# ``num_blocks_per_video`` is the same on every rank (kept once when the ranks' results are merged).
+STAGE = StageInfo(name="rollout", code_version="1", config_subset=_config_subset, per_iteration=True,
+                  distribution="sliced", rank_invariant_counts=("num_blocks_per_video",))
 
 
 def read_prompts(prompts_dir: Path) -> list[str]:
@@ -55,14 +58,6 @@ def read_prompts(prompts_dir: Path) -> list[str]:
     if not prompts:
         raise ValueError(f"{path} holds no prompts; check data.train_prompts and the filter settings")
     return prompts
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """``(RANK, WORLD_SIZE)`` from the environment (torchrun sets them), default ``(0, 1)``."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as e:
-        raise ValueError(f"RANK / WORLD_SIZE must be integers ({e})") from None
 
 
 def group_id(iteration: int, slot: int) -> str:
