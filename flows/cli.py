@@ -216,11 +216,20 @@ def _print_summary(summary: dict) -> None:
             console.print(f"overhead (Prefect + MLflow + bookkeeping) / stage compute: {summary['overhead_fraction']:.1%}")
     evals = summary.get("eval") or {}
     if evals:
+        margins = summary.get("eval_margin_std") or {}
         names = sorted({k for m in evals.values() for k in m if k.endswith("/mean")})
-        table = Table("eval iteration", *names)
+        table = Table("eval iteration", *names, caption="(change since the first eval, in units of its std)")
         for it in sorted(evals, key=int):
-            table.add_row(str(it), *[f"{evals[it].get(n):.4f}" if evals[it].get(n) is not None else "-" for n in names])
+            table.add_row(str(it), *[_eval_cell(evals[it].get(n), margins.get(it, {}).get(n[: -len("/mean")]))
+                                     for n in names])
         Console().print(table)
+
+
+def _eval_cell(mean: float | None, margin: float | None) -> str:
+    """``0.7906 (+1.81 sd)``; ``-`` when the metric is missing."""
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" if margin is None else f"{mean:.4f} ({margin:+.2f} sd)"
 
 
 @app.command()

@@ -216,8 +216,32 @@ class TrainSummary:
             "run_path": str(self.run_path), "wall_seconds": self.wall_seconds, "stage_seconds": self.stage_seconds,
             "computed_nodes": self.computed_nodes, "cached_nodes": self.cached_nodes,
             "overhead_fraction": _finite(self.overhead_fraction), "eval": {str(k): v for k, v in self.eval.items()},
+            "eval_margin_std": {str(k): v for k, v in eval_margins(self.eval).items()},
             "config_change": self.config_change,
         }
+
+
+def eval_margins(evals: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str, float]]:
+    """Each eval mean's change since the first evaluated iteration, in units of that baseline's std.
+
+    ``margin_k[name] = (mean_k - mean_0) / std_0`` for every ``<name>/mean`` with a ``<name>/std`` at the
+    baseline (iteration 0 when it was evaluated); names whose baseline std is 0 or missing are left out.
+    """
+    if not evals:
+        return {}
+    base = evals[min(evals)]
+    out: dict[int, dict[str, float]] = {}
+    for it in sorted(evals):
+        row = {}
+        for key, mean in evals[it].items():
+            if not key.endswith("/mean"):
+                continue
+            name = key[: -len("/mean")]
+            std, mean0 = base.get(f"{name}/std"), base.get(key)
+            if std and mean0 is not None and math.isfinite(std) and std > 0 and math.isfinite(mean):
+                row[name] = (mean - mean0) / std
+        out[it] = row
+    return out
 
 
 def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:

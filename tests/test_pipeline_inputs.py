@@ -280,3 +280,20 @@ def test_status_prints_done_stale_missing(ref, base, invoke):
     assert rows["label_uncertainty"] == ["done", "stale"]
     assert rows["nft_update"] == ["done", "stale"]
     assert rows["evaluate"] == ["done", "done", "missing"]
+
+
+def test_eval_margins_are_in_units_of_the_baseline_std():
+    from flows.cli import _eval_cell
+    from flows.run import eval_margins
+
+    evals = {
+        0: {"reward/a/mean": 0.5, "reward/a/std": 0.1, "combined/mean": 1.0, "combined/std": 0.0, "n": 4},
+        4: {"reward/a/mean": 0.7, "reward/a/std": 0.3, "combined/mean": 1.2, "combined/std": 0.2, "n": 4},
+    }
+    margins = eval_margins(evals)
+    assert margins[0] == {"reward/a": 0.0}
+    assert margins[4] == pytest.approx({"reward/a": 2.0})  # (0.7 - 0.5) / 0.1: the baseline's std, not iteration 4's
+    assert "combined" not in margins[4]  # zero baseline std: no margin rather than inf
+    assert eval_margins({}) == {}
+    assert _eval_cell(0.7, 2.0) == "0.7000 (+2.00 sd)"
+    assert _eval_cell(None, None) == "-"
