@@ -35,9 +35,12 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. 
 
 def _setup_logging(verbose: bool) -> None:
     """Log to stderr; under torchrun (``WORLD_SIZE > 1``) every line names its rank."""
-    rank = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    from astrolabe.distributed import dist_rank_world
+
+    rank, world = dist_rank_world()
+    prefix = f"[rank {rank}] " if world > 1 else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(levelname)s {rank}%(name)s: %(message)s")
+                        format=f"%(levelname)s {prefix}%(name)s: %(message)s")
 
 
 def _load(config: Path | None, overrides: list[str] | None):
