@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from astrolabe.configbase import Frozen
 from astrolabe.data.shards import ShardWriterConfig
-from astrolabe.rewards.base import RewardsConfig
+from astrolabe.rewards.spec import RewardsConfig
 from astrolabe.rl.advantages import AdvantageConfig
 from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.nft import NFTConfig

@@ -420,7 +420,7 @@ def bench_rewards(
     """Videos/s of each weight-free reward at the tiny default's video size."""
     from rich.table import Table
 
-    from astrolabe.rewards.bench import benchmark_signal_rewards
+    from astrolabe.bench.rewards import benchmark_signal_rewards
 
     result = benchmark_signal_rewards(num_videos=num_videos, frames=frames, height=size, width=size)
     table = Table("reward", "videos/s")

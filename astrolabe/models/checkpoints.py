@@ -20,8 +20,8 @@ Key normalisation rule (applied by every adapter, :func:`normalize_wan_key`), in
 ``freqs`` (a RoPE table some forks keep as an attribute) is dropped by :data:`IGNORED_KEYS`; any
 other difference from the model's keys is a :class:`CheckpointMismatchError`.
 
-Pickles are read with ``torch.load(weights_only=True)`` only; a file holding other objects is an
-error, never unpickled unsafely.
+Pickles are read with ``torch.load(weights_only=True)`` only (:func:`safe_torch_load`, with a named
+allow-list of numpy scalars); a file holding other objects is an error, never unpickled unsafely.
 """
 
 from __future__ import annotations
@@ -90,8 +90,14 @@ class NonFiniteWeightsError(CheckpointError):
     """The state dict holds NaN or inf values."""
 
 
+def _source(fmt: str) -> str:
+    """Where a file comes from: the known format's source, or ``fmt`` itself (a free-form source, e.g. a reward's)."""
+    return FORMAT_SOURCES.get(fmt, fmt)
+
+
 def _not_found(path: Path, fmt: str, what: str) -> CheckpointNotFoundError:
-    return CheckpointNotFoundError(f"{what} {path} not found. Format {fmt!r} expects {FORMAT_SOURCES[fmt]}.")
+    expects = f"Format {fmt!r} expects {FORMAT_SOURCES[fmt]}" if fmt in FORMAT_SOURCES else f"Source: {fmt}"
+    return CheckpointNotFoundError(f"{what} {path} not found. {expects}.")
 
 
 def _require_file(path: Path, fmt: str, what: str = "checkpoint file") -> Path:
@@ -104,21 +110,48 @@ def _require_file(path: Path, fmt: str, what: str = "checkpoint file") -> Path:
 # ------------------------------------------------------------------------------------------------ readers
 
 
-def torch_load_tensors(path: Path, fmt: str) -> object:
-    """``torch.load(path, map_location="cpu", weights_only=True)``, memory-mapped when the file allows it."""
-    path = _require_file(path, fmt)
+# Non-tensor globals a training pickle may legitimately hold, allowed by name under ``weights_only=True``:
+# numpy scalars and dtypes (metrics or steps a trainer stored as numpy values; numpy 1 and numpy 2 module
+# paths). Plain containers, ints, floats, strings, tensors and ``nn.Parameter`` need no entry. No released
+# file is documented to hold these (models-reference 6); anything else is refused, never unpickled unsafely.
+def _numpy_safe_globals() -> list[object]:
+    import numpy as np
+
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+    dtypes = sorted({type(np.dtype(t)) for t in ("bool", "int32", "int64", "float16", "float32", "float64")}, key=str)
+    return [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtypes,
+    ]
+
+
+def safe_torch_load(path: Path, source: str) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with the numpy allow-list, memory-mapped when
+    the file allows it. ``source`` says where to re-download the file (shown in the error).
+
+    Raises:
+        CheckpointReadError: truncated/corrupt file, or a global outside the allow-list (named in the message).
+    """
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped: read them whole
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped: read them whole
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointReadError(
             f"could not read {path} with torch.load(weights_only=True): {err}. The file is truncated/corrupt or "
-            f"holds objects other than tensors; re-download {FORMAT_SOURCES[fmt]}."
+            f"holds objects other than tensors, containers and numpy scalars; re-download {source}."
         ) from err
+
+
+def torch_load_tensors(path: Path, fmt: str) -> object:
+    """:func:`safe_torch_load` of a checkpoint file of format ``fmt`` (missing file: a not-found error)."""
+    return safe_torch_load(_require_file(path, fmt), _source(fmt))
 
 
 def read_safetensors(path: Path, fmt: str) -> StateDict:
@@ -128,7 +161,7 @@ def read_safetensors(path: Path, fmt: str) -> StateDict:
         return load_safetensors(str(path), device="cpu")
     except Exception as err:
         raise CheckpointReadError(
-            f"could not read {path} as safetensors: {err}. Truncated or corrupt? Re-download {FORMAT_SOURCES[fmt]}."
+            f"could not read {path} as safetensors: {err}. Truncated or corrupt? Re-download {_source(fmt)}."
         ) from err
 
 
@@ -190,7 +223,7 @@ def read_wan_base(path: Path) -> StateDict:
 
 def read_sharded_safetensors(index_path: Path, fmt: str) -> StateDict:
     """Shards listed by an HF index json (``{"weight_map": {key: shard file}}``); each shard must hold
-    exactly the keys the index assigns to it."""
+    exactly the keys the index assigns to it. ``fmt``: a checkpoint format, or a free-form source for errors."""
     index_path = _require_file(index_path, fmt, "index file")
     try:
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
