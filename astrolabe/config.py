@@ -42,6 +42,14 @@ class ModelConfig(Frozen):
     checkpoint_entry: Literal["default", "generator_ema", "generator"] = Field(
         "default", description="Which sub-dict of a .pt checkpoint to load; 'default' = the registry's choice."
     )
+    lora_entry: Literal["default", "auto", "generator_lora", "bare"] = Field(
+        "default", description="LongLive lora.pt: 'default' = the registry's choice ('auto': the 'generator_lora' "
+        "entry if present, else a bare PEFT adapter); 'generator_lora' or 'bare' force one layout.",
+    )
+    fill_missing_from_base: bool = Field(
+        False, description="Fill DiT keys the checkpoint lacks from the Wan2.1 base DiT (Causal Forcing EMA files; "
+        "upstream loads them non-strictly). Off: a missing key is an error listing them all.",
+    )
     init_seed: int = Field(0, description="Seed of the tiny model's random weights (tiny only).")
     tiny_vae_init: Literal["preview", "random"] = Field(
         "preview",
