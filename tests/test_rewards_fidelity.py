@@ -125,3 +125,12 @@ def test_videoalign_missing_shard_is_named(lora_dirs, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         _va("videoalign_vq", ckpt, copy)
     assert issubclass(CheckpointNotFoundError, FileNotFoundError)
+
+
+def test_model_reward_benchmark_runs_on_named_checkpoints(tmp_path) -> None:
+    from astrolabe.bench.rewards import benchmark_model_rewards
+
+    fakes.write_hpsv2_checkpoint(tmp_path / "hpsv2")
+    options = {"hpsv2": {"checkpoint_dir": str(tmp_path / "hpsv2"), "architecture": "tiny-hps-test", "image_size": 32}}
+    rates = benchmark_model_rewards(options, num_videos=1, frames=2, height=16, width=16, repeats=1)
+    assert set(rates) == {"hpsv2"} and rates["hpsv2"] > 0
