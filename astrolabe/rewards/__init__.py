@@ -15,9 +15,11 @@ module                 job
 The import arrow inside the package is ``spec, video -> contract -> registry -> signal, models``;
 ``combine`` needs only ``spec``. No module imports one that imports it back (tested).
 
-Importing this package registers the weight-free rewards and imports ``astrolabe.rewards.models``,
-whose light ``__init__`` registers the model rewards lazily by dotted path (no torch model code runs
-until a model reward is built). Benchmarks live in :mod:`astrolabe.bench.rewards`.
+Importing this package registers the weight-free rewards, registers the world's rewards
+(``world_alignment``, ``world_quality``, ``world_motion`` in :mod:`astrolabe.world.rewards`) lazily, and
+imports ``astrolabe.rewards.models``, whose light ``__init__`` registers the model rewards lazily by
+dotted path (no torch model code runs until a model reward is built). Benchmarks live in
+:mod:`astrolabe.bench.rewards`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from astrolabe.rewards.contract import Reward, RewardOptions, RewardOutput, scor
 from astrolabe.rewards.registry import build_reward, build_rewards, register_reward, registered_rewards
 from astrolabe.rewards.spec import RewardSpec, RewardsConfig
 from astrolabe.rewards.video import VideoBatch, as_video_array, check_prompts, sample_frame_indices
+
+# The procedural world's verifiable rewards (astrolabe/world/), lazily: building one imports the world.
+register_reward("world_alignment", "astrolabe.world.rewards:WorldAlignmentReward")
+register_reward("world_quality", "astrolabe.world.rewards:WorldQualityReward")
+register_reward("world_motion", "astrolabe.world.rewards:WorldMotionReward")
 
 __all__ = [
     "Normalization",
