@@ -3,7 +3,9 @@
 Reading (:func:`read_prompt_file`): ``.txt`` = one prompt per line; ``.jsonl`` = one JSON object per
 line, the prompt under ``column``; ``.csv`` = a header row and the prompt in column ``column``. Every
 prompt keeps its 1-based source line (csv: the row number, header = 1) for the drop report.
-``builtin:tiny/train.txt`` and ``builtin:tiny/eval.txt`` name the packaged tiny prompt files.
+``builtin:tiny/train.txt`` and ``builtin:tiny/eval.txt`` name the packaged tiny prompt files,
+``builtin:world/train.txt`` and ``builtin:world/heldout.txt`` the world's caption split
+(:mod:`astrolabe.world.grammar`).
 
 Normalisation (:func:`normalize_prompt`): Unicode NFKC, every run of whitespace (including tabs and
 non-breaking spaces) -> one space, stripped.
@@ -51,7 +53,12 @@ from astrolabe.configbase import Frozen
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_FILES = {"tiny/train.txt": "tiny_train.txt", "tiny/eval.txt": "tiny_eval.txt"}
+BUILTIN_FILES = {
+    "tiny/train.txt": "tiny_train.txt",
+    "tiny/eval.txt": "tiny_eval.txt",
+    "world/train.txt": "world_train.txt",  # astrolabe.world.grammar.write_prompt_files
+    "world/heldout.txt": "world_heldout.txt",
+}
 _BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".csv")
 SHINGLE_SIZE = 3

@@ -106,30 +106,37 @@ def detect_frame(frame: np.ndarray) -> FrameFeatures:
     if count <= 1:
         return _absent(background, 0.0, float(distance.mean()), np.zeros((height, width), bool))
     main = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    component = labels == main
-    inner = component & (distance >= np.median(distance[component]))
-    color = np.median(frame[inner], axis=0).astype(np.float32)
+    # work on a crop around the object component (its box grown by DILATE_PX + 1): (h, w) arrays below
+    x0, y0, box_w, box_h = (int(v) for v in stats[main, :4])
+    pad = DILATE_PX + 1
+    top, left = max(0, y0 - pad), max(0, x0 - pad)
+    crop = (slice(top, min(height, y0 + box_h + pad)), slice(left, min(width, x0 + box_w + pad)))
+    pixels, near = frame[crop], distance[crop]  # (h, w, 3), (h, w)
+    component = labels[crop] == main
+    inner = component & (near >= np.median(near[component]))
+    color = np.median(pixels[inner], axis=0).astype(np.float32)
     direction = color - background
-    alpha = np.clip((frame - background) @ direction / max(float(direction @ direction), 1e-6), 0.0, 1.0)  # (H, W)
-    region = cv2.dilate(component.astype(np.uint8), _KERNEL, iterations=DILATE_PX).astype(bool)
-    alpha = np.where(region, alpha, 0.0)
-    hard = alpha > 0.5
-    n_stray = float((candidates.astype(bool) & ~region).sum())
-    quiet = ~region & ~candidates.astype(bool)
+    alpha = np.clip((pixels - background) @ direction / max(float(direction @ direction), 1e-6), 0.0, 1.0)  # (h, w)
+    local_region = cv2.dilate(component.astype(np.uint8), _KERNEL, iterations=DILATE_PX).astype(bool)
+    alpha = np.where(local_region, alpha, 0.0)
+    region = np.zeros((height, width), bool)
+    region[crop] = local_region
+    candidate = candidates.astype(bool)
+    n_stray = float(candidate.sum() - candidate[crop][local_region].sum())
+    quiet = ~region & ~candidate
     background_spread = float(distance[quiet].mean()) if quiet.any() else math.nan
+    hard = alpha > 0.5
     if hard.sum() < MIN_AREA_FRACTION * height * width:
         return _absent(background, 1.0, background_spread, region)
     area = float(alpha.sum())
-    ys, xs = np.arange(height) + 0.5, np.arange(width) + 0.5
+    ys, xs = np.arange(crop[0].start, crop[0].stop) + 0.5, np.arange(crop[1].start, crop[1].stop) + 0.5
     cx, cy = float(alpha.sum(0) @ xs / area), float(alpha.sum(1) @ ys / area)
-    cols, rows = alpha.max(0), alpha.max(1)  # (W,), (H,)
+    cols, rows = alpha.max(0), alpha.max(1)  # (w,), (h,)
     extent_x, extent_y = float(cols.sum()), float(rows.sum())
     mid_y = float(rows @ ys / extent_y)
-    hard_u8 = hard.astype(np.uint8)
-    boundary = hard & ~cv2.erode(hard_u8, _KERNEL).astype(bool)
-    transition = float(((alpha > 0.1) & (alpha < 0.9)).sum()) / max(float(boundary.sum()), 1.0)
-    interior = cv2.erode(hard_u8, _KERNEL).astype(bool)
-    interior = interior if interior.any() else hard
+    eroded = cv2.erode(hard.astype(np.uint8), _KERNEL).astype(bool)
+    transition = float(((alpha > 0.1) & (alpha < 0.9)).sum()) / max(float((hard & ~eroded).sum()), 1.0)
+    interior = eroded if eroded.any() else hard
     return FrameFeatures(
         present=1.0,
         background=background,
@@ -143,7 +150,7 @@ def detect_frame(frame: np.ndarray) -> FrameFeatures:
         offset=(cy - mid_y) / extent_y,
         stray=n_stray / (area + n_stray),
         transition=transition,
-        interior_spread=float(np.linalg.norm(frame[interior] - color, axis=-1).mean()),
+        interior_spread=float(np.linalg.norm(pixels[interior] - color, axis=-1).mean()),
         background_spread=background_spread,
         region=region,
     )
@@ -204,11 +211,10 @@ def detect_clip(frames: np.ndarray, times: np.ndarray) -> ClipDetection:
     per_frame = [detect_frame(frame) for frame in frames]
     columns = {f.name: np.stack([getattr(p, f.name) for p in per_frame]) for f in fields(FrameFeatures)}
     regions = columns.pop("region")  # (n, H, W)
-    change = np.full(len(frames), np.nan)
-    for k in range(1, len(frames)):
-        quiet = ~(regions[k] | regions[k - 1])
-        if quiet.any():
-            change[k] = float(np.abs(frames[k] - frames[k - 1])[quiet].mean())
+    quiet = ~(regions[1:] | regions[:-1])  # (n-1, H, W)
+    counts = quiet.sum(axis=(1, 2))
+    total = (np.abs(np.diff(frames, axis=0)).mean(-1) * quiet).sum(axis=(1, 2))  # (n-1,)
+    change = np.concatenate([[np.nan], np.where(counts > 0, total / np.maximum(counts, 1), np.nan)])
     return ClipDetection(times=np.asarray(times, np.float64), side=min(frames.shape[1:3]), static_change=change, **columns)
 
 

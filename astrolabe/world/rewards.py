@@ -23,8 +23,9 @@ share of named attributes the detector's hard classification gets right.
 with an object, size = ramp(|log(e / object_size)|; log 1.5, log 3) with e the object's larger extent
 over min(H, W) (a frame-filling blob is no object). Terms that cannot be measured count 0.
 
-``world_quality`` = presence * size * mean(intact, sharp, object_uniform, background_uniform, shape_integrity,
-area_stability): intact = ramp(mean stray; 0.02, 0.3);
+``world_quality`` = presence * size * intact * mean(sharp, object_uniform, background_uniform, shape_integrity,
+area_stability): intact = ramp(mean stray; 0.01, 0.2) (stray: share of the non-background pixels off
+the object, i.e. fragments and clutter);
 sharp = ramp(median edge transition; 2, 5); object/background_uniform = ramp(mean spread; 0.08, 0.3);
 shape_integrity = ramp(distance of the shape features to the nearest prototype; 0.12, 0.3);
 area_stability = ramp(std / mean of the area; 0.05, 0.4).
@@ -175,23 +176,23 @@ def validity_terms(detection: ClipDetection, config: WorldConfig) -> dict[str, f
 
 
 def _gated(validity: dict[str, float], terms: dict[str, float]) -> dict[str, float]:
-    """``score = presence * size * mean(terms)`` with every term reported."""
-    score = validity["presence"] * validity["size"] * float(np.mean(list(terms.values())))
+    """``score = prod(validity) * mean(terms)`` with every term reported."""
+    score = math.prod(validity.values()) * float(np.mean(list(terms.values())))
     return {"score": score, **validity, **terms}
 
 
 def quality_terms(detection: ClipDetection, config: WorldConfig) -> dict[str, float]:
-    """``score`` = presence * size * mean of the six quality terms (module docstring), and the terms."""
+    """``score`` = presence * size * intact * mean of the five quality terms (module docstring), and the terms."""
     validity = validity_terms(detection, config)
+    validity["intact"] = _credit(float(detection.stray.mean()), 0.2, 0.01)
     keep = detection.present > 0
-    names = ("intact", "sharp", "object_uniform", "background_uniform", "shape_integrity", "area_stability")
+    names = ("sharp", "object_uniform", "background_uniform", "shape_integrity", "area_stability")
     if not keep.any():
         return _gated(validity, dict.fromkeys(names, 0.0))
     features = shape_features(detection)
     areas = detection.area[keep]
     spread = detection.background_spread
     terms = {
-        "intact": _credit(float(detection.stray.mean()), 0.3, 0.02),
         "sharp": _credit(float(np.median(detection.transition[keep])), 5.0, 2.0),
         "object_uniform": _credit(float(detection.interior_spread[keep].mean()), 0.3, 0.08),
         "background_uniform": _credit(float(np.nanmean(spread)) if np.isfinite(spread).any() else math.nan, 0.3, 0.08),
@@ -278,9 +279,18 @@ class WorldReward(SignalReward):
             chosen = indices[(indices >= start) & (indices < end)]
             if len(chosen) == 0:
                 continue
-            frames = _downscale(batch.float01[index][chosen], self.options.max_side)  # (n, h, w, 3)
-            rows.append(self.score_scene(detect_clip(frames, chosen / fps), scene_prompt))
+            rows.append(self.score_scene(self.detection(batch, index, chosen), scene_prompt))
         return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+    def detection(self, batch: VideoBatch, index: int, chosen: np.ndarray) -> ClipDetection:
+        """:func:`detect_clip` of frames ``chosen`` of sample ``index``, computed once per batch and shared by
+        every world reward scoring that batch (cached on the batch, like its views)."""
+        cache = batch.__dict__.setdefault("_world_detections", {})
+        key = (index, chosen.tobytes(), self.options.max_side, self.options.world.fps)
+        if key not in cache:
+            frames = _downscale(batch.float01[index][chosen], self.options.max_side)  # (n, h, w, 3)
+            cache[key] = detect_clip(frames, chosen / self.options.world.fps)
+        return cache[key]
 
 
 class WorldAlignmentReward(WorldReward):
