@@ -334,3 +334,12 @@ def test_contact_sheet(tmp_path) -> None:
     path = save_contact_sheet(tmp_path / "sheet.png", videos, ["a", "b", "c"])
     assert cv2.imread(str(path)).shape == (3 * (strip + 64) + 4, 5 * 64 + 8, 3)
     assert math.isclose(float(sheet[strip + 64 : strip + 66].mean()), 128.0)
+
+
+def test_rewards_honour_frame_sampling_and_downscaling(ground_truth) -> None:
+    captions, videos = ground_truth
+    options = {"frame_stride": 2, "max_frames": 6, "max_side": 32}
+    sampled = build_rewards([RewardSpec(name=name, options=options) for name in WORLD_REWARDS])
+    out = score_all(sampled, videos[:12], [c.text for c in captions[:12]])
+    for name in WORLD_REWARDS:
+        assert float(out[name].scores.min()) >= 0.95, (name, out[name].scores)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +238,3 @@ def write_prompt_files(directory: str | Path, seed: int = SPLIT_SEED) -> tuple[P
         path.write_text("".join(c.text + "\n" for c in captions), encoding="utf-8")
     return paths
 
-
-def with_defaults(caption: WorldCaption, **values: str | None) -> WorldCaption:
-    """``caption`` with its unnamed (None) attributes set from ``values``."""
-    filled = {k: v for k, v in values.items() if getattr(caption, k) is None}
-    return replace(caption, **filled)
