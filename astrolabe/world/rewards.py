@@ -2,42 +2,51 @@ r"""Verifiable world rewards on decoded pixels: ``world_alignment``, ``world_qua
 
 All three read the :mod:`~astrolabe.world.detector` features of each scene of a video (a scene prompt
 ``p1[1s] | p2`` is cut into the frame ranges :func:`~astrolabe.world.render.scene_frame_ranges` gives
-for the video's length at ``world.fps``; a plain prompt is one scene) and average the scenes. Scores
-lie in [0, 1] with 1 on rendered ground truth; ``ramp(x; one_at, zero_at)`` is the linear ramp that is
-1 at ``one_at`` and 0 at ``zero_at``, clipped, so near-misses get partial credit.
+for the video's length at ``world.fps``; a plain prompt is one scene) and average the scenes. The
+detection of a video is computed once per batch and shared by the three rewards. Scores lie in
+[0, 1] with 1 on rendered ground truth. ``ramp(x; z, o)`` is the linear ramp that is 0 at ``z`` and 1
+at ``o``, clipped (either order; :func:`astrolabe.rewards.signal._ramp`), so near-misses get partial
+credit.
 
 ``world_alignment``: the share of the caption's named attributes present (mean of their credits);
 NaN when the prompt is not a world caption. Credits (an absent object scores 0 on all but background):
 
-    colour, background  ramp(|rgb - palette[named]|; 0.12, 0.36)           (palette colours are >= 0.44 apart)
+    colour, background  ramp(|rgb - palette[named]|; 0.36, 0.12)          (palette colours are >= 0.44 apart)
     shape               clip(1/2 + (min_{other} d_s - d_named) / 0.2, 0, 1)  d_s: distance of the shape features
                                                                        to prototype s (detector docstring)
-    direction (moving)  ramp(cos(v, u_named); 0, cos 25deg) * ramp(|v|; 0.5 s0, 1.5 s0)
-    direction (still)   ramp(|v|; 0.5 s0, 1.5 s0)                       s0 = STILL_FRACTION * slow_speed
-    speed               ramp(|log(|v| / speed_named)|; log 1.25, log(fast / slow))
+    direction (moving)  ramp(cos(v, u_named); 0, cos 25deg) * ramp(|v|; s0 / 2, 3 s0 / 2)
+    direction (still)   ramp(|v|; 3 s0 / 2, s0 / 2)                     s0 = STILL_FRACTION * slow_speed
+    speed               ramp(|log(|v| / speed_named)|; log(fast / slow), log 1.25)
 
 Details: each credit (NaN where the caption does not name it), ``num_attributes``, and ``exact``: the
 share of named attributes the detector's hard classification gets right.
 
 ``world_quality`` and ``world_motion`` are gated by ``presence * size``: presence = share of frames
-with an object, size = ramp(|log(e / object_size)|; log 1.5, log 3) with e the object's larger extent
+with an object, size = ramp(|log(e / object_size)|; log 3, log 1.5) with e the object's larger extent
 over min(H, W) (a frame-filling blob is no object). Terms that cannot be measured count 0.
 
-``world_quality`` = presence * size * intact * mean(sharp, object_uniform, background_uniform, shape_integrity,
-area_stability): intact = ramp(mean stray; 0.01, 0.2) (stray: share of the non-background pixels off
-the object, i.e. fragments and clutter);
-sharp = ramp(median edge transition; 2, 5); object/background_uniform = ramp(mean spread; 0.08, 0.3);
-shape_integrity = ramp(distance of the shape features to the nearest prototype; 0.12, 0.3);
-area_stability = ramp(std / mean of the area; 0.05, 0.4).
+``world_quality`` = presence * size * intact * mean(sharp, object_uniform, background_uniform,
+shape_integrity, area_stability):
 
-``world_motion`` = presence * size * mean(straight, no_jumps, area_steady, color_steady, background_steady,
-background_still):
-straight = ramp(rms residual of a constant-velocity fit of the track / object size; 0.03, 0.2);
-no_jumps = ramp(max_k |step_k - median step| / object size; 0.08, 0.5); area_steady =
-ramp(mean |dA| / mean A; 0.05, 0.3); color_steady = ramp(mean |d object colour|; 0.04, 0.2);
-background_steady = ramp(mean |d background|; 0.02, 0.15); background_still = ramp(mean static_change;
-0.04, 0.15) (pixels off the object that change between frames: flicker, noise, stray motion). Fewer than 2 frames with an object: 0.
-It judges steadiness, not direction (that is alignment's): a still object scores 1.
+    intact              ramp(mean stray; 0.2, 0.01)      stray: share of non-background pixels off the object
+    sharp               ramp(median edge transition; 5, 2)
+    object_uniform      ramp(mean interior spread; 0.3, 0.08)
+    background_uniform  ramp(mean background spread; 0.3, 0.08)
+    shape_integrity     ramp(distance of the shape features to the nearest prototype; 0.3, 0.12)
+    area_stability      ramp(std / mean of the area; 0.4, 0.05)
+
+``world_motion`` = presence * size * mean(straight, no_jumps, area_steady, color_steady,
+background_steady, background_still):
+
+    straight            ramp(rms residual of a constant-velocity fit of the track / object size; 0.2, 0.03)
+    no_jumps            ramp(max_k |step_k - median step| / object size; 0.5, 0.08)
+    area_steady         ramp(mean |dA| / mean A; 0.3, 0.05)
+    color_steady        ramp(mean |d object colour|; 0.2, 0.04)
+    background_steady   ramp(mean |d background colour|; 0.15, 0.02)
+    background_still    ramp(mean static_change; 0.15, 0.04)   pixels off the object changing: flicker, noise
+
+Fewer than 2 frames with an object score 0. Motion judges steadiness, not direction (alignment does):
+a still object scores 1.
 """
 
 from __future__ import annotations
@@ -95,7 +104,7 @@ def _scalar(x: float | np.ndarray) -> float:
 
 
 def color_credit(rgb: np.ndarray, name: str) -> float:
-    """ramp(|rgb - palette[name]|; 0.12, 0.36); 0 for a NaN colour."""
+    """ramp(|rgb - palette[name]|; 0.36, 0.12); 0 for a NaN colour."""
     if not np.isfinite(rgb).all():
         return 0.0
     return _scalar(ramp(np.linalg.norm(rgb - PALETTE_RGB[COLORS.index(name)]), 0.36, 0.12))
@@ -112,7 +121,7 @@ def shape_credit(features: np.ndarray, name: str) -> float:
 
 
 def direction_credit(velocity: np.ndarray, name: str, config: WorldConfig) -> float:
-    """Moving: ramp(cos(v, u); 0, cos 25deg) * ramp(|v|; s0/2, 3 s0/2); still: ramp(|v|; 3 s0/2, s0/2)."""
+    """Moving: ramp(cos(v, u); 0, cos 25deg) * ramp(|v|; s0 / 2, 3 s0 / 2); still: ramp(|v|; 3 s0 / 2, s0 / 2)."""
     if not np.isfinite(velocity).all():
         return 0.0
     s0 = STILL_FRACTION * config.slow_speed
@@ -125,7 +134,7 @@ def direction_credit(velocity: np.ndarray, name: str, config: WorldConfig) -> fl
 
 
 def speed_credit(velocity: np.ndarray, name: str, config: WorldConfig) -> float:
-    """ramp(|log(|v| / v_named)|; log 1.25, log(fast / slow))."""
+    """ramp(|log(|v| / v_named)|; log(fast / slow), log 1.25)."""
     speed = float(np.hypot(*velocity)) if np.isfinite(velocity).all() else 0.0
     if speed <= 0.0:
         return 0.0
@@ -161,12 +170,12 @@ def alignment_terms(detection: ClipDetection, caption: WorldCaption, config: Wor
 
 
 def _credit(x: float, zero_at: float, one_at: float) -> float:
-    """ramp(x; one_at, zero_at) as a float; 0 for NaN (nothing to measure counts as failing)."""
+    """ramp(x; zero_at, one_at) as a float; 0 for NaN (nothing to measure counts as failing)."""
     return _scalar(ramp(x, zero_at, one_at)) if math.isfinite(x) else 0.0
 
 
 def validity_terms(detection: ClipDetection, config: WorldConfig) -> dict[str, float]:
-    """``presence`` = share of frames with an object; ``size`` = ramp(|log(e / e0)|; log 1.5, log 3) with e the
+    """``presence`` = share of frames with an object; ``size`` = ramp(|log(e / e0)|; log 3, log 1.5) with e the
     median larger extent over min(H, W) and e0 = ``object_size``. Their product gates quality and motion."""
     keep = detection.present > 0
     if not keep.any():
