@@ -65,10 +65,20 @@ def stream_spec(mc: ModelConfig, spec: BaseModelSpec) -> StreamSpec:
     )
 
 
+def _pretrained_world(mc: ModelConfig):
+    """The built world model (``pretrained="world"``) under ``<model.checkpoint_dir or runs>/world/<key>/``;
+    an error saying to run ``astrolabe world build`` if it is not there."""
+    from astrolabe.world.pretrain import load_world_model, world_model_root
+
+    return load_world_model(world_model_root(mc.checkpoint_dir))
+
+
 def build_dit(mc: ModelConfig, spec: BaseModelSpec) -> WanDiT:
     """The base DiT in eval mode on the configured device and dtype."""
     cfg = spec.wan_config()
-    if spec.checkpoint_format is None:
+    if spec.pretrained == "world":
+        model = _pretrained_world(mc).dit
+    elif spec.checkpoint_format is None:
         model = WanDiT(cfg, attention_backend=mc.attention_backend)
         model.init_weights(torch.Generator().manual_seed(mc.init_seed))
     else:
@@ -101,6 +111,8 @@ def build_vae(mc: ModelConfig, spec: BaseModelSpec) -> WanVAE:
 
 def build_text(mc: ModelConfig, spec: BaseModelSpec) -> WanTextEncoder:
     wan = spec.wan_config()
+    if spec.pretrained == "world":
+        return _pretrained_world(mc).text.to(mc.device)
     if spec.text_encoder_kind == "tiny":
         cfg = TextEncoderConfig(kind="tiny", text_len=wan.text_len, dtype="float32")
     else:
