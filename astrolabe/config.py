@@ -37,7 +37,8 @@ class ModelConfig(Frozen):
 
     base: str = Field("tiny", description="Base-model registry name: tiny, self_forcing, longlive, ...")
     checkpoint_dir: Path | None = Field(
-        None, description="Local directory with the base model's files (None only for the tiny random model)."
+        None, description="Local directory with the base model's files (None only for the tiny random model). "
+        "For base 'world': the root of the world-model cache (ROOT/world/<key>/; None = runs).",
     )
     checkpoint_entry: Literal["default", "generator_ema", "generator"] = Field(
         "default", description="Which sub-dict of a .pt checkpoint to load; 'default' = the registry's choice."
