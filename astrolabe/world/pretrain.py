@@ -99,6 +99,7 @@ class WorldModelRecipe(Frozen):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
+    lr_half_life: float = Field(400.0, gt=0, description="Steps after warmup over which the learning rate halves.")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     block_frames: int = Field(3, ge=1, description="Latent frames per block (the base model's).")
@@ -201,10 +202,11 @@ def _fresh_modules(recipe: WorldModelRecipe) -> tuple[WanDiT, WanTextEncoder]:
 
 
 def _lr_at(recipe: WorldModelRecipe, step: int) -> float:
-    """Linear warmup, then constant: a build of N steps is the first N steps of a longer one (early stopping)."""
+    """Linear warmup, then ``lr * 2^(-(step - warmup) / lr_half_life)``: a function of the step alone, so a
+    build of N steps is the first N steps of a longer one (stopping early is just fewer steps)."""
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
-    return recipe.lr
+    return recipe.lr * 0.5 ** ((step - recipe.warmup_steps) / recipe.lr_half_life)
 
 
 def train_world_model(recipe: WorldModelRecipe = WorldModelRecipe(), progress: Progress | None = None) -> WorldModel:
