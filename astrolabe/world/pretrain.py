@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 STAGE = "world"
-CODE_VERSION = "world-model-1"
+CODE_VERSION = "world-model-2"
 DIT_FILE = "dit.safetensors"
 TEXT_FILE = "text_encoder.safetensors"
 _WORLD_STEPS = (1000, 750, 500, 250)  # the tiny base models' raw 4-step list (models.registry)
@@ -193,10 +193,40 @@ def teacher_forced_loss(
 # ----------------------------------------------------------------------------------------------- training
 
 
+@torch.no_grad()
+def init_identity_flow_(dit: WanDiT, generator: torch.Generator) -> WanDiT:
+    """Start the DiT at ``v(x_t) ~= x_t`` (x0 ~= 0), so training need not first learn to pass the noise through.
+
+    Every block's residual outputs (``self_attn.o``, ``cross_attn.o``, ``ffn.2``) are zeroed (blocks start as
+    the identity); the patch embedding is ``Q`` with orthonormal columns orthogonal to the all-ones vector
+    (so the head's LayerNorm only rescales: ``LN(Q x) = sqrt(D) Q x / |x|``), and the head is
+    ``(sqrt(P) / sqrt(D)) Q^T`` with the patch's channel order, giving ``v = sqrt(P) x / |x| ~= x`` for a noise
+    patch ``x`` of ``P`` entries (|x| ~= sqrt(P)). Wan's own scheme zero-initialises the head instead.
+    """
+    cfg = dit.config
+    d, patch = cfg.dim, cfg.in_dim * cfg.patch_volume
+    basis = torch.randn(d, patch + 1, generator=generator, dtype=torch.float64)
+    basis[:, 0] = 1.0  # the first column spans the LayerNorm's mean direction: drop it after orthogonalising
+    q = torch.linalg.qr(basis).Q[:, 1:]  # (D, P) orthonormal, orthogonal to ones
+    weight = dit.patch_embedding.weight  # (D, C, p_t, p_h, p_w)
+    weight.copy_(q.view(weight.shape).to(weight))
+    dit.patch_embedding.bias.zero_()
+    channels_last = q.view(weight.shape).permute(0, 2, 3, 4, 1).reshape(d, patch)  # columns in (p_t, p_h, p_w, C)
+    dit.head.head.weight.copy_((channels_last.T * (patch**0.5 / d**0.5)).to(weight))
+    dit.head.head.bias.zero_()
+    for block in dit.blocks:
+        for linear in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    return dit
+
+
 def _fresh_modules(recipe: WorldModelRecipe) -> tuple[WanDiT, WanTextEncoder]:
     cfg = build_config(recipe.wan_size)
     dit = WanDiT(cfg)
-    dit.init_weights(torch.Generator().manual_seed(recipe.init_seed))
+    generator = torch.Generator().manual_seed(recipe.init_seed)
+    dit.init_weights(generator)
+    init_identity_flow_(dit, generator)
     text = build_text_encoder(TextEncoderConfig(kind="tiny", text_len=cfg.text_len, dtype="float32"), recipe.init_seed + 2)
     return dit, text
 
