@@ -50,6 +50,15 @@ def test_latent_roundtrip_keeps_colour_motion_and_background() -> None:
     assert acc["shape"] >= 0.45, acc  # shapes from 8x8-cell coverage: about 2 in 3 (chance 1/3)
 
 
+def test_fresh_dit_passes_the_noise_through() -> None:
+    """Identity-flow init: at t = 1000 the untrained DiT already predicts v ~= x_t (x0 ~= 0)."""
+    dit, text = pretrain._fresh_modules(QUICK)
+    x_t = torch.randn(2, 3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = dit(x_t, torch.full((2,), 1000.0), text.encode(["a red circle", "a blue square"]), causal=world_stream_spec().causal)
+    assert float((v - x_t).square().mean() / x_t.square().mean()) < 0.05
+
+
 def test_recipe_is_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = train_world_model(QUICK), train_world_model(QUICK)
     for x, y in zip(a.dit.state_dict().values(), b.dit.state_dict().values(), strict=True):
