@@ -285,6 +285,8 @@ def world_build(
     recipe = WorldModelRecipe() if steps is None else WorldModelRecipe(steps=steps)
     if world_model_built(root, recipe):
         console.print("world model already built (cached)")
+        typer.echo(str(build_world_model(root, recipe)))
+        return
     with _user_errors(), _progress() as progress:
         task = progress.add_task("world pretraining", total=recipe.steps)
 
