@@ -103,6 +103,9 @@ class WorldModelRecipe(Frozen):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     block_frames: int = Field(3, ge=1, description="Latent frames per block (the base model's).")
+    identity_init: bool = Field(
+        False, description="Start the DiT at v ~= x_t (init_identity_flow_); off = Wan's random init (measured)."
+    )
     start_jitter: float = Field(0.08, ge=0, le=0.5, description="Start offset from the centred track / min(H, W).")
     seed: int = Field(0, description="Data stream, sigma and noise seed.")
     init_seed: int = Field(0, description="Seed of the initial DiT and text-encoder weights.")
@@ -226,7 +229,8 @@ def _fresh_modules(recipe: WorldModelRecipe) -> tuple[WanDiT, WanTextEncoder]:
     dit = WanDiT(cfg)
     generator = torch.Generator().manual_seed(recipe.init_seed)
     dit.init_weights(generator)
-    init_identity_flow_(dit, generator)
+    if recipe.identity_init:
+        init_identity_flow_(dit, generator)
     text = build_text_encoder(TextEncoderConfig(kind="tiny", text_len=cfg.text_len, dtype="float32"), recipe.init_seed + 2)
     return dit, text
 
