@@ -80,8 +80,8 @@ def generate(
 ) -> None:
     """Generate one mp4 per prompt (+ a JSON sidecar with prompt, seeds, config and timing)."""
     _setup_logging(verbose)
-    from astrolabe.generate import generate_video, latent_frames_for_pixels
-    from astrolabe.models.factory import build_generation_stack
+    from astrolabe.build import build_generation_stack
+    from astrolabe.sampling.generation import generate_video, latent_frames_for_pixels
 
     if (prompt is None) == (prompt_file is None):
         console.print("[red]give exactly one of --prompt TEXT or --prompt-file FILE[/red]")
@@ -100,7 +100,7 @@ def generate(
     try:
         stack, base = build_generation_stack(cfg, lora=checkpoint)
         latent = (
-            latent_frames_for_pixels(num_frames, stack.spec.block_frames)
+            latent_frames_for_pixels(num_frames, stack.stream.block_frames)
             if num_frames is not None
             else base.latent_frames
         )
@@ -114,7 +114,7 @@ def generate(
     output_dir.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
         for i, p in enumerate(prompts):
-            task = progress.add_task(f"video {i + 1}/{len(prompts)}", total=latent // stack.spec.block_frames)
+            task = progress.add_task(f"video {i + 1}/{len(prompts)}", total=latent // stack.stream.block_frames)
             out = output_dir / f"{i:04d}.mp4"
             res = generate_video(
                 stack,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow
 
 
 @dataclass
@@ -38,7 +38,7 @@ class KVCache:
 
     num_layers: int
     tokens_per_frame: int
-    causal: CausalSpec
+    causal: CausalWindow
     max_frames: int | None = None  # capacity for global attention; None = RoPE limit only
     positions: list[int] = field(default_factory=list)  # absolute frame positions of cached frames
     origin: int | None = None  # first frame position since the last reset (defines the sink)

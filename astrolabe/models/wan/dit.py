@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from astrolabe.models.wan.attention import (
     AttentionBackend,
-    CausalSpec,
+    CausalWindow,
     QueryBlock,
     plan_attention,
     planned_attention,
@@ -296,7 +296,7 @@ class WanDiT(nn.Module):
         t: torch.Tensor,  # (B,) or (B, F) timesteps on the 0..1000 scale
         context: torch.Tensor,  # (B, L <= text_len, text_dim) text features
         *,
-        causal: CausalSpec | None = None,
+        causal: CausalWindow | None = None,
         start_frame: int = 0,
         frame_positions: Sequence[int] | None = None,
         kv_cache: KVCache | None = None,
@@ -305,7 +305,7 @@ class WanDiT(nn.Module):
         """Flow prediction (B, F, C, H, W).
 
         ``causal=None`` and no cache: bidirectional attention. With ``causal`` (or a cache, which carries
-        its own spec) frames attend block-causally. ``frame_positions`` (absolute latent-frame indices for
+        its own causal window) frames attend block-causally. ``frame_positions`` (absolute latent-frame indices for
         RoPE and the window rule) default to ``start_frame .. start_frame + F - 1``. With ``cache_write``
         the new frames' keys/values are committed to ``kv_cache`` after the forward (the context pass).
         """
@@ -318,7 +318,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"{len(positions)} frame positions given for {nf} frames")
         if kv_cache is not None:
             if causal is not None and causal != kv_cache.causal:
-                raise ValueError(f"causal spec {causal} differs from the cache's {kv_cache.causal}")
+                raise ValueError(f"causal window {causal} differs from the cache's {kv_cache.causal}")
             causal = kv_cache.causal
         if cache_write and kv_cache is None:
             raise ValueError("cache_write=True needs a kv_cache")

@@ -19,7 +19,7 @@ from astrolabe.data.video import DEFAULT_CRF, StreamingMp4Writer, to_uint8_frame
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.vae import StreamingDecoder, WanVAE
 from astrolabe.sampling.scenes import SceneSegment, parse_scene_prompt, plan_scenes
-from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
+from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class GenerationStack:
     dit: WanDiT
     vae: WanVAE
     encode_text: Callable[[list[str]], torch.Tensor]  # prompts -> (B, text_len, text_dim)
-    spec: StreamSpec
+    stream: StreamConfig
     fps: int
     device: torch.device
 
@@ -81,10 +81,10 @@ def generate_video(
     """
     start = time.perf_counter()
     scenes = parse_scene_prompt(prompt_line)
-    num_blocks = blocks_for(num_latent_frames, stack.spec.block_frames)
-    segments = plan_scenes(scenes, num_blocks, stack.fps, stack.spec.block_frames)
+    num_blocks = blocks_for(num_latent_frames, stack.stream.block_frames)
+    segments = plan_scenes(scenes, num_blocks, stack.fps, stack.stream.block_frames)
     contexts = [stack.encode_text([seg.prompt]).to(stack.device) for seg in segments]
-    streamer = BlockStreamer(stack.dit, stack.spec, contexts[0], SampleNoise([seed], stack.device))
+    streamer = BlockStreamer(stack.dit, stack.stream, contexts[0], SampleNoise([seed], stack.device))
     decoder = StreamingDecoder(stack.vae)
     frames_written = 0
     with StreamingMp4Writer(out_path, fps=stack.fps, crf=crf) as writer:
