@@ -154,3 +154,30 @@ def test_global_cache_capacity_error():
     s.step()
     with pytest.raises(RuntimeError, match="rolling window"):
         s.step()
+
+
+def test_read_only_view_reads_the_cache_and_refuses_writes():
+    """A forward through ``cache.read_only()`` equals one through the cache itself, stores no text keys, shares
+    the self-attention tensors (no copy), leaves the cache untouched, and every write raises."""
+    m, stream = make_model(), make_stream(window=6, sink=3)
+    s = BlockStreamer(m, stream, ctx(), SampleNoise([4]))
+    for _ in range(2):
+        s.step()
+    cache, x = s.cache, torch.randn(1, 3, 16, 4, 4, generator=torch.Generator().manual_seed(9), dtype=DT)
+    view = cache.read_only()
+    assert all(a is b for a, b in zip(view.self_kv, cache.self_kv)) and view.positions == cache.positions
+    assert all(t is None for t in view.cross_kv) and cache.keeps_text_kv and not view.keeps_text_kv
+    before = [(kv.k.clone(), kv.v.clone()) for kv in cache.self_kv]
+    with torch.no_grad():
+        got = m(x, torch.tensor([625.0]), ctx(), kv_cache=view, start_frame=6)
+        want = m(x, torch.tensor([625.0]), ctx(), kv_cache=cache, start_frame=6)
+    assert torch.equal(got, want)
+    assert all(t is None for t in view.cross_kv)  # text keys recomputed, never stored in the view
+    assert all(torch.equal(kv.k, k) and torch.equal(kv.v, v) for kv, (k, v) in zip(cache.self_kv, before))
+    k = torch.zeros(1, 4, 2, 16, dtype=DT)
+    for write in (lambda: view.store_text_kv(0, k, k), lambda: view.stage(0, k, k), lambda: view.commit([6]),
+                  view.reset, view.reset_cross):
+        with pytest.raises(RuntimeError, match="read-only KV cache"):
+            write()
+    with pytest.raises(RuntimeError, match="read-only KV cache"):
+        m(x, torch.tensor([0.0]), ctx(), kv_cache=view, start_frame=6, cache_write=True)

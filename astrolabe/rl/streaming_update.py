@@ -187,32 +187,6 @@ def build_prefix_cache(
     return rebuild_context(model, stream, context, prefix_latents)
 
 
-class _DroppedWrites(list):
-    """A list of ``None`` that ignores item assignment (the text cache of a read view: never reused)."""
-
-    def __setitem__(self, index, value) -> None:  # noqa: ANN001
-        return None
-
-
-def read_view(cache: KVCache) -> KVCache:
-    """A read-only view sharing ``cache``'s self-attention tensors (no copy), without the text cache.
-
-    Each forward through the view recomputes the text keys/values with the running policy's weights (with
-    gradient for the current policy), and nothing is ever written back: the original cache is untouched,
-    and gradient-checkpoint recomputation sees the same graph as the forward.
-    """
-    return KVCache(
-        num_layers=cache.num_layers,
-        tokens_per_frame=cache.tokens_per_frame,
-        causal=cache.causal,
-        max_frames=cache.max_frames,
-        positions=list(cache.positions),
-        origin=cache.origin,
-        self_kv=list(cache.self_kv),
-        cross_kv=_DroppedWrites([None] * cache.num_layers),
-    )
-
-
 # ----------------------------------------------------------------------------------- predictions
 
 
@@ -242,7 +216,8 @@ def window_predictions(
     """x0 prediction (B, W, C, h, w) of the window frames attending to the detached prefix cache.
 
     All W frames go through one forward at ``t = 1000 sigma``; attention is block-causal inside the window
-    (and windowed/sinked as the cache's causal window says). The cache is only read (see :func:`read_view`).
+    (and windowed/sinked as the cache's causal window says). The cache is only read, through
+    :meth:`KVCache.read_only`.
     """
     b, w = x_t.shape[:2]
     if w % cache.causal.block_frames:
@@ -251,7 +226,7 @@ def window_predictions(
         last = max(cache.positions)
         raise ValueError(f"window_start={window_start} must follow the cached prefix (last cached frame {last})")
     s = _sigma_column(sigma, b, x_t)  # (B,)
-    v = model(x_t, s * NUM_TRAIN_TIMESTEPS, context, kv_cache=read_view(cache), start_frame=window_start)
+    v = model(x_t, s * NUM_TRAIN_TIMESTEPS, context, kv_cache=cache.read_only(), start_frame=window_start)
     return _flow_to_x0(x_t, v, s)
 
 

@@ -135,14 +135,14 @@ class WanCrossAttention(_WanAttentionProjections):
         b, length, _ = x.shape
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, length, n, d)
-        cached = cache.cross_kv[layer_idx] if cache is not None else None
+        cached = cache.text_kv(layer_idx) if cache is not None else None
         if cached is None:
             k = self.norm_k(self.k(context)).view(b, -1, n, d)
             v = self.v(context).view(b, -1, n, d)
-            if cache is not None and not torch.is_grad_enabled():
+            if cache is not None and cache.keeps_text_kv and not torch.is_grad_enabled():
                 # store the text keys/values only on no-grad (sampling / context) forwards: a training forward
                 # with gradient checkpointing must recompute them, and each policy has its own projections
-                cache.cross_kv[layer_idx] = (k.detach(), v.detach())
+                cache.store_text_kv(layer_idx, k, v)
         else:
             k, v = cached
         out = attention(q, k.to(q.dtype), v.to(q.dtype), backend)
