@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.rewards.base import RewardOutput, VideoBatch, sample_frame_indices
 from astrolabe.rewards.models.common import (
     OPENAI_CLIP_MEAN,
@@ -77,6 +78,7 @@ def letterbox(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 class _LoadedHPSv2:
     def __init__(self, options: HPSv2Options, device: torch.device, dtype: torch.dtype) -> None:
+        install_torchvision_guard()
         import open_clip
 
         root = Path(options.checkpoint_dir)
@@ -158,6 +160,7 @@ def write_random_checkpoint(checkpoint_dir: Path, architecture: str = "tiny-hps-
     """Random open_clip weights as ``HPS_v2.1_compressed.pt`` (``{"state_dict": ...}``) + ``<architecture>.json``."""
     import json
 
+    install_torchvision_guard()
     import open_clip
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.rewards.models.common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
@@ -119,6 +120,7 @@ class Qwen2VLPromptEncoder:
     """
 
     def __init__(self, tokenizer: Any, config: Any, reward_tokens: Sequence[str]) -> None:
+        install_torchvision_guard()
         from transformers import AddedToken
 
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in reward_tokens], special_tokens=True)
@@ -184,6 +186,7 @@ class Qwen2VLRewardNet(torch.nn.Module):
 
     def __init__(self, config: Any, head: torch.nn.Module) -> None:
         super().__init__()
+        install_torchvision_guard()
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (
             Qwen2VisionTransformerPretrainedModel,
             Qwen2VLTextModel,
@@ -220,6 +223,7 @@ class Qwen2VLRewardNet(torch.nn.Module):
 
 def load_qwen2vl_config(backbone_dir: Path, vocab_size: int, attn_implementation: str) -> Any:
     """Qwen2VLConfig from ``backbone_dir/config.json`` (legacy flat or nested), vocab resized to the checkpoint."""
+    install_torchvision_guard()
     from transformers import Qwen2VLConfig
 
     config = Qwen2VLConfig.from_pretrained(str(backbone_dir), local_files_only=True)
@@ -308,6 +312,7 @@ def materialize_reward_net(
     No random initialisation of billions of parameters happens; every parameter must come from
     ``state`` (strict). The backbone is cast to ``dtype``; the reward head stays float32.
     """
+    install_torchvision_guard()
     from transformers.models.qwen2_vl.modeling_qwen2_vl import (
         Qwen2VLRotaryEmbedding,
         Qwen2VLVisionRotaryEmbedding,
@@ -356,6 +361,7 @@ def qwen2vl_test_config(
 
     Real sizes: 7B = (3584, 28, 28, 4, 18944, 32, 1280, 16, 152064); 2B = (1536, 28, 12, 2, 8960, 32, 1280, 16, 151936).
     """
+    install_torchvision_guard()
     from transformers import Qwen2VLConfig
 
     head_dim = hidden // heads
@@ -379,6 +385,7 @@ def write_test_tokenizer(directory: Path) -> None:
     Needs no download: any text tokenizes to its UTF-8 bytes. Saved as tokenizer.json + tokenizer_config.json.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    install_torchvision_guard()
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}

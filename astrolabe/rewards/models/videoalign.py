@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.rewards.base import RewardOutput, VideoBatch
 from astrolabe.rewards.models.common import (
     MissingCheckpointError,
@@ -168,6 +169,7 @@ class _LoadedVideoAlign:
     """Shared VideoReward network + prompt encoder + configs (one per checkpoint per process)."""
 
     def __init__(self, options: VideoAlignOptions, device: torch.device, dtype: torch.dtype) -> None:
+        install_torchvision_guard()
         from transformers import AutoTokenizer
 
         step, _, _ = _checkpoint_files(options)
