@@ -24,11 +24,14 @@ the ``W - s`` most recent frames, which is everything any later block can see (s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 
 from astrolabe.models.wan.attention import CausalWindow
+
+
+_C = TypeVar("_C", bound="KVCache")
 
 
 @dataclass
@@ -166,27 +169,27 @@ class KVCache:
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(k, dim=0)
 
-        return KVCache(
-            num_layers=self.num_layers,
-            tokens_per_frame=self.tokens_per_frame,
-            causal=self.causal,
-            max_frames=self.max_frames,
-            positions=list(self.positions),
-            origin=self.origin,
+        return self._with_tensors(
+            KVCache,
             self_kv=[None if kv is None else LayerKV(rep(kv.k), rep(kv.v)) for kv in self.self_kv],
             cross_kv=[None if c is None else (rep(c[0]), rep(c[1])) for c in self.cross_kv],
         )
 
     def read_only(self) -> ReadOnlyKVCache:
         """A read-only view sharing this cache's self-attention tensors (no copy), without the text cache."""
-        return ReadOnlyKVCache(
+        return self._with_tensors(ReadOnlyKVCache, self_kv=list(self.self_kv), cross_kv=[])
+
+    def _with_tensors(self, cls: type[_C], self_kv: list[LayerKV | None], cross_kv: list) -> _C:
+        """A ``cls`` cache with this cache's sizes, positions and origin, holding the given tensors."""
+        return cls(
             num_layers=self.num_layers,
             tokens_per_frame=self.tokens_per_frame,
             causal=self.causal,
             max_frames=self.max_frames,
             positions=list(self.positions),
             origin=self.origin,
-            self_kv=list(self.self_kv),
+            self_kv=self_kv,
+            cross_kv=cross_kv,
         )
 
 
