@@ -6,6 +6,7 @@ It lives in ``flows/`` because it drives the pipeline (stages and Prefect flows)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -80,7 +81,7 @@ def generate(
 ) -> None:
     """Generate one mp4 per prompt (+ a JSON sidecar with prompt, seeds, config and timing)."""
     _setup_logging(verbose)
-    from astrolabe.generate import generate_video, latent_frames_for_pixels
+    from astrolabe.generate import check_plans, generate_video, latent_frames_for_pixels, warn_tiny_text
     from astrolabe.models.factory import build_generation_stack
 
     if (prompt is None) == (prompt_file is None):
@@ -99,21 +100,19 @@ def generate(
     cfg = _load(config, set_)
     try:
         stack, base = build_generation_stack(cfg, lora=checkpoint)
-        latent = (
-            latent_frames_for_pixels(num_frames, stack.spec.block_frames)
-            if num_frames is not None
-            else base.latent_frames
-        )
-        from astrolabe.sampling.scenes import parse_scene_prompt
-
-        for p in prompts:
-            parse_scene_prompt(p)  # fail before any compute on a malformed line
+        stack.spec = dataclasses.replace(stack.spec, rope=cfg.sampling.rope)
+        requested = latent_frames_for_pixels(num_frames, stack.spec.block_frames) if num_frames is not None else None
+        # every line's full scene plan, before any compute
+        plans = check_plans(prompts, stack.fps, stack.spec.block_frames, requested, base.latent_frames)
+        if base.text_encoder_kind == "tiny":
+            warn_tiny_text(plans)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
     output_dir.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
-        for i, p in enumerate(prompts):
+        for i, plan in enumerate(plans):
+            p, latent = plan.prompt, plan.num_latent_frames
             task = progress.add_task(f"video {i + 1}/{len(prompts)}", total=latent // stack.spec.block_frames)
             out = output_dir / f"{i:04d}.mp4"
             res = generate_video(
