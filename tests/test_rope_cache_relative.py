@@ -149,3 +149,16 @@ def test_soft_switch_and_long_video_beyond_the_rope_table():
         streamer.switch_prompt(c.flip(1), hard=False)
         assert torch.isfinite(streamer.step()).all()
         assert streamer.cache.fork(2).rope == "cache_relative"
+
+
+def test_meta_built_model_has_real_rope_tables():
+    """Checkpoint loading builds the DiT under torch.device('meta'); its RoPE tables must still be real, or
+    the first forward of a loaded checkpoint fails."""
+    ref = _model()
+    with torch.device("meta"):
+        m = WanDiT(tiny())
+    m.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(1, 3, 16, 4, 4, generator=torch.Generator().manual_seed(0), dtype=DT)
+    c = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(1), dtype=DT)
+    t = torch.tensor([500.0])
+    assert torch.equal(m(x, t, c, causal=CausalSpec(3)), ref(x, t, c, causal=CausalSpec(3)))
