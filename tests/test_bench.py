@@ -112,3 +112,14 @@ def test_bench_gpu_short_on_cuda():
     r = gpu.run(gpu.gpu_plan(rollout_frames=12, decode_frames=6, update_prefix_frames=3, update_window_frames=3,
                              big_size=None))  # fmt: skip
     assert r["rollout"]["pixel_fps"] > 0 and not r["update"]["window"]["oom"]
+
+
+def test_attention_backend_resolution_on_cpu():
+    from astrolabe.models.wan.attention import resolve_backend
+
+    assert resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert resolve_backend("sdpa", "cpu", torch.float32) == "sdpa"
+    with pytest.raises(RuntimeError, match="model.attention_backend=flash needs"):
+        resolve_backend("flash", "cpu", torch.bfloat16)
+    res = CliRunner().invoke(app, ["bench", "gpu", "--tiny", "--attention-backend", "flash"])
+    assert res.exit_code != 0 and "flash" in res.output
