@@ -16,8 +16,9 @@ import torch
 from astrolabe.config import ModelConfig, RunConfig
 from astrolabe.models.checkpoints import load_dit_state
 from astrolabe.models.registry import BaseModelCard, check_files, get_base_model, read_base_model_state
+from astrolabe.models.registry import require_sampler_support
 from astrolabe.models.registry import text_encoder_directory
-from astrolabe.models.wan.attention import CausalWindow
+from astrolabe.models.wan.attention import CausalWindow, resolve_backend
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
 from astrolabe.models.wan.vae import WanVAE, tiny_vae, vae_from_pretrained_dir
@@ -38,11 +39,14 @@ def _require_dir(mc: ModelConfig, card: BaseModelCard) -> Path:
             f"model.checkpoint_dir is not set; base model {card.name!r} needs a local directory with:\n{files}\n"
             "download them there and set model.checkpoint_dir (or use model.base=tiny on CPU)"
         )
-    return Path(mc.checkpoint_dir)
+    root = Path(mc.checkpoint_dir)
+    check_files(card, root, fill_base=mc.fill_missing_from_base)  # one error listing every missing file
+    return root
 
 
 def stream_config(mc: ModelConfig, card: BaseModelCard) -> StreamConfig:
     """Sampler sizes from the registry (window/sink overridable in the model config)."""
+    require_sampler_support(card)
     window = mc.local_attn_frames if mc.local_attn_frames is not None else card.local_attn_frames
     sink = mc.sink_frames if mc.sink_frames is not None else card.sink_frames
     flow = FlowSchedule(card.flow_shift)
@@ -65,18 +69,25 @@ def stream_config(mc: ModelConfig, card: BaseModelCard) -> StreamConfig:
 def build_dit(mc: ModelConfig, card: BaseModelCard) -> WanDiT:
     """The base DiT in eval mode on the configured device and dtype."""
     cfg = card.wan_config()
+    backend = resolve_backend(mc.attention_backend, mc.device, _DTYPES[mc.dtype])
     if card.checkpoint_format is None:
-        model = WanDiT(cfg, attention_backend=mc.attention_backend)
+        model = WanDiT(cfg, attention_backend=backend)
         model.init_weights(torch.Generator().manual_seed(mc.init_seed))
     else:
         root = _require_dir(mc, card)
         entry = None if mc.checkpoint_entry == "default" else mc.checkpoint_entry
-        sd = read_base_model_state(card, root, entry=entry)
+        lora_entry = None if mc.lora_entry == "default" else mc.lora_entry
+        sd = read_base_model_state(
+            card, root, entry=entry, lora_entry=lora_entry, fill_missing_from_base=mc.fill_missing_from_base
+        )
         with torch.device("meta"):
-            model = WanDiT(cfg, attention_backend=mc.attention_backend)
+            model = WanDiT(cfg, attention_backend=backend)
         load_dit_state(model, sd, assign=True)
     model.gradient_checkpointing = mc.gradient_checkpointing
-    return model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
+    model = model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
+    if mc.compile_blocks:
+        model.compile_blocks()
+    return model
 
 
 def build_vae(mc: ModelConfig, card: BaseModelCard) -> WanVAE:
