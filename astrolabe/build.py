@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from astrolabe.config import ModelConfig, RunConfig
 from astrolabe.models.checkpoints import load_dit_state
-from astrolabe.models.registry import BaseModelCard, check_files, get_base_model, read_base_model_state
-from astrolabe.models.registry import require_sampler_support
+from astrolabe.models.registry import BaseModelCard, KVCacheMode, check_files, get_base_model, read_base_model_state
 from astrolabe.models.registry import text_encoder_directory
 from astrolabe.models.wan.attention import CausalWindow, resolve_backend
 from astrolabe.models.wan.dit import WanDiT
@@ -24,6 +24,7 @@ from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder,
 from astrolabe.models.wan.vae import WanVAE, tiny_vae, vae_from_pretrained_dir
 from astrolabe.models.wan.vae_preview import init_preview_decoder_
 from astrolabe.sampling.generation import GenerationStack
+from astrolabe.sampling.recompute import KREA_CONTEXT_FRAMES
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
 from astrolabe.sampling.streaming import StreamConfig
 
@@ -44,11 +45,20 @@ def _require_dir(mc: ModelConfig, card: BaseModelCard) -> Path:
     return root
 
 
-def stream_config(mc: ModelConfig, card: BaseModelCard) -> StreamConfig:
-    """Sampler sizes from the registry (window/sink overridable in the model config)."""
-    require_sampler_support(card)
+def stream_config(mc: ModelConfig, card: BaseModelCard, kv_cache: KVCacheMode | Literal["auto"] = "auto") -> StreamConfig:
+    """Sampler sizes from the registry (window/sink overridable in the model config).
+
+    ``kv_cache="auto"`` samples as the card says (``krea_served``: Krea's KV recompute); ``recompute`` sizes its
+    own window (``K + f`` = 6 frames, no sink, as Krea's server), so a window/sink override is an error there.
+    """
+    mode: KVCacheMode = card.kv_cache if kv_cache == "auto" else kv_cache
     window = mc.local_attn_frames if mc.local_attn_frames is not None else card.local_attn_frames
     sink = mc.sink_frames if mc.sink_frames is not None else card.sink_frames
+    if mode == "recompute":
+        if mc.local_attn_frames is not None or mc.sink_frames is not None:
+            raise ValueError("kv_cache='recompute' (Krea's served loop) sizes its own window (context 3 + block "
+                             "frames, no sink): unset model.local_attn_frames and model.sink_frames")
+        window, sink = KREA_CONTEXT_FRAMES + card.frames_per_block, 0
     flow = FlowSchedule(card.flow_shift)
     steps = StepSchedule.from_steps(flow, card.denoising_steps, card.warp_denoising_steps, float(card.context_noise))
     first = (
@@ -63,6 +73,7 @@ def stream_config(mc: ModelConfig, card: BaseModelCard) -> StreamConfig:
         latent_height=card.latent_height,
         latent_width=card.latent_width,
         first_block_steps=first,
+        kv_cache=mode,
     )
 
 
@@ -159,7 +170,7 @@ def build_generation_stack(
             dit=dit,
             vae=vae,
             encode_text=lambda prompts: text.encode(prompts).to(dtype=_DTYPES[mc.dtype]),
-            stream=stream_config(mc, card),
+            stream=stream_config(mc, card, cfg.sampling.kv_cache),
             fps=card.fps,
             device=torch.device(mc.device),
         ),

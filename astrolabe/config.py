@@ -84,7 +84,8 @@ class ModelConfig(Frozen):
 
 
 class SamplingConfig(Frozen):
-    """Inference numerics of ``astrolabe generate`` (rollouts and evaluation always sample like training)."""
+    """Inference numerics of ``astrolabe generate`` (``rope``: generate only; ``kv_cache``: every generation stack,
+    but rollouts and the RL update accept only ``context_pass``, the training sampler)."""
 
     rope: Literal["absolute", "cache_relative"] = Field(
         "absolute",
@@ -92,6 +93,15 @@ class SamplingConfig(Frozen):
         "LongLive). 'cache_relative': the release's inference_wan.py 'block-relativistic' RoPE: keys cached "
         "un-rotated and rotated by window slot at every forward, queries from the window start (no 1024-frame "
         "limit). Used by `astrolabe generate` only.",
+    )
+    kv_cache: Literal["auto", "context_pass", "recompute"] = Field(
+        "auto",
+        description="How the KV cache evolves between blocks. 'auto': the base model card's choice (krea_served: "
+        "recompute, every other card: context_pass). 'context_pass': a t=0 pass writes each finished block "
+        "(the training sampler). 'recompute': Krea's served loop (release_server.py): before each block the "
+        "cache is rebuilt from the first latent frame (VAE re-encoded once it leaves the window) + the 2 "
+        "newest, at RoPE positions 0..2, and the block is denoised at 3..5 (unbounded length; generation "
+        "and evaluation only: rollouts and the RL update refuse it).",
     )
 
 

@@ -164,16 +164,20 @@ def test_read_base_model_state_wires_entry_and_lora(tmp_path) -> None:
         rg.read_base_model_state(rg.get_base_model("tiny"), tmp_path)
 
 
-def test_krea_served_is_krea_as_served_and_refused_by_the_sampler() -> None:
+def test_krea_served_is_krea_as_served_with_the_recompute_sampler() -> None:
     served, trained = rg.get_base_model("krea_served"), rg.get_base_model("krea14b")
     assert served.denoising_steps == (1000, 937, 833, 625) and not served.warp_denoising_steps
     # unwarped integers vs the training sampler's warped 937.5 / 833.33 (models-reference 4.3)
     np.testing.assert_allclose(warped_steps(trained.denoising_steps, 5.0), [1000, 937.5, 833.33333, 625], atol=1e-3)
     assert served.checkpoint == trained.checkpoint and served.wan_size == trained.wan_size == "wan21_t2v_14b"
     assert (served.kv_cache, served.frames_per_block, served.local_attn_frames) == ("recompute", 3, 6)
-    with pytest.raises(NotImplementedError, match="recompute"):
-        rg.require_sampler_support(served)
-    rg.require_sampler_support(trained)
+    from astrolabe.build import stream_config
+    from astrolabe.config import ModelConfig
+
+    stream = stream_config(ModelConfig(base="krea_served"), served)
+    assert stream.kv_cache == "recompute" and stream.recompute_frames == 3
+    assert (stream.causal.window_frames, stream.causal.sink_frames) == (6, 0)
+    assert stream_config(ModelConfig(base="krea14b"), trained).kv_cache == "context_pass"
 
 
 def test_empty_checkpoint_dir_lists_every_missing_file_in_one_error(tmp_path) -> None:

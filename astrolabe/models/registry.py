@@ -29,9 +29,11 @@ zeroed and rebuilt by one t = 0 pass over the first latent frame + the 2 newest,
 and the new block is denoised at positions 3..5). ``krea_served`` is Krea Realtime 14B as Krea serves it:
 steps ``[1000, 937, 833, 625]`` used as they are (Krea's ``self_forcing_server_14b.yaml`` lists
 ``[1000, 937, 833, 625, 0]`` with ``warp_denoising_step: false``; the trailing 0 is the clean output), i.e.
-integer timesteps where the training sampler feeds the warped 937.5 and 833.33. The streaming sampler does
-not implement ``recompute`` yet: :func:`require_sampler_support` refuses the card instead of sampling it
-another way. ``krea14b`` stays the card Astrolabe trains with.
+integer timesteps where the training sampler feeds the warped 937.5 and 833.33. The streaming sampler runs
+``recompute`` as :mod:`astrolabe.sampling.recompute` describes (what equals ``release_server.py`` and what is
+assumed); it is a generation mode (``astrolabe generate``, evaluation): rollouts and the RL update refuse it,
+so ``krea14b`` stays the card Astrolabe trains with. ``sampling.kv_cache`` overrides a card's mode (e.g. the
+recompute loop on the tiny model).
 
 ``fill_base`` is the DiT whose weights fill keys a checkpoint lacks, only with
 ``model.fill_missing_from_base`` (Causal Forcing: upstream loads its files non-strictly over the
@@ -93,7 +95,6 @@ WAN_T5 = HubFile(repo=_WAN_1_3B, filename="models_t5_umt5-xxl-enc-bf16.pth")
 WAN_T5_TOKENIZER = HubFile(repo=_WAN_1_3B, filename="google/umt5-xxl", is_dir=True)
 WAN_DIT_1_3B = HubFile(repo=_WAN_1_3B, filename="diffusion_pytorch_model.safetensors")
 KVCacheMode = Literal["context_pass", "recompute"]
-SUPPORTED_KV_CACHE: tuple[str, ...] = ("context_pass",)
 
 
 class BaseModelCard(Frozen):
@@ -280,8 +281,12 @@ def _build_registry() -> dict[str, BaseModelCard]:
             fill_base=None,
         ),
         BaseModelCard(
-            name="krea_served", description="Krea Realtime 14B as Krea serves it: steps 1000 937 833 625 unwarped, "
-            "KV recompute (3 context frames: first + 2 newest, then the 3 new ones)",
+            name="krea_served", description="Krea Realtime 14B as Krea serves it (release_server.py): steps 1000 937 833 625 "
+            "unwarped; KV recompute before every block: cache zeroed and rebuilt at t=0 from 3 context frames "
+            "(the first latent frame, VAE re-encoded from the oldest of the last 9 decoded pixel frames once it "
+            "leaves the window, + the 2 newest) at RoPE positions 0..2, new block denoised at 3..5, no context "
+            "pass, unbounded length; noise streams and the blog's KV-cache attention bias (not in Krea's code) "
+            "differ: see astrolabe.sampling.recompute",
             **{**_VIDEO_1_3B, "wan_size": "wan21_t2v_14b", "warp_denoising_steps": False, "kv_cache": "recompute"},
             denoising_steps=_KREA_SERVED_STEPS, first_block_denoising_steps=None, frames_per_block=3,
             local_attn_frames=6, sink_frames=0, checkpoint_format="krea_safetensors", checkpoint_entry=None,
@@ -346,16 +351,6 @@ def text_encoder_directory(card: BaseModelCard, root: Path) -> Path | None:
     if card.text_encoder is None:
         return None
     return Path(root) / card.text_encoder.local_path.parent
-
-
-def require_sampler_support(card: BaseModelCard) -> None:
-    """Raise ``NotImplementedError`` if the streaming sampler cannot sample ``card`` as specified (``recompute``)."""
-    if card.kv_cache not in SUPPORTED_KV_CACHE:
-        raise NotImplementedError(
-            f"base model {card.name!r} uses kv_cache={card.kv_cache!r} (Krea's served KV recompute), which the "
-            f"streaming sampler does not implement (it supports {list(SUPPORTED_KV_CACHE)}); use 'krea14b' (the "
-            "card Astrolabe trains with) to sample Krea's weights with the training sampler"
-        )
 
 
 def read_base_model_state(

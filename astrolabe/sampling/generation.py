@@ -2,7 +2,9 @@
 
 Nothing of the video is held in memory beyond the KV cache window and one decoded block: clean
 blocks are decoded as they are produced (the VAE's streaming decoder carries its own cache) and
-written straight into the mp4 writer.
+written straight into the mp4 writer. With ``stream.kv_cache == "recompute"`` (Krea's served loop) the
+decoder is a :class:`~astrolabe.sampling.recompute.VaeFirstFrameReencoder`, which the sampler also uses to
+re-encode the first latent frame from the decoded pixels.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from astrolabe.sampling.scenes import (
     plan_scenes,
     required_blocks,
 )
+from astrolabe.sampling.recompute import VaeFirstFrameReencoder
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -150,8 +153,13 @@ def generate_video(
     num_blocks = blocks_for(num_latent_frames, stack.stream.block_frames)
     segments = plan_scenes(scenes, num_blocks, stack.fps, stack.stream.block_frames)
     contexts = [stack.encode_text([seg.prompt]).to(stack.device) for seg in segments]
-    streamer = BlockStreamer(stack.dit, stack.stream, contexts[0], SampleNoise([seed], stack.device))
-    decoder = StreamingDecoder(stack.vae)
+    reencoder = None
+    if stack.stream.kv_cache == "recompute":
+        reencoder = VaeFirstFrameReencoder(stack.vae, stack.stream.recompute_frames)
+    decoder = reencoder if reencoder is not None else StreamingDecoder(stack.vae)
+    streamer = BlockStreamer(
+        stack.dit, stack.stream, contexts[0], SampleNoise([seed], stack.device), reencoder=reencoder
+    )
     frames_written = 0
     with StreamingMp4Writer(out_path, fps=stack.fps, crf=crf) as writer:
         for seg_idx, seg in enumerate(segments):

@@ -153,10 +153,14 @@ class KVCache:
 
     def reset(self) -> None:
         """Drop every cached frame and the text cache (hard cut or new video)."""
+        self.clear_frames()
+        self.cross_kv = [None] * self.num_layers
+
+    def clear_frames(self) -> None:
+        """Drop every cached frame but keep the text cache (Krea's per-block KV recompute)."""
         self.positions = []
         self.origin = None
         self.self_kv = [None] * self.num_layers
-        self.cross_kv = [None] * self.num_layers
         self._staged.clear()
 
     def reset_cross(self) -> None:
@@ -221,6 +225,9 @@ class ReadOnlyKVCache(KVCache):
 
     def reset(self) -> None:
         self._refuse("reset")
+
+    def clear_frames(self) -> None:
+        self._refuse("clear_frames")
 
     def reset_cross(self) -> None:
         self._refuse("reset_cross")
