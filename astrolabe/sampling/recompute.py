@@ -30,6 +30,10 @@ float16); Krea's ``keep_first_frame`` option, prompt-embedding interpolation, st
 inputs and the output trim of the first block's first 3 pixel frames are not reproduced; the "KV Cache
 Attention Bias" of Krea's blog (log β added to the logits of cached keys outside the first frame and the
 current block) is not in Krea's GitHub code and is left out (equivalent to β = 1, its "off" setting).
+The step list is the card's (``krea_served``: 1000 937 833 625 unwarped, the issue's reading of
+``self_forcing_server_14b.yaml``); note that ``release_server.py`` (commit 0a9f719) ignores the yaml's list
+and builds its own with ``v2v.get_denoising_schedule``: ``linspace(1000, 0, n)`` warped through the shifted
+table, ``n`` = ``num_denoising_steps`` (6 there, "use 4 for performance"), whose last forward runs at t = 0.
 A hard prompt cut restarts the loop as a new video (first frame = the cut's first frame); a soft switch
 only changes the text: the next recompute re-encodes the context under the new prompt.
 """
