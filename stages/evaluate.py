@@ -50,7 +50,7 @@ from astrolabe.data.video import decode_mp4
 from astrolabe.generate import GenerationStack, generate_video
 from astrolabe.models.factory import build_generation_stack
 from astrolabe.rewards import RewardsConfig, build_rewards
-from stages.base import StageInfo, StageResult
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
 from stages.score import reward_identities, score_records
 
@@ -224,6 +224,12 @@ def write_comparison_grid(
 # ----------------------------------------------------------------------------------- stage
 
 
+def eval_reports(out_dir: Path, iteration: int) -> dict[str, str]:
+    """The grid and metrics files written, attached to the tracking run under ``eval/iter-<kkkk>``."""
+    where = f"eval/iter-{iteration:04d}"
+    return {name: where for name in (GRID_MP4, GRID_PNG, METRICS_FILE) if (out_dir / name).is_file()}
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     if iteration is None:
         raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
@@ -273,6 +279,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 "decode_failed": score_counts["decode_failed"], "num_latent_frames": num_latent_frames, **grid},
         seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
         timings=timings,
-        extra={"metrics": metrics, "policy": str(state) if state is not None else "base", "iteration": iteration,
+        metrics=finite_metrics({k: v for k, v in metrics.items() if k != "n"}, prefix="eval/"),
+        reports=eval_reports(out_dir, iteration),
+        extra={"policy": str(state) if state is not None else "base", "iteration": iteration,
                "baseline": str(baseline) if baseline is not None else None},
     )

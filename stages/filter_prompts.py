@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from astrolabe.artifacts import sha256_file
+from astrolabe.artifacts.manifest import sha256_file
 from astrolabe.config import RunConfig
 from astrolabe.data.prompts import (
     FilterResult,
@@ -28,7 +28,7 @@ from astrolabe.data.prompts import (
     resolve_prompt_path,
     split_heldout,
 )
-from stages.base import StageInfo, StageResult
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 

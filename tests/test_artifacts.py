@@ -12,24 +12,21 @@ import socket
 
 import pytest
 
-from astrolabe import artifacts
-from astrolabe.artifacts import (
+from astrolabe.artifacts import atomic
+from astrolabe.artifacts.keys import cache_key
+from astrolabe.artifacts.lock import RunLock, RunLockedError
+from astrolabe.artifacts.manifest import (
     MANIFEST_NAME,
+    OWNER_NAME,
     ArtifactError,
     ArtifactPublishError,
     ArtifactVerificationError,
+    FileEntry,
     Manifest,
-    RunLock,
-    RunLockedError,
-    StageDir,
-    cache_key,
-    clean_stale_tmp_dirs,
-    find_current,
-    list_iterations,
-    rank_filename,
-    rank_slice,
     verify,
 )
+from astrolabe.artifacts.ranks import rank_filename, rank_slice
+from astrolabe.artifacts.stagedir import StageDir, clean_stale_tmp_dirs, find_current, list_iterations
 
 # ----------------------------------------------------------------------------------------------
 # cache keys
@@ -88,7 +85,7 @@ def test_publish_layout_files_and_verify(tmp_path):
     assert sd.is_complete() and not tmp.exists()
     assert sorted(os.listdir(sd.path)) == ["a.bin", MANIFEST_NAME, "rewards-r001.npy", "sub"]
     assert m.files == {
-        rel: artifacts.FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest()) for rel, data in files.items()
+        rel: FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest()) for rel, data in files.items()
     }
     loaded = Manifest.load(sd.path)
     assert loaded == m and loaded.iteration == 3 and loaded.inputs == {"rollout": "aaaa"}
@@ -138,7 +135,7 @@ def test_publish_rejects_wrong_manifest_and_double_publish(tmp_path):
     assert not sd.tmp_path.exists() and sd.is_complete()
 
 
-@pytest.mark.parametrize("target", ["_write_durable", "_rename_dir"])
+@pytest.mark.parametrize("target", ["write_durable", "rename_dir"])
 def test_disk_full_never_leaves_partial_artifact(tmp_path, monkeypatch, target):
     sd = StageDir(tmp_path / "run", "nft_update", "k1", iteration=0)
     write_payload(sd.begin())
@@ -146,7 +143,7 @@ def test_disk_full_never_leaves_partial_artifact(tmp_path, monkeypatch, target):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(artifacts, target, no_space)
+    monkeypatch.setattr(atomic, target, no_space)
     with pytest.raises(ArtifactPublishError) as info:
         sd.publish(sd.manifest())
     msg = str(info.value)
@@ -178,7 +175,7 @@ def test_begin_cleans_stale_tmp_dirs_of_dead_processes(tmp_path):
     live.mkdir()
     other_host = sd.root / f".k0.tmp-{pid + 1}"
     other_host.mkdir()
-    (other_host / artifacts.OWNER_NAME).write_text(json.dumps({"pid": pid, "host": "elsewhere"}))
+    (other_host / OWNER_NAME).write_text(json.dumps({"pid": pid, "host": "elsewhere"}))
     sd.begin()
     assert not stale.exists() and live.exists() and other_host.exists() and sd.tmp_path.exists()
     assert clean_stale_tmp_dirs(sd.root) == []

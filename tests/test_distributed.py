@@ -1,8 +1,8 @@
 """The pipeline under torchrun: rank context, merging of rank results, execute() on N gloo ranks, the CLI.
 
 * unit: :class:`DistContext` env parsing, the missing-rendezvous error, no-op collectives at world size 1,
-  :func:`stages.base.merge_results` against hand-merged values.
-* two gloo processes (``torch.multiprocessing`` spawn) calling :func:`stages.base.execute` with fake
+  :func:`astrolabe.artifacts.engine.merge_results` against hand-merged values.
+* two gloo processes (``torch.multiprocessing`` spawn) calling :func:`astrolabe.artifacts.engine.execute` with fake
   stages: a sliced stage writes one file per rank into ONE published directory, a main stage runs on
   rank 0 only, a cached stage is not rerun, a failure on one rank makes every rank raise naming it
   (nothing published, process exits non-zero), and a held run lock stops every rank.
@@ -27,7 +27,10 @@ import torch
 
 import pipeline_helpers as ph
 from pipeline_helpers import base, ref  # noqa: F401  (shared fixtures)
-from astrolabe.artifacts import MANIFEST_NAME, RunLock, rank_filename, stage_root
+from astrolabe.artifacts.lock import RunLock
+from astrolabe.artifacts.manifest import MANIFEST_NAME
+from astrolabe.artifacts.ranks import rank_filename
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.distributed import (
     DistContext,
     DistributedSetupError,
@@ -40,7 +43,8 @@ from astrolabe.distributed import (
     init_distributed,
     rank0_run_lock,
 )
-from stages.base import StageInfo, StageResult, merge_results, merge_values
+from astrolabe.artifacts.engine import merge_results, merge_values
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 # ----------------------------------------------------------------------------------- DistContext
 
@@ -131,7 +135,7 @@ def test_merge_results_edge_cases():
 
 
 def test_stage_distribution_declarations():
-    from stages.pipeline import STAGES
+    from stages import STAGES
 
     assert {n: m.STAGE.distribution for n, m in STAGES.items()} == {
         "filter_prompts": "main", "rollout": "sliced", "score": "main", "label_uncertainty": "main",
@@ -170,7 +174,7 @@ def _worker(rank: int, port: int, root: str, locked_run: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import astrolabe  # noqa: F401
-    from stages.base import StageRankError, execute
+    from astrolabe.artifacts.engine import StageRankError, execute
 
     torch.set_num_threads(1)
     init_distributed("cpu")

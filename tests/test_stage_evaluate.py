@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from astrolabe.artifacts import stage_root
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import config_from_dict
 from astrolabe.data.arrays import read_columns
 from astrolabe.data.grid import SEPARATOR_VALUE, GridLayout, background, compose_frame, header_height
@@ -22,7 +22,8 @@ from astrolabe.generate import generate_video
 from astrolabe.models.factory import build_generation_stack
 from astrolabe.rewards import build_rewards, score_all
 from stages import evaluate
-from stages.base import StageInfo, StageResult, execute
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 HELDOUT = ["a red fox runs in snow", "a boat on a calm lake"]
 SEEDS = (1000, 1001)

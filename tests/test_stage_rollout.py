@@ -16,7 +16,8 @@ from astrolabe.models.factory import build_generation_stack
 from astrolabe.rollout import choose_prompts, decode_window_pixels, group_seeds, rollout_group, window_start_block
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise
 from stages import rollout as rollout_stage
-from stages.base import StageInfo, StageResult, execute
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 PROMPTS = ["a red fox runs in snow", "a boat on a calm lake", "city lights at night", "a cat sleeps on a sofa",
            "waves crash on rocks"]

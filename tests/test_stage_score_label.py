@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from astrolabe.artifacts import stage_root
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import read_columns, write_columns
 from astrolabe.data.shards import RolloutShardWriter, ShardWriterConfig
@@ -18,7 +18,9 @@ from astrolabe.data.video import decode_mp4, encode_mp4
 from astrolabe.rewards import build_rewards, score_all
 from astrolabe.rl.selective_kl import FractionController, compute_kl_mask
 from stages import label_uncertainty, score
-from stages.base import StageInfo, StageResult, execute, stage_key
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.keys import stage_key
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 GROUPS = [0, 0, 1, 1, 2, 2]
 
