@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from astrolabe.artifacts.stage import StageModule
 from stages import evaluate, filter_prompts, label_uncertainty, nft_update, rollout, score
 
 STAGES: dict[str, StageModule] = {

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.grid import write_grid
@@ -50,7 +51,6 @@ from astrolabe.data.video import decode_mp4
 from astrolabe.generate import GenerationStack, generate_video
 from astrolabe.models.factory import build_generation_stack
 from astrolabe.rewards import RewardsConfig, build_rewards
-from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
 from stages.score import reward_identities, score_records
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from astrolabe.artifacts.manifest import sha256_file
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.prompts import (
     FilterResult,
@@ -28,7 +29,6 @@ from astrolabe.data.prompts import (
     resolve_prompt_path,
     split_heldout,
 )
-from astrolabe.artifacts.stage import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 

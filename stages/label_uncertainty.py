@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import check_keys_aligned, read_columns, write_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.rl.advantages import group_index, optimality_from_rewards
 from astrolabe.rl.selective_kl import FractionController, SelectiveKLConfig, compute_kl_mask, descending_ranks
-from astrolabe.artifacts.stage import StageInfo, StageResult
 from stages.score import REWARDS_FILE
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import check_keys_aligned, read_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
@@ -44,7 +45,6 @@ from astrolabe.models.registry import get_base_model
 from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.state import TrainingState
 from astrolabe.rl.streaming_update import WindowBatch, window_nft_step
-from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from stages.label_uncertainty import LABELS_FILE
 
 log = logging.getLogger(__name__)

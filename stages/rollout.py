@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from astrolabe.artifacts.ranks import rank_slice
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.shards import RolloutShardWriter
 from astrolabe.data.video import encode_mp4
@@ -30,7 +31,6 @@ from astrolabe.distributed import dist_rank_world
 from astrolabe.generate import blocks_for
 from astrolabe.models.factory import build_generation_stack
 from astrolabe.rollout import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
-from astrolabe.artifacts.stage import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.data.video import decode_mp4
 from astrolabe.rewards import Reward, RewardOutput, RewardSpec, build_rewards, score_all
-from astrolabe.artifacts.stage import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 

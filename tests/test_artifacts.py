@@ -198,6 +198,53 @@ def test_find_current_prefers_expected_then_newest(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# the atomic writer
+
+
+def test_write_text_and_json_replace_whole_files_and_leave_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    atomic.write_json(path, {"a": 1}, indent=2)
+    assert json.loads(path.read_text()) == {"a": 1} and path.read_text() == json.dumps({"a": 1}, indent=2)
+    atomic.write_text(path, "second")
+    assert path.read_text() == "second" and os.listdir(tmp_path) == ["summary.json"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "publish_file", no_space)  # the data is written, the rename fails
+    with pytest.raises(OSError):
+        atomic.write_text(path, "third")
+    assert path.read_text() == "second" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_publish_dir_replaces_and_restores_on_failure(tmp_path, monkeypatch):
+    final = tmp_path / "store"
+    with atomic.atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with atomic.atomic_dir(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("new")
+    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("*")) == ["sub", "sub/b.txt"]
+    assert os.listdir(tmp_path) == ["store"]  # no .tmp / .old sibling left
+
+    real = atomic.rename_dir
+
+    def fail_into_place(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic, "rename_dir", fail_into_place)
+    with pytest.raises(OSError), atomic.atomic_dir(final) as tmp:
+        (tmp / "c.txt").write_text("lost")
+    assert (final / "sub" / "b.txt").read_text() == "new"  # the old directory was moved back
+    assert os.listdir(tmp_path) == ["store"]
+    with pytest.raises(RuntimeError, match="boom"), atomic.atomic_dir(final):
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == ["store"] and (final / "sub" / "b.txt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
 # run lock
 
 

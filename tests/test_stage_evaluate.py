@@ -105,6 +105,10 @@ def _reference_metrics(cols: dict[str, np.ndarray]) -> dict:
     return ref
 
 
+def _eval_metrics(m) -> dict[str, float]:
+    return {k: v for k, v in m.metrics.items() if k.startswith("eval/")}
+
+
 def test_scores_and_metrics(runs):
     d, m = runs.d0, runs.m0
     keys, cols, attrs = read_columns(d / evaluate.REWARDS_FILE)
@@ -120,7 +124,10 @@ def test_scores_and_metrics(runs):
     for name in ("motion", "smoothness", "sharpness"):
         np.testing.assert_allclose(cols[name], ref[name].scores, rtol=1e-6)
     metrics = json.loads((d / evaluate.METRICS_FILE).read_text())
-    assert metrics == m.extra["metrics"]
+    # the manifest's typed metrics: metrics.json under eval/, without the count n and the null means
+    assert _eval_metrics(m) == {f"eval/{k}": float(v) for k, v in metrics.items() if k != "n" and v is not None}
+    assert {"time/evaluate", "memory/evaluate_peak_rss_mib"} <= set(m.metrics)  # added by the engine
+    assert m.reports == {name: "eval/iter-0000" for name in ("grid.mp4", "grid.png", evaluate.METRICS_FILE)}
     expected = _reference_metrics(cols)
     assert set(metrics) == set(expected)
     for k, v in expected.items():
@@ -139,7 +146,7 @@ def test_deterministic_and_cached(runs, tmp_path, monkeypatch):
     prompts_b = _publish(b, "filter_prompts", _write_heldout)
     mb = execute(evaluate, runs.cfg, b, {"prompts": prompts_b}, iteration=0)
     assert mb.key == runs.m0.key
-    assert mb.extra["metrics"] == runs.m0.extra["metrics"]
+    assert _eval_metrics(mb) == _eval_metrics(runs.m0)
     _, cols_a, _ = read_columns(runs.d0 / evaluate.REWARDS_FILE)
     _, cols_b, _ = read_columns(_out(b, 0, mb.key) / evaluate.REWARDS_FILE)
     for c in cols_a:

@@ -69,6 +69,7 @@ def test_shards_groups_and_meta(stage_runs):
     recs = _records(out)
     assert len(recs) == 2 * K
     assert m.counts["prompts"] == 2 and m.counts["candidates"] == 2 * K
+    assert m.metrics["rollout/candidates"] == 2 * K and m.metrics["time/rollout"] == m.timings["total"]
     # 3 blocks per video, window = last block: prefix of 2 blocks once + K windows of 1 block per prompt
     assert m.counts["blocks"] == 2 * (2 + K * 1)
     chosen = choose_prompts(len(PROMPTS), 2, cfg.rollout.seed, 1)

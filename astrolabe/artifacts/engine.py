@@ -38,6 +38,7 @@ from astrolabe.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
+
 class StageRankError(RuntimeError):
     """A stage failed on some rank under torchrun; raised on every rank, nothing was published."""
 
