@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from astrolabe.configbase import Frozen
 from astrolabe.data.shards import ShardWriterConfig
-from astrolabe.rewards.base import RewardsConfig
+from astrolabe.rewards.spec import RewardsConfig
 from astrolabe.rl.advantages import AdvantageConfig
 from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.nft import NFTConfig
@@ -35,12 +35,25 @@ class ConfigError(ValueError):
 class ModelConfig(Frozen):
     """Which base model to run and where its files are."""
 
-    base: str = Field("tiny", description="Base-model registry name: tiny, self_forcing, longlive, ...")
+    base: str = Field(
+        "tiny",
+        description="Base-model registry name: tiny, self_forcing, longlive, ... The tiny model's byte-level text "
+        "encoder reads at most 15 bytes of each prompt (text_len 16 incl. EOS): longer prompts are truncated, so "
+        "prompts that share their first 15 bytes look identical to it.",
+    )
     checkpoint_dir: Path | None = Field(
         None, description="Local directory with the base model's files (None only for the tiny random model)."
     )
     checkpoint_entry: Literal["default", "generator_ema", "generator"] = Field(
         "default", description="Which sub-dict of a .pt checkpoint to load; 'default' = the registry's choice."
+    )
+    lora_entry: Literal["default", "auto", "generator_lora", "bare"] = Field(
+        "default", description="LongLive lora.pt: 'default' = the registry's choice ('auto': the 'generator_lora' "
+        "entry if present, else a bare PEFT adapter); 'generator_lora' or 'bare' force one layout.",
+    )
+    fill_missing_from_base: bool = Field(
+        False, description="Fill DiT keys the checkpoint lacks from the Wan2.1 base DiT (Causal Forcing EMA files; "
+        "upstream loads them non-strictly). Off: a missing key is an error listing them all.",
     )
     init_seed: int = Field(0, description="Seed of the tiny model's random weights (tiny only).")
     tiny_vae_init: Literal["preview", "random"] = Field(
@@ -48,14 +61,38 @@ class ModelConfig(Frozen):
         description="Tiny model only: 'preview' sets the VAE decoder to the Wan2.1 latent-to-RGB preview (pixels "
         "follow the latents smoothly, so pixel rewards are learnable); 'random' keeps a random decoder.",
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the base DiT, VAE and text features for rollout, scoring and update (GPU: bfloat16). "
+        "The LoRA keeps its own dtype (rl.lora.dtype, float32 = fp32 master weights) and training forwards run "
+        "under rl.optim.precision autocast.",
+    )
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
-    attention_backend: Literal["sdpa", "flash"] = "sdpa"
+    attention_backend: Literal["auto", "sdpa", "flash"] = Field(
+        "auto",
+        description="'auto' = flash-attn when it is installed, the device is CUDA and model.dtype is bfloat16, else "
+        "PyTorch SDPA; 'flash' requires all three (clear error otherwise); 'sdpa' always works.",
+    )
+    compile_blocks: bool = Field(
+        False, description="torch.compile each DiT block (GPU option; the first forwards pay the compile time)."
+    )
     local_attn_frames: int | None = Field(
         None, description="Override the registry's attention window in latent frames (incl. sink); None = registry."
     )
     sink_frames: int | None = Field(None, description="Override the registry's sink frames; None = registry.")
     gradient_checkpointing: bool = False
+
+
+class SamplingConfig(Frozen):
+    """Inference numerics of ``astrolabe generate`` (rollouts and evaluation always sample like training)."""
+
+    rope: Literal["absolute", "cache_relative"] = Field(
+        "absolute",
+        description="'absolute': RoPE by absolute latent frame, keys cached after RoPE (training, Self-Forcing, "
+        "LongLive). 'cache_relative': the release's inference_wan.py 'block-relativistic' RoPE: keys cached "
+        "un-rotated and rotated by window slot at every forward, queries from the window start (no 1024-frame "
+        "limit). Used by `astrolabe generate` only.",
+    )
 
 
 class RolloutConfig(Frozen):
@@ -125,6 +162,7 @@ class RunConfig(Frozen):
     seed: int = 0
     model: ModelConfig = ModelConfig()
     rollout: RolloutConfig = RolloutConfig()
+    sampling: SamplingConfig = SamplingConfig()
     rewards: RewardsConfig = RewardsConfig()
     eval_rewards: RewardsConfig | None = Field(None, description="Rewards reported at evaluation; None = rewards.")
     rl: RLConfig = RLConfig()

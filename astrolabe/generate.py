@@ -18,7 +18,14 @@ import torch
 from astrolabe.data.video import DEFAULT_CRF, StreamingMp4Writer, to_uint8_frames
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.vae import StreamingDecoder, WanVAE
-from astrolabe.sampling.scenes import SceneSegment, parse_scene_prompt, plan_scenes
+from astrolabe.sampling.scenes import (
+    ScenePlanError,
+    SceneSegment,
+    parse_scene_prompt,
+    pixel_frames_for_latent,
+    plan_scenes,
+    required_blocks,
+)
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,65 @@ def latent_frames_for_pixels(num_pixel_frames: int, block_frames: int) -> int:
         raise ValueError(f"--num-frames must be of the form 1 + 4k (e.g. 81), got {num_pixel_frames}")
     latent = 1 + (num_pixel_frames - 1) // 4
     return -(-latent // block_frames) * block_frames
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """The length and scene plan of one prompt line, checked before anything is generated."""
+
+    prompt: str
+    num_latent_frames: int
+    segments: tuple[SceneSegment, ...]
+
+
+def plan_video(
+    prompt_line: str, fps: float, block_frames: int, requested_latent: int | None, default_latent: int
+) -> VideoPlan:
+    """Parse and plan one line. Without a requested length the video is the model's default length grown to
+    hold every scene; a requested length that is too short raises :class:`ScenePlanError` (with the
+    ``--num-frames`` that fits)."""
+    scenes = parse_scene_prompt(prompt_line)
+    if requested_latent is None:
+        latent = max(default_latent, required_blocks(scenes, fps, block_frames) * block_frames)
+    else:
+        latent = requested_latent
+    segments = plan_scenes(scenes, blocks_for(latent, block_frames), fps, block_frames)
+    return VideoPlan(prompt_line, latent, tuple(segments))
+
+
+def check_plans(
+    prompts: list[str], fps: float, block_frames: int, requested_latent: int | None, default_latent: int
+) -> list[VideoPlan]:
+    """:func:`plan_video` for every line; one error naming every line that does not fit and the ``--num-frames``
+    that fits them all."""
+    plans, errors, need = [], [], 0
+    for i, p in enumerate(prompts, start=1):
+        try:
+            plans.append(plan_video(p, fps, block_frames, requested_latent, default_latent))
+        except ScenePlanError as e:
+            errors.append(f"  prompt {i}: {e}")
+            need = max(need, e.blocks_needed)
+    if errors:
+        fits = pixel_frames_for_latent(need * block_frames)
+        raise ValueError(
+            f"{len(errors)} of {len(prompts)} prompt(s) do not fit in the video (nothing was generated):\n"
+            + "\n".join(errors[:10]) + ("\n  ..." if len(errors) > 10 else "")
+            + f"\n--num-frames {fits} fits every prompt (or leave --num-frames out: each video then grows to fit)"
+        )
+    return plans
+
+
+def warn_tiny_text(plans: list[VideoPlan]) -> None:
+    """Log, once per run, that the tiny model's text encoder reads only the first 15 bytes of every scene."""
+    from astrolabe.models.wan.text_encoder import TINY_PROMPT_BYTES, clean_prompt, tiny_visible_text
+
+    long = [seg.prompt for plan in plans for seg in plan.segments if tiny_visible_text(seg.prompt) != clean_prompt(seg.prompt)]
+    if long:
+        log.warning(
+            "the tiny model's text encoder reads only the first %d bytes of a prompt (text_len 16 incl. EOS): %d scene "
+            "prompt(s) are truncated, e.g. %r is read as %r; scenes sharing those bytes look identical to it",
+            TINY_PROMPT_BYTES, len(long), long[0], tiny_visible_text(long[0]),
+        )
 
 
 @torch.no_grad()

@@ -285,3 +285,44 @@ def test_legacy_non_zip_pickle_is_read(tmp_path, ref) -> None:
     path = tmp_path / "causal_forcing.pt"
     torch.save({"generator": prefixed(ref, "model.")}, path, _use_new_zipfile_serialization=False)
     assert_model_equals(load(ck.read_causal_forcing(path, entry="generator")), ref)
+
+
+# ------------------------------------------------------------------- LoRA layouts, safe loading (issue 12)
+
+
+@pytest.mark.parametrize("layout", ["generator_lora", "bare"])
+def test_longlive_lora_auto_accepts_both_layouts(tmp_path, ref, layout) -> None:
+    rank = 4
+    lora = make_lora(tiny(), rank, seed=5)
+    raw = peft_keys(lora)
+    path = tmp_path / "lora.pt"
+    torch.save({"generator_lora": raw, "critic_lora": {}, "step": 3} if layout == "generator_lora" else raw, path)
+    got = ck.read_peft_lora(path, rank=rank)  # default "auto"
+    assert set(got) == set(lora) and all(torch.equal(got[m].A, lora[m].A) for m in lora)
+    other = None if layout == "generator_lora" else "generator_lora"  # the override forces the other layout: error
+    with pytest.raises(ck.CheckpointReadError):
+        ck.read_peft_lora(path, entry=other, rank=rank)
+
+
+def test_longlive_lora_auto_refuses_an_unknown_layout(tmp_path, ref) -> None:
+    path = tmp_path / "lora.pt"
+    torch.save({"lora": peft_keys(make_lora(tiny(), 4, seed=5)), "step": 3}, path)
+    with pytest.raises(ck.CheckpointReadError, match=r"(?s)cannot tell where the LoRA is.*\['lora', 'step'\]"):
+        ck.read_peft_lora(path, rank=4)
+
+
+def test_training_pickle_extras_load_with_weights_only(tmp_path, ref) -> None:
+    """What trainers store next to the weights (ints, strings, optimizer state, nn.Parameter, numpy scalars)
+    loads under weights_only=True (numpy through the named allow-list); other objects are refused."""
+    import argparse
+
+    import numpy as np
+
+    path = tmp_path / "cf.pt"
+    gen = {"model." + k: torch.nn.Parameter(v) for k, v in ref.items()}
+    torch.save({"generator": gen, "step": np.int64(600), "loss": np.float32(0.25), "name": "cf",
+                "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 2e-6}]}}, path)
+    assert_model_equals(load(ck.read_causal_forcing(path, entry="generator")), ref)
+    torch.save({"generator": gen, "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(ck.CheckpointReadError, match="Namespace"):
+        ck.read_causal_forcing(path, entry="generator")

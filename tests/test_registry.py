@@ -36,7 +36,9 @@ def test_every_spec_is_valid_and_round_trips(name: str) -> None:
     spec = rg.get_base_model(name)
     assert rg.BaseModelSpec.model_validate(spec.model_dump()) == spec
     assert spec.flow_shift == 5.0
-    assert spec.context_noise == 0 and spec.fps == 16 and spec.warp_denoising_steps
+    assert spec.context_noise == 0 and spec.fps == 16
+    assert spec.warp_denoising_steps == (name != "krea_served")
+    assert spec.kv_cache == ("recompute" if name == "krea_served" else "context_pass")
     assert spec.latent_frames % spec.frames_per_block == 0
     cfg = spec.wan_config()
     if name != "tiny":
@@ -94,8 +96,7 @@ def test_checkpoint_files_and_sources() -> None:
         assert (spec.checkpoint.repo, spec.checkpoint.filename, spec.checkpoint_format, spec.checkpoint_entry) == (
             repo, filename, fmt, entry)
     ll = rg.get_base_model("longlive")
-    assert (ll.lora.file.filename, ll.lora.entry, ll.lora.rank, ll.lora.alpha) == ("models/lora.pt", "generator_lora",
-                                                                                   256, 256.0)
+    assert (ll.lora.file.filename, ll.lora.entry, ll.lora.rank, ll.lora.alpha) == ("models/lora.pt", "auto", 256, 256.0)
     assert rg.get_base_model("longlive_base").lora is None
     for name in REAL:
         files = rg.get_base_model(name).files()
@@ -161,3 +162,67 @@ def test_read_base_model_state_wires_entry_and_lora(tmp_path) -> None:
                        ref["head.modulation"])
     with pytest.raises(ValueError, match="no checkpoint"):
         rg.read_base_model_state(rg.get_base_model("tiny"), tmp_path)
+
+
+def test_krea_served_is_krea_as_served_and_refused_by_the_sampler() -> None:
+    served, trained = rg.get_base_model("krea_served"), rg.get_base_model("krea14b")
+    assert served.denoising_steps == (1000, 937, 833, 625) and not served.warp_denoising_steps
+    # unwarped integers vs the training sampler's warped 937.5 / 833.33 (models-reference 4.3)
+    np.testing.assert_allclose(warped_steps(trained.denoising_steps, 5.0), [1000, 937.5, 833.33333, 625], atol=1e-3)
+    assert served.checkpoint == trained.checkpoint and served.wan_size == trained.wan_size == "wan21_t2v_14b"
+    assert (served.kv_cache, served.frames_per_block, served.local_attn_frames) == ("recompute", 3, 6)
+    with pytest.raises(NotImplementedError, match="recompute"):
+        rg.require_sampler_support(served)
+    rg.require_sampler_support(trained)
+
+
+def test_empty_checkpoint_dir_lists_every_missing_file_in_one_error(tmp_path) -> None:
+    from astrolabe.config import ModelConfig
+    from astrolabe.models.factory import build_dit
+
+    for name in REAL:
+        spec = rg.get_base_model(name)
+        with pytest.raises(FileNotFoundError) as info:
+            build_dit(ModelConfig(base=name, checkpoint_dir=tmp_path), spec)
+        message = str(info.value)
+        assert f"missing {len(spec.files())} file(s)" in message
+        for f in spec.files().values():
+            assert str(f.local_path) in message and f.download_command(tmp_path) in message
+    cf = rg.get_base_model("causal_forcing_frame")
+    with pytest.raises(FileNotFoundError, match="(?s)missing 5 file.*fill_base.*Wan2.1-T2V-1.3B/diffusion_pytorch_model"):
+        build_dit(ModelConfig(base=cf.name, checkpoint_dir=tmp_path, fill_missing_from_base=True), cf)
+
+
+def _write_tiny_cf(tmp_path, ref, missing: set[str]):
+    from safetensors.torch import save_file
+
+    spec = rg.get_base_model("causal_forcing_frame")
+    paths = rg.resolve_files(spec, tmp_path, fill_base=True)
+    paths["dit"].parent.mkdir(parents=True)
+    ema = {"model._fsdp_wrapped_module." + k: v + 1 for k, v in ref.items() if k not in missing}
+    torch.save({"generator": {"model." + k: v for k, v in ref.items()}, "generator_ema": ema}, paths["dit"])
+    paths["fill_base"].parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(paths["fill_base"]))
+    return spec
+
+
+def test_causal_forcing_ema_missing_keys_listed_or_filled_explicitly(tmp_path, caplog) -> None:
+    from astrolabe.models.checkpoints import CheckpointMismatchError, load_dit_state
+
+    g = torch.Generator().manual_seed(0)
+    ref = {k: torch.randn(v.shape, generator=g) for k, v in WanDiT(tiny()).state_dict().items()}
+    missing = {"blocks.1.norm3.weight", "blocks.1.norm3.bias", "head.modulation"}
+    spec = _write_tiny_cf(tmp_path, ref, missing)
+    sd = rg.read_base_model_state(spec, tmp_path)  # default: nothing filled
+    assert missing.isdisjoint(sd)
+    with pytest.raises(CheckpointMismatchError, match="(?s)missing 3:.*blocks.1.norm3.bias.*fill_missing_from_base"):
+        load_dit_state(WanDiT(tiny()), sd)
+    with caplog.at_level("WARNING", logger="astrolabe.models.checkpoints"):
+        filled = rg.read_base_model_state(spec, tmp_path, fill_missing_from_base=True)
+    assert all(name in caplog.text for name in missing)
+    for k in missing:
+        assert torch.equal(filled[k], ref[k])  # from the base DiT
+    assert torch.equal(filled["blocks.0.ffn.0.weight"], ref["blocks.0.ffn.0.weight"] + 1)  # the EMA itself
+    load_dit_state(WanDiT(tiny()), filled)
+    with pytest.raises(ValueError, match="no base DiT"):
+        rg.read_base_model_state(rg.get_base_model("self_forcing"), tmp_path, fill_missing_from_base=True)

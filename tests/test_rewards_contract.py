@@ -72,7 +72,7 @@ def videos(b: int = 4, f: int = 3) -> np.ndarray:
 def test_failing_sample_becomes_nan_and_is_logged(caplog):
     v = videos()
     reward = MeanReward()
-    with caplog.at_level(logging.WARNING, logger="astrolabe.rewards.base"):
+    with caplog.at_level(logging.WARNING, logger="astrolabe.rewards.contract"):
         out = reward(v, ["a", "b", "boom", "d"])
     expected = v.astype(np.float32).mean(axis=(1, 2, 3, 4)) / 255
     assert np.isnan(out.scores[2]) and np.isnan(out.details["gray_mean"][2])

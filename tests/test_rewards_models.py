@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import astrolabe  # noqa: F401  (torchvision guard before transformers/open_clip)
-from astrolabe.rewards.base import RewardSpec, build_reward
+from astrolabe.rewards import RewardSpec, build_reward
 from astrolabe.rewards.models import common, hpsv2, hpsv3, qwen2vl, videoalign
 from astrolabe.rewards.models.common import MissingCheckpointError
+from fakes import reward_checkpoints as fakes
 
 PROMPTS = ["a red cat", "a dog running", "sunset over the sea"]
 
@@ -74,7 +75,7 @@ def test_lora_merge_matches_peft() -> None:
 @pytest.fixture(scope="module")
 def hps2_dir(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hpsv2")
-    hpsv2.write_random_checkpoint(root)
+    fakes.write_hpsv2_checkpoint(root)
     return root
 
 
@@ -142,7 +143,7 @@ def test_hpsv2_missing_file_and_identity(hps2_dir, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def hps3_dirs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hpsv3")
-    hpsv3.write_random_checkpoint(root / "ckpt", root / "qwen", qwen2vl.qwen2vl_test_config())
+    fakes.write_hpsv3_checkpoint(root / "ckpt", root / "qwen", fakes.qwen2vl_test_config())
     return root / "ckpt", root / "qwen"
 
 
@@ -177,7 +178,7 @@ def test_hpsv3_missing_files(hps3_dirs, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def va_dirs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("videoalign")
-    videoalign.write_random_checkpoint(root / "ckpt", root / "qwen", qwen2vl.qwen2vl_test_config())
+    fakes.write_videoalign_checkpoint(root / "ckpt", root / "qwen", fakes.qwen2vl_test_config())
     return root / "ckpt", root / "qwen"
 
 
@@ -199,7 +200,7 @@ def test_videoalign_three_dims_share_model_and_normalize(va_dirs, videos) -> Non
     v = videos.astype(np.float32)
     gray = np.floor(0.2989 * v[..., 0] + 0.587 * v[..., 1] + 0.114 * v[..., 2]).astype(np.uint8)
     gray3 = np.repeat(gray[..., None], 3, axis=-1)
-    from astrolabe.rewards.base import VideoBatch
+    from astrolabe.rewards import VideoBatch
 
     raw_gray_input, _ = mq._model().logits(mq, VideoBatch(gray3), PROMPTS, gray=False)
     np.testing.assert_allclose(raw_gray_input[:, 1], mq(videos, PROMPTS).details["raw"], atol=1e-5)

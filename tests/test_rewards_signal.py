@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from astrolabe.rewards import RewardSpec, build_reward, score_all
-from astrolabe.rewards.bench import SIGNAL_REWARDS, benchmark_signal_rewards
+from astrolabe.bench.rewards import SIGNAL_REWARDS, benchmark_signal_rewards
 from astrolabe.rewards.signal import (
     color_membership,
     hasler_susstrunk_colorfulness,

@@ -3,7 +3,9 @@
 Reading (:func:`read_prompt_file`): ``.txt`` = one prompt per line; ``.jsonl`` = one JSON object per
 line, the prompt under ``column``; ``.csv`` = a header row and the prompt in column ``column``. Every
 prompt keeps its 1-based source line (csv: the row number, header = 1) for the drop report.
-``builtin:tiny/train.txt`` and ``builtin:tiny/eval.txt`` name the packaged tiny prompt files.
+``builtin:tiny/train.txt`` and ``builtin:tiny/eval.txt`` name the packaged tiny prompt files,
+``builtin:world/train.txt`` and ``builtin:world/heldout.txt`` the world's caption split
+(:mod:`astrolabe.world.grammar`).
 
 Normalisation (:func:`normalize_prompt`): Unicode NFKC, every run of whitespace (including tabs and
 non-breaking spaces) -> one space, stripped.
@@ -19,7 +21,10 @@ Rules, applied in this order (the first rule that matches names the drop):
 ``wrong_language``  ASCII letters make up less than ``min_ascii_letter_fraction`` of all letters
                     (a script heuristic: Latin-script English passes, CJK / Cyrillic / Arabic fail).
 ``blocklist``       a blocklist term occurs as a whole word (or word sequence), case-insensitive.
-``too_short`` / ``too_long``  fewer than ``min_tokens`` / more than ``max_tokens`` whitespace tokens.
+``too_short`` / ``too_long``  fewer than ``min_tokens`` / more than ``max_tokens`` whitespace tokens, counted
+                    per scene of a scene prompt (``a [10s] | b [10s]``: each scene is encoded on its own, so
+                    each must fit; the release's six-scene benchmark lines pass). A line that does not
+                    parse as a scene prompt is counted whole.
 ``duplicate``       the same normalised prompt, case-insensitive, was kept before.
 ``near_duplicate``  Jaccard similarity ``|A & B| / |A | B|`` with an earlier kept prompt is at least
                     ``near_duplicate_threshold``, where A, B are the sets of word 3-grams; prompts with
@@ -51,7 +56,12 @@ from astrolabe.configbase import Frozen
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_FILES = {"tiny/train.txt": "tiny_train.txt", "tiny/eval.txt": "tiny_eval.txt"}
+BUILTIN_FILES = {
+    "tiny/train.txt": "tiny_train.txt",
+    "tiny/eval.txt": "tiny_eval.txt",
+    "world/train.txt": "world_train.txt",  # astrolabe.world.grammar.write_prompt_files
+    "world/heldout.txt": "world_heldout.txt",
+}
 _BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".csv")
 SHINGLE_SIZE = 3
@@ -274,12 +284,25 @@ def content_rule(text: str, cfg: PromptFilterConfig, blocked: re.Pattern[str] | 
         return "wrong_language"
     if blocked is not None and blocked.search(text):
         return "blocklist"
-    n = len(tokenize(text))
-    if n < cfg.min_tokens:
+    counts = scene_token_counts(text)
+    if min(counts) < cfg.min_tokens:
         return "too_short"
-    if n > cfg.max_tokens:
+    if max(counts) > cfg.max_tokens:
         return "too_long"
     return None
+
+
+def scene_token_counts(text: str) -> list[int]:
+    """Whitespace tokens of each scene of a scene prompt (duration tags excluded); ``[n]`` for a plain line."""
+    from astrolabe.sampling.scenes import ScenePromptError, parse_scene_prompt
+
+    if "|" not in text and "[" not in text:
+        return [len(tokenize(text))]
+    try:
+        scenes = parse_scene_prompt(text)
+    except ScenePromptError:
+        return [len(tokenize(text))]
+    return [len(tokenize(s.prompt)) for s in scenes]
 
 
 def filter_prompts(

@@ -7,7 +7,7 @@ guessed from the file's contents: the caller names the format and, for pickled d
 |---------------------|----------------------------------------------------|-----------------------------------|
 | ``wan21_safetensors`` | ``diffusion_pytorch_model.safetensors`` or shards + ``...safetensors.index.json`` | flat |
 | ``self_forcing_pt`` | ``checkpoints/self_forcing_dmd.pt``                  | ``generator_ema``                 |
-| ``longlive_pt``     | ``models/longlive_base.pt`` + ``models/lora.pt``     | ``generator`` + ``generator_lora`` |
+| ``longlive_pt``     | ``models/longlive_base.pt`` + ``models/lora.pt``     | ``generator`` + LoRA ``auto`` (below) |
 | ``causal_forcing_pt`` | ``chunkwise/causal_forcing.pt``, ``framewise/...``  | caller: ``generator`` / ``generator_ema`` |
 | ``krea_safetensors`` | ``krea-realtime-video-14b.safetensors``             | flat                              |
 
@@ -18,10 +18,21 @@ Key normalisation rule (applied by every adapter, :func:`normalize_wan_key`), in
 3. remove one leading ``model.`` (``WanDiffusionWrapper.model``).
 
 ``freqs`` (a RoPE table some forks keep as an attribute) is dropped by :data:`IGNORED_KEYS`; any
-other difference from the model's keys is a :class:`CheckpointMismatchError`.
+other difference from the model's keys is a :class:`CheckpointMismatchError` (every missing key listed).
 
-Pickles are read with ``torch.load(weights_only=True)`` only; a file holding other objects is an
-error, never unpickled unsafely.
+LongLive's ``lora.pt`` is either the trainer's dict (``{"generator_lora": ..., "critic_lora": ..., "step": ...}``)
+or a bare PEFT adapter state dict; ``lora_entry="auto"`` takes ``generator_lora`` when present, else the
+bare dict when every value is a tensor, else fails listing the top-level entries (override: name the entry,
+or ``None`` for a bare adapter).
+
+Causal Forcing EMA weights may lack keys: upstream (thu-ml/Causal-Forcing ``inference.py``) retries the
+load with ``strict=False`` over ``CausalWanModel.from_pretrained("wan_models/Wan2.1-T2V-1.3B/")``, so any
+missing tensor silently keeps the Wan2.1 base value. Here a missing key is an error that lists them all;
+:func:`fill_missing_keys` fills them from the base DiT only when the caller asks
+(``model.fill_missing_from_base``), and logs every filled name.
+
+Pickles are read with ``torch.load(weights_only=True)`` only (:func:`safe_torch_load`, with a named
+allow-list of numpy scalars); a file holding other objects is an error, never unpickled unsafely.
 """
 
 from __future__ import annotations
@@ -65,6 +76,8 @@ FORMAT_SOURCES: dict[str, str] = {
     "krea_safetensors": "`krea-realtime-video-14b.safetensors` from HF `krea/krea-realtime-video`",
 }
 _MAX_LISTED = 8
+_MAX_MISSING_LISTED = 128  # missing keys are listed in full up to this many (a wrong file lacks all 825)
+LORA_ENTRY_AUTO = "auto"
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -90,8 +103,14 @@ class NonFiniteWeightsError(CheckpointError):
     """The state dict holds NaN or inf values."""
 
 
+def _source(fmt: str) -> str:
+    """Where a file comes from: the known format's source, or ``fmt`` itself (a free-form source, e.g. a reward's)."""
+    return FORMAT_SOURCES.get(fmt, fmt)
+
+
 def _not_found(path: Path, fmt: str, what: str) -> CheckpointNotFoundError:
-    return CheckpointNotFoundError(f"{what} {path} not found. Format {fmt!r} expects {FORMAT_SOURCES[fmt]}.")
+    expects = f"Format {fmt!r} expects {FORMAT_SOURCES[fmt]}" if fmt in FORMAT_SOURCES else f"Source: {fmt}"
+    return CheckpointNotFoundError(f"{what} {path} not found. {expects}.")
 
 
 def _require_file(path: Path, fmt: str, what: str = "checkpoint file") -> Path:
@@ -104,21 +123,48 @@ def _require_file(path: Path, fmt: str, what: str = "checkpoint file") -> Path:
 # ------------------------------------------------------------------------------------------------ readers
 
 
-def torch_load_tensors(path: Path, fmt: str) -> object:
-    """``torch.load(path, map_location="cpu", weights_only=True)``, memory-mapped when the file allows it."""
-    path = _require_file(path, fmt)
+# Non-tensor globals a training pickle may legitimately hold, allowed by name under ``weights_only=True``:
+# numpy scalars and dtypes (metrics or steps a trainer stored as numpy values; numpy 1 and numpy 2 module
+# paths). Plain containers, ints, floats, strings, tensors and ``nn.Parameter`` need no entry. No released
+# file is documented to hold these (models-reference 6); anything else is refused, never unpickled unsafely.
+def _numpy_safe_globals() -> list[object]:
+    import numpy as np
+
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+    dtypes = sorted({type(np.dtype(t)) for t in ("bool", "int32", "int64", "float16", "float32", "float64")}, key=str)
+    return [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtypes,
+    ]
+
+
+def safe_torch_load(path: Path, source: str) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with the numpy allow-list, memory-mapped when
+    the file allows it. ``source`` says where to re-download the file (shown in the error).
+
+    Raises:
+        CheckpointReadError: truncated/corrupt file, or a global outside the allow-list (named in the message).
+    """
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped: read them whole
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped: read them whole
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointReadError(
             f"could not read {path} with torch.load(weights_only=True): {err}. The file is truncated/corrupt or "
-            f"holds objects other than tensors; re-download {FORMAT_SOURCES[fmt]}."
+            f"holds objects other than tensors, containers and numpy scalars; re-download {source}."
         ) from err
+
+
+def torch_load_tensors(path: Path, fmt: str) -> object:
+    """:func:`safe_torch_load` of a checkpoint file of format ``fmt`` (missing file: a not-found error)."""
+    return safe_torch_load(_require_file(path, fmt), _source(fmt))
 
 
 def read_safetensors(path: Path, fmt: str) -> StateDict:
@@ -128,7 +174,7 @@ def read_safetensors(path: Path, fmt: str) -> StateDict:
         return load_safetensors(str(path), device="cpu")
     except Exception as err:
         raise CheckpointReadError(
-            f"could not read {path} as safetensors: {err}. Truncated or corrupt? Re-download {FORMAT_SOURCES[fmt]}."
+            f"could not read {path} as safetensors: {err}. Truncated or corrupt? Re-download {_source(fmt)}."
         ) from err
 
 
@@ -190,7 +236,7 @@ def read_wan_base(path: Path) -> StateDict:
 
 def read_sharded_safetensors(index_path: Path, fmt: str) -> StateDict:
     """Shards listed by an HF index json (``{"weight_map": {key: shard file}}``); each shard must hold
-    exactly the keys the index assigns to it."""
+    exactly the keys the index assigns to it. ``fmt``: a checkpoint format, or a free-form source for errors."""
     index_path = _require_file(index_path, fmt, "index file")
     try:
         weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
@@ -233,7 +279,7 @@ def read_longlive(
     lora_path: Path | None,
     *,
     entry: str = "generator",
-    lora_entry: str | None = "generator_lora",
+    lora_entry: str | None = LORA_ENTRY_AUTO,
     lora_rank: int = 256,
     lora_alpha: float = 256.0,
 ) -> StateDict:
@@ -306,10 +352,29 @@ def parse_peft_lora(sd: Mapping[str, torch.Tensor], rank: int) -> dict[str, Lora
     return out
 
 
-def read_peft_lora(path: Path, *, entry: str | None = "generator_lora", rank: int = 256) -> dict[str, LoraPair]:
-    """LongLive ``lora.pt``: the PEFT state at ``entry`` (``generator_lora``), or the raw PEFT dict (``None``)."""
-    sd = select_entry(torch_load_tensors(path, "longlive_pt"), entry, Path(path))
-    return parse_peft_lora(sd, rank)
+def resolve_lora_entry(obj: object, path: Path) -> str | None:
+    """``"auto"`` for a LongLive LoRA file: ``generator_lora`` if present, ``None`` (bare adapter) if every
+    top-level value is a tensor; otherwise :class:`CheckpointReadError` listing the top-level entries."""
+    if isinstance(obj, Mapping):
+        if "generator_lora" in obj:
+            return "generator_lora"
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return None
+    keys = sorted(map(str, obj))[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointReadError(
+        f"{path}: cannot tell where the LoRA is (no 'generator_lora' entry, not a bare adapter of tensors); "
+        f"top-level entries: {keys}. Name the entry (model.lora_entry) or pass a bare PEFT adapter file."
+    )
+
+
+def read_peft_lora(path: Path, *, entry: str | None = LORA_ENTRY_AUTO, rank: int = 256) -> dict[str, LoraPair]:
+    """LongLive ``lora.pt``: the PEFT state at ``entry`` (``generator_lora``), the bare PEFT dict (``None``), or
+    whichever of the two the file is (``"auto"``, :func:`resolve_lora_entry`)."""
+    obj = torch_load_tensors(path, "longlive_pt")
+    if entry == LORA_ENTRY_AUTO:
+        entry = resolve_lora_entry(obj, Path(path))
+        logger.info("LongLive LoRA %s: %s", path, f"entry {entry!r}" if entry else "bare adapter")
+    return parse_peft_lora(select_entry(obj, entry, Path(path)), rank)
 
 
 def merge_lora(sd: Mapping[str, torch.Tensor], lora: Mapping[str, LoraPair], alpha: float) -> StateDict:
@@ -352,7 +417,7 @@ def read_dit_checkpoint(
     *,
     entry: str | None = None,
     lora_path: Path | None = None,
-    lora_entry: str | None = "generator_lora",
+    lora_entry: str | None = LORA_ENTRY_AUTO,
     lora_rank: int = 256,
     lora_alpha: float = 256.0,
 ) -> StateDict:
@@ -399,8 +464,14 @@ def infer_wan_size(sd: Mapping[str, torch.Tensor]) -> str | None:
     return f"the checkpoint has dim {dim} and {layers} blocks: {what}"
 
 
-def _mismatch_hints(sd: Mapping[str, torch.Tensor]) -> list[str]:
+def _mismatch_hints(sd: Mapping[str, torch.Tensor], missing: list[str]) -> list[str]:
     hints = []
+    if missing and len(missing) <= _MAX_MISSING_LISTED:
+        hints.append(
+            "a few keys are missing: Causal Forcing EMA files may lack some (upstream loads them non-strictly, "
+            "keeping the Wan2.1 base values); set model.fill_missing_from_base=true to fill them from the base DiT "
+            "explicitly"
+        )
     if any("lora_" in k for k in sd):
         hints.append("it holds LoRA keys: read it with read_peft_lora and merge_lora")
     if any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in sd):
@@ -422,7 +493,7 @@ def check_state_against_model(model: nn.Module, sd: Mapping[str, torch.Tensor]) 
         return
     lines = [
         f"checkpoint does not match the model ({len(expected)} tensors expected, {len(sd)} given)",
-        f"missing {len(missing)}: {missing[:_MAX_LISTED]}",
+        f"missing {len(missing)}: {missing[:_MAX_MISSING_LISTED]}",
         f"unexpected {len(unexpected)}: {unexpected[:_MAX_LISTED]}",
         f"mis-shaped {len(shaped)}: {shaped[:_MAX_LISTED]}",
     ]
@@ -431,8 +502,19 @@ def check_state_against_model(model: nn.Module, sd: Mapping[str, torch.Tensor]) 
         cfg = getattr(model, "config", None)
         built = f" (the model was built with dim {cfg.dim} and {cfg.num_layers} blocks)" if cfg is not None else ""
         lines.append(size + built)
-    lines += _mismatch_hints(sd)
+    lines += _mismatch_hints(sd, missing)
     raise CheckpointMismatchError("\n  ".join(lines))
+
+
+def fill_missing_keys(sd: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], what: str) -> StateDict:
+    """``sd`` completed with the tensors of ``base`` it lacks (keys in :data:`IGNORED_KEYS` aside); every filled
+    key is logged. This is the explicit form of upstream's ``strict=False`` load over the base model."""
+    missing = sorted(k for k in base if k not in sd and k not in IGNORED_KEYS)
+    if missing:
+        logger.warning("%s: filling %d missing tensors from the base DiT: %s", what, len(missing), missing)
+    else:
+        logger.info("%s: no tensor missing; fill_missing_from_base changed nothing", what)
+    return {**dict(sd), **{k: base[k] for k in missing}}
 
 
 def check_finite(sd: Mapping[str, torch.Tensor]) -> None:

@@ -16,8 +16,9 @@ from astrolabe.config import ModelConfig, RunConfig
 from astrolabe.generate import GenerationStack
 from astrolabe.models.checkpoints import load_dit_state
 from astrolabe.models.registry import BaseModelSpec, check_files, get_base_model, read_base_model_state
+from astrolabe.models.registry import require_sampler_support
 from astrolabe.models.registry import text_encoder_directory
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalSpec, resolve_backend
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
 from astrolabe.models.wan.vae import WanVAE, tiny_vae, vae_from_pretrained_dir
@@ -37,11 +38,14 @@ def _require_dir(mc: ModelConfig, spec: BaseModelSpec) -> Path:
             f"model.checkpoint_dir is not set; base model {spec.name!r} needs a local directory with:\n{files}\n"
             "download them there and set model.checkpoint_dir (or use model.base=tiny on CPU)"
         )
-    return Path(mc.checkpoint_dir)
+    root = Path(mc.checkpoint_dir)
+    check_files(spec, root, fill_base=mc.fill_missing_from_base)  # one error listing every missing file
+    return root
 
 
 def stream_spec(mc: ModelConfig, spec: BaseModelSpec) -> StreamSpec:
     """Sampler sizes from the registry (window/sink overridable in the model config)."""
+    require_sampler_support(spec)
     window = mc.local_attn_frames if mc.local_attn_frames is not None else spec.local_attn_frames
     sink = mc.sink_frames if mc.sink_frames is not None else spec.sink_frames
     flow = FlowSchedule(spec.flow_shift)
@@ -64,18 +68,25 @@ def stream_spec(mc: ModelConfig, spec: BaseModelSpec) -> StreamSpec:
 def build_dit(mc: ModelConfig, spec: BaseModelSpec) -> WanDiT:
     """The base DiT in eval mode on the configured device and dtype."""
     cfg = spec.wan_config()
+    backend = resolve_backend(mc.attention_backend, mc.device, _DTYPES[mc.dtype])
     if spec.checkpoint_format is None:
-        model = WanDiT(cfg, attention_backend=mc.attention_backend)
+        model = WanDiT(cfg, attention_backend=backend)
         model.init_weights(torch.Generator().manual_seed(mc.init_seed))
     else:
         root = _require_dir(mc, spec)
         entry = None if mc.checkpoint_entry == "default" else mc.checkpoint_entry
-        sd = read_base_model_state(spec, root, entry=entry)
+        lora_entry = None if mc.lora_entry == "default" else mc.lora_entry
+        sd = read_base_model_state(
+            spec, root, entry=entry, lora_entry=lora_entry, fill_missing_from_base=mc.fill_missing_from_base
+        )
         with torch.device("meta"):
-            model = WanDiT(cfg, attention_backend=mc.attention_backend)
+            model = WanDiT(cfg, attention_backend=backend)
         load_dit_state(model, sd, assign=True)
     model.gradient_checkpointing = mc.gradient_checkpointing
-    return model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
+    model = model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
+    if mc.compile_blocks:
+        model.compile_blocks()
+    return model
 
 
 def build_vae(mc: ModelConfig, spec: BaseModelSpec) -> WanVAE:

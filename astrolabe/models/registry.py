@@ -19,7 +19,23 @@ is what ``huggingface-cli download <repo> <file> --local-dir <root>/<repo name>`
 | causal_forcing_frame_2step | 1.3B | 1000 500 (first block 4-step) | 1 | global | causal-forcing++/framewise-2step.pt (generator_ema) |
 | causal_forcing_frame_1step | 1.3B | 1000 (first block 4-step) | 1 | global | causal-forcing++/framewise-1step.pt (generator_ema) |
 | krea14b | 14B | same 4-step list | 3 | global (as Astrolabe trains it) | krea-realtime-video-14b.safetensors |
+| krea_served | 14B | 1000 937 833 625, unwarped | 3 | KV recompute: 3 context + 3 new | krea-realtime-video-14b.safetensors |
 | tiny | tiny | same 4-step list | 3 | global | none (random init) |
+
+``kv_cache`` says how the cache evolves between blocks: ``context_pass`` (SF, LongLive, CF and Astrolabe's
+training sampler: after each block, one t = 0 pass writes its keys/values; the cache grows or rolls) or
+``recompute`` (Krea's server, ``release_server.py``, models-reference 5.7: before each block the cache is
+zeroed and rebuilt by one t = 0 pass over the first latent frame + the 2 newest, at RoPE positions 0..2,
+and the new block is denoised at positions 3..5). ``krea_served`` is Krea Realtime 14B as Krea serves it:
+steps ``[1000, 937, 833, 625]`` used as they are (Krea's ``self_forcing_server_14b.yaml`` lists
+``[1000, 937, 833, 625, 0]`` with ``warp_denoising_step: false``; the trailing 0 is the clean output), i.e.
+integer timesteps where the training sampler feeds the warped 937.5 and 833.33. The streaming sampler does
+not implement ``recompute`` yet: :func:`require_sampler_support` refuses the spec instead of sampling it
+another way. ``krea14b`` stays the spec Astrolabe trains with.
+
+``fill_base`` is the DiT whose weights fill keys a checkpoint lacks, only with
+``model.fill_missing_from_base`` (Causal Forcing: upstream loads its files non-strictly over the
+Wan2.1-T2V-1.3B DiT, see :mod:`astrolabe.models.checkpoints`).
 """
 
 from __future__ import annotations
@@ -31,7 +47,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from astrolabe.configbase import Frozen
-from astrolabe.models.checkpoints import CheckpointFormat, StateDict, read_dit_checkpoint
+from astrolabe.models.checkpoints import (
+    LORA_ENTRY_AUTO,
+    CheckpointFormat,
+    StateDict,
+    fill_missing_keys,
+    read_dit_checkpoint,
+    read_wan_base,
+)
 from astrolabe.models.wan.config import BUILDERS, WanConfig, build_config
 
 VAE_STRIDE_T, VAE_STRIDE_S = 4, 8  # Wan2.1 VAE: T_lat = 1 + (T - 1) / 4, H_lat = H / 8
@@ -55,7 +78,8 @@ class HubFile(Frozen):
 
 
 class LoraSpec(Frozen):
-    """A PEFT LoRA merged into the DiT at load: ``W <- W + (alpha / rank) B A``."""
+    """A PEFT LoRA merged into the DiT at load: ``W <- W + (alpha / rank) B A``. ``entry``: the sub-dict
+    (``"generator_lora"``), ``None`` for a bare adapter, ``"auto"`` for whichever the file is."""
 
     file: HubFile
     entry: str | None
@@ -67,6 +91,9 @@ _WAN_1_3B = "Wan-AI/Wan2.1-T2V-1.3B"
 WAN_VAE = HubFile(repo=_WAN_1_3B, filename="Wan2.1_VAE.pth")
 WAN_T5 = HubFile(repo=_WAN_1_3B, filename="models_t5_umt5-xxl-enc-bf16.pth")
 WAN_T5_TOKENIZER = HubFile(repo=_WAN_1_3B, filename="google/umt5-xxl", is_dir=True)
+WAN_DIT_1_3B = HubFile(repo=_WAN_1_3B, filename="diffusion_pytorch_model.safetensors")
+KVCacheMode = Literal["context_pass", "recompute"]
+SUPPORTED_KV_CACHE: tuple[str, ...] = ("context_pass",)
 
 
 class BaseModelSpec(Frozen):
@@ -90,6 +117,7 @@ class BaseModelSpec(Frozen):
     frames_per_block: int = Field(ge=1)
     local_attn_frames: int | None
     sink_frames: int = Field(ge=0)
+    kv_cache: KVCacheMode
     context_noise: int = Field(ge=0, le=1000)
     height: int = Field(gt=0)
     width: int = Field(gt=0)
@@ -102,6 +130,7 @@ class BaseModelSpec(Frozen):
     vae: HubFile | None
     text_encoder: HubFile | None
     tokenizer: HubFile | None
+    fill_base: HubFile | None
 
     @model_validator(mode="after")
     def _check(self) -> BaseModelSpec:
@@ -164,9 +193,10 @@ class BaseModelSpec(Frozen):
     def wan_config(self) -> WanConfig:
         return build_config(self.wan_size)
 
-    def files(self) -> dict[str, HubFile]:
-        """Every file this model needs, by role: dit, lora, vae, text_encoder, tokenizer."""
+    def files(self, *, fill_base: bool = False) -> dict[str, HubFile]:
+        """Every file this model needs, by role: dit, lora, vae, text_encoder, tokenizer (+ fill_base if asked)."""
         roles = {
+            "fill_base": self.fill_base if fill_base else None,
             "dit": self.checkpoint,
             "lora": self.lora.file if self.lora else None,
             "vae": self.vae,
@@ -190,9 +220,12 @@ _VIDEO_1_3B = {
     "width": 832,
     "num_frames": 81,
     "fps": 16,
+    "kv_cache": "context_pass",
     **_SHARED_WAN_FILES,
 }
 _CF = "zhuhz22/Causal-Forcing"
+_KREA_FILE = HubFile(repo="krea/krea-realtime-video", filename="krea-realtime-video-14b.safetensors")
+_KREA_SERVED_STEPS = (1000, 937, 833, 625)  # Krea self_forcing_server_14b.yaml, warp off (its trailing 0 = output)
 _LONGLIVE = "Efficient-Large-Model/LongLive-1.3B"
 
 
@@ -202,7 +235,7 @@ def _causal_forcing(name: str, description: str, filename: str, entry: str, fram
         name=name, description=description, **_VIDEO_1_3B, denoising_steps=steps,
         first_block_denoising_steps=first_block, frames_per_block=frames_per_block, local_attn_frames=None,
         sink_frames=0, checkpoint_format="causal_forcing_pt", checkpoint_entry=entry,
-        checkpoint=HubFile(repo=_CF, filename=filename), lora=None,
+        checkpoint=HubFile(repo=_CF, filename=filename), lora=None, fill_base=WAN_DIT_1_3B,
     )
 
 
@@ -211,7 +244,7 @@ def _longlive(name: str, description: str, lora: LoraSpec | None) -> BaseModelSp
         name=name, description=description, **_VIDEO_1_3B, denoising_steps=_STEPS_4,
         first_block_denoising_steps=None, frames_per_block=3, local_attn_frames=12, sink_frames=3,
         checkpoint_format="longlive_pt", checkpoint_entry="generator",
-        checkpoint=HubFile(repo=_LONGLIVE, filename="models/longlive_base.pt"), lora=lora,
+        checkpoint=HubFile(repo=_LONGLIVE, filename="models/longlive_base.pt"), lora=lora, fill_base=None,
     )
 
 
@@ -223,10 +256,11 @@ def _build_registry() -> dict[str, BaseModelSpec]:
             local_attn_frames=None, sink_frames=0, checkpoint_format="self_forcing_pt",
             checkpoint_entry="generator_ema",
             checkpoint=HubFile(repo="gdhe17/Self-Forcing", filename="checkpoints/self_forcing_dmd.pt"), lora=None,
+            fill_base=None,
         ),
         _longlive(
             "longlive", "LongLive 1.0 (1.3B): base + its r256 LoRA merged (the released model); 12-frame window, 3 sinks",
-            LoraSpec(file=HubFile(repo=_LONGLIVE, filename="models/lora.pt"), entry="generator_lora", rank=256,
+            LoraSpec(file=HubFile(repo=_LONGLIVE, filename="models/lora.pt"), entry=LORA_ENTRY_AUTO, rank=256,
                      alpha=256.0),
         ),
         _longlive("longlive_base", "LongLive 1.0 stage-1 base without the LoRA (Astrolabe's default RL start)", None),
@@ -242,9 +276,16 @@ def _build_registry() -> dict[str, BaseModelSpec]:
             name="krea14b", description="Krea Realtime 14B (Wan2.1-T2V-14B), global causal as Astrolabe trains it",
             **{**_VIDEO_1_3B, "wan_size": "wan21_t2v_14b"}, denoising_steps=_STEPS_4,
             first_block_denoising_steps=None, frames_per_block=3, local_attn_frames=None, sink_frames=0,
-            checkpoint_format="krea_safetensors", checkpoint_entry=None,
-            checkpoint=HubFile(repo="krea/krea-realtime-video", filename="krea-realtime-video-14b.safetensors"),
-            lora=None,
+            checkpoint_format="krea_safetensors", checkpoint_entry=None, checkpoint=_KREA_FILE, lora=None,
+            fill_base=None,
+        ),
+        BaseModelSpec(
+            name="krea_served", description="Krea Realtime 14B as Krea serves it: steps 1000 937 833 625 unwarped, "
+            "KV recompute (3 context frames: first + 2 newest, then the 3 new ones)",
+            **{**_VIDEO_1_3B, "wan_size": "wan21_t2v_14b", "warp_denoising_steps": False, "kv_cache": "recompute"},
+            denoising_steps=_KREA_SERVED_STEPS, first_block_denoising_steps=None, frames_per_block=3,
+            local_attn_frames=6, sink_frames=0, checkpoint_format="krea_safetensors", checkpoint_entry=None,
+            checkpoint=_KREA_FILE, lora=None, fill_base=None,
         ),
         BaseModelSpec(
             name="tiny", description="CPU test model: tiny DiT and tiny text encoder, random init, no files",
@@ -252,6 +293,7 @@ def _build_registry() -> dict[str, BaseModelSpec]:
             first_block_denoising_steps=None, warp_denoising_steps=True, frames_per_block=3, local_attn_frames=None,
             sink_frames=0, context_noise=0, height=64, width=64, num_frames=21, fps=16, checkpoint_format=None,
             checkpoint_entry=None, checkpoint=None, lora=None, vae=None, text_encoder=None, tokenizer=None,
+            kv_cache="context_pass", fill_base=None,
         ),
     ]
     return {s.name: s for s in specs}
@@ -275,15 +317,17 @@ def get_base_model(name: str) -> BaseModelSpec:
 # ------------------------------------------------------------------------------------------------ files
 
 
-def resolve_files(spec: BaseModelSpec, root: Path) -> dict[str, Path]:
+def resolve_files(spec: BaseModelSpec, root: Path, *, fill_base: bool = False) -> dict[str, Path]:
     """Local paths of every file of ``spec`` under ``root`` (whether or not they exist)."""
-    return {role: Path(root) / f.local_path for role, f in spec.files().items()}
+    return {role: Path(root) / f.local_path for role, f in spec.files(fill_base=fill_base).items()}
 
 
-def check_files(spec: BaseModelSpec, root: Path, roles: Iterable[str] | None = None) -> dict[str, Path]:
-    """:func:`resolve_files` (restricted to ``roles`` if given), raising ``FileNotFoundError`` that lists each
-    missing file and its download command."""
-    files = spec.files()
+def check_files(
+    spec: BaseModelSpec, root: Path, roles: Iterable[str] | None = None, *, fill_base: bool = False
+) -> dict[str, Path]:
+    """:func:`resolve_files` (restricted to ``roles`` if given), raising ``FileNotFoundError`` that lists every
+    missing file and its download command in one message (an empty directory: all of them)."""
+    files = spec.files(fill_base=fill_base)
     if roles is not None:
         files = {r: f for r, f in files.items() if r in set(roles)}
     paths = {role: Path(root) / f.local_path for role, f in files.items()}
@@ -304,21 +348,47 @@ def text_encoder_directory(spec: BaseModelSpec, root: Path) -> Path | None:
     return Path(root) / spec.text_encoder.local_path.parent
 
 
-def read_base_model_state(spec: BaseModelSpec, root: Path, *, entry: str | None = None) -> StateDict:
+def require_sampler_support(spec: BaseModelSpec) -> None:
+    """Raise ``NotImplementedError`` if the streaming sampler cannot sample ``spec`` as specified (``recompute``)."""
+    if spec.kv_cache not in SUPPORTED_KV_CACHE:
+        raise NotImplementedError(
+            f"base model {spec.name!r} uses kv_cache={spec.kv_cache!r} (Krea's served KV recompute), which the "
+            f"streaming sampler does not implement (it supports {list(SUPPORTED_KV_CACHE)}); use 'krea14b' (the "
+            "spec Astrolabe trains with) to sample Krea's weights with the training sampler"
+        )
+
+
+def read_base_model_state(
+    spec: BaseModelSpec,
+    root: Path,
+    *,
+    entry: str | None = None,
+    lora_entry: str | None = None,
+    fill_missing_from_base: bool = False,
+) -> StateDict:
     """Wan-named DiT state dict of ``spec`` from the files under ``root`` (LoRA merged for ``longlive``).
 
-    ``entry`` overrides the spec's default sub-dict (e.g. ``generator`` instead of ``generator_ema``).
+    ``entry`` overrides the spec's default sub-dict (e.g. ``generator`` instead of ``generator_ema``);
+    ``lora_entry`` the LoRA's (``"generator_lora"``, ``"bare"`` for a bare adapter, ``"auto"``); with
+    ``fill_missing_from_base`` keys the checkpoint lacks are filled from ``spec.fill_base`` (logged).
     """
     if spec.checkpoint_format is None or spec.checkpoint is None:
         raise ValueError(f"base model {spec.name!r} has no checkpoint (it is randomly initialised)")
-    paths = check_files(spec, root, roles=("dit", "lora"))
+    if fill_missing_from_base and spec.fill_base is None:
+        raise ValueError(f"fill_missing_from_base: base model {spec.name!r} has no base DiT to fill from")
+    paths = check_files(spec, root, roles=("dit", "lora", "fill_base"), fill_base=fill_missing_from_base)
     lora = spec.lora
-    return read_dit_checkpoint(
+    if lora_entry is None:
+        lora_entry = lora.entry if lora else LORA_ENTRY_AUTO
+    sd = read_dit_checkpoint(
         spec.checkpoint_format,
         paths["dit"],
         entry=entry if entry is not None else spec.checkpoint_entry,
         lora_path=paths.get("lora"),
-        lora_entry=lora.entry if lora else "generator_lora",
+        lora_entry=None if lora_entry == "bare" else lora_entry,
         lora_rank=lora.rank if lora else 256,
         lora_alpha=lora.alpha if lora else 256.0,
     )
+    if fill_missing_from_base:
+        sd = fill_missing_keys(sd, read_wan_base(paths["fill_base"]), f"{spec.name} {paths['dit'].name}")
+    return sd

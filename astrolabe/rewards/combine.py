@@ -2,18 +2,17 @@
 
     R = sum_k w_k * normalize(x_k)            (B,) float32, NaN where any weighted x_k is NaN
 
-Re-exported by :mod:`astrolabe.rewards.base` and :mod:`astrolabe.rewards`.
+Re-exported by :mod:`astrolabe.rewards`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from astrolabe.rewards.base import RewardSpec
+from astrolabe.rewards.spec import RewardSpec
 
 __all__ = ["Normalization", "combine_rewards", "normalize_column"]
 

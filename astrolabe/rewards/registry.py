@@ -1,7 +1,7 @@
-"""Reward registry: names -> :class:`~astrolabe.rewards.base.Reward` subclasses, builders or lazy dotted paths.
+"""Reward registry: names -> :class:`~astrolabe.rewards.contract.Reward` subclasses, builders or lazy dotted paths.
 
-Re-exported by :mod:`astrolabe.rewards.base` and :mod:`astrolabe.rewards`; see the ``base`` module
-docstring for how a reward registers itself (eagerly with the decorator, or lazily by dotted path).
+Re-exported by :mod:`astrolabe.rewards`; see the :mod:`~astrolabe.rewards.contract` module docstring for
+how a reward registers itself (eagerly with the decorator, or lazily by dotted path).
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from astrolabe.rewards.base import Reward, RewardSpec
+from astrolabe.rewards.contract import Reward
+from astrolabe.rewards.spec import RewardSpec
 
 __all__ = ["build_reward", "build_rewards", "register_reward", "registered_rewards"]
 
@@ -20,14 +20,7 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _LAZY_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def _reward_base() -> type[Reward]:
-    """The :class:`Reward` base class, imported on use (``astrolabe.rewards.base`` imports this module)."""
-    from astrolabe.rewards.base import Reward
-
-    return Reward
-
-
-Builder = Callable[[Mapping[str, Any]], "Reward"]
+Builder = Callable[[Mapping[str, Any]], Reward]
 _REGISTRY: dict[str, type[Reward] | Builder | str] = {}
 
 
@@ -51,7 +44,7 @@ def register_reward(name: str, target: str | None = None) -> Callable[[Any], Any
 
     def decorator(obj: Any) -> Any:
         if isinstance(obj, type):
-            if not issubclass(obj, _reward_base()):
+            if not issubclass(obj, Reward):
                 raise TypeError(f"@register_reward({name!r}) decorates a Reward subclass or a builder function")
             if getattr(obj, "name", None) != name:
                 raise ValueError(f"{obj.__name__}.name is {getattr(obj, 'name', None)!r} but is registered as {name!r}")
@@ -104,13 +97,12 @@ def build_reward(spec: RewardSpec) -> Reward:
     entry = _REGISTRY.get(spec.name)
     if entry is None:
         raise KeyError(f"unknown reward {spec.name!r}; registered rewards: {registered_rewards()}")
-    reward_base = _reward_base()
     target = _resolve(spec.name, entry)
-    if isinstance(target, type) and issubclass(target, reward_base):
+    if isinstance(target, type) and issubclass(target, Reward):
         reward = target.from_options(spec.options)
     else:
         reward = target(dict(spec.options))
-    if not isinstance(reward, reward_base):
+    if not isinstance(reward, Reward):
         raise TypeError(f"builder of reward {spec.name!r} returned {type(reward).__name__}, not a Reward")
     if reward.name != spec.name:
         raise ValueError(f"builder of reward {spec.name!r} returned a reward named {reward.name!r}")

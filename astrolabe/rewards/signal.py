@@ -12,8 +12,8 @@ name                   score                                                    
 
 ``motion`` and ``smoothness`` conflict on purpose (any pixel change lowers smoothness), which makes
 the tiny CPU default a genuine multi-reward problem. Every reward reads the shared views of
-:class:`~astrolabe.rewards.base.VideoBatch`, chooses frames with ``frame_stride`` / ``max_frames``
-(:func:`~astrolabe.rewards.base.sample_frame_indices`) and can downscale frames so that the longer
+:class:`~astrolabe.rewards.video.VideoBatch`, chooses frames with ``frame_stride`` / ``max_frames``
+(:func:`~astrolabe.rewards.video.sample_frame_indices`) and can downscale frames so that the longer
 side is at most ``max_side`` (``cv2.INTER_AREA``) before scoring.
 """
 
@@ -29,14 +29,9 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from astrolabe.rewards.base import (
-    Reward,
-    RewardOptions,
-    RewardOutput,
-    VideoBatch,
-    register_reward,
-    sample_frame_indices,
-)
+from astrolabe.rewards.contract import Reward, RewardOptions, RewardOutput
+from astrolabe.rewards.registry import register_reward
+from astrolabe.rewards.video import VideoBatch, sample_frame_indices
 
 __all__ = [
     "COLOR_WORDS",

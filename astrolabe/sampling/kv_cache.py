@@ -1,7 +1,8 @@
 """Typed KV cache for streaming block-autoregressive generation (rolling window + attention sink).
 
-Per layer the cache holds self-attention keys (after RoPE, rotated with their absolute frame index)
-and values of the committed (clean) frames, plus the cross-attention keys/values of the text context.
+Per layer the cache holds self-attention keys (after RoPE, rotated with their absolute frame index;
+un-rotated when ``rope="cache_relative"``, the release's inference numerics, see
+:mod:`astrolabe.models.wan.attention`) and values of the committed (clean) frames, plus the cross-attention keys/values of the text context.
 All layers share one list of absolute frame positions. The cache is always detached: no gradient
 flows through history.
 
@@ -23,12 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalSpec, RopeMode
 
 
 @dataclass
 class LayerKV:
-    k: torch.Tensor  # (B, T, n, d) post-RoPE keys of the cached frames, T = frames * S
+    k: torch.Tensor  # (B, T, n, d) keys of the cached frames (post-RoPE unless cache_relative), T = frames * S
     v: torch.Tensor  # (B, T, n, d)
 
 
@@ -40,6 +41,7 @@ class KVCache:
     tokens_per_frame: int
     causal: CausalSpec
     max_frames: int | None = None  # capacity for global attention; None = RoPE limit only
+    rope: RopeMode = "absolute"  # how the model rotates keys: absolute (cached post-RoPE) or cache_relative
     positions: list[int] = field(default_factory=list)  # absolute frame positions of cached frames
     origin: int | None = None  # first frame position since the last reset (defines the sink)
     self_kv: list[LayerKV | None] = field(default_factory=list)
@@ -157,6 +159,7 @@ class KVCache:
             tokens_per_frame=self.tokens_per_frame,
             causal=self.causal,
             max_frames=self.max_frames,
+            rope=self.rope,
             positions=list(self.positions),
             origin=self.origin,
             self_kv=[None if kv is None else LayerKV(rep(kv.k), rep(kv.v)) for kv in self.self_kv],

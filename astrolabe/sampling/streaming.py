@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalSpec, RopeMode
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.sampling.kv_cache import KVCache
 from astrolabe.sampling.schedule import StepSchedule, add_noise, flow_to_x0
@@ -43,6 +43,7 @@ class StreamSpec:
     latent_width: int
     max_cache_frames: int | None = None  # global attention capacity (None = RoPE limit)
     first_block_steps: StepSchedule | None = None  # Causal Forcing++: the first frame uses the 4-step list
+    rope: RopeMode = "absolute"  # cache_relative = the release's inference_wan.py numerics (generate only)
 
     def steps_for(self, start_frame: int) -> StepSchedule:
         """The denoising schedule of the block starting at ``start_frame``."""
@@ -88,6 +89,7 @@ def make_cache(model: WanDiT, spec: StreamSpec) -> KVCache:
         tokens_per_frame=s,
         causal=spec.causal,
         max_frames=spec.max_cache_frames,
+        rope=spec.rope,
     )
 
 

@@ -7,7 +7,7 @@ Every reward loads offline from local directories named in its options (``checkp
 
 from __future__ import annotations
 
-from astrolabe.rewards.base import register_reward
+from astrolabe.rewards.registry import register_reward
 
 register_reward("hpsv2", "astrolabe.rewards.models.hpsv2:build")
 register_reward("hpsv3", "astrolabe.rewards.models.hpsv3:build")

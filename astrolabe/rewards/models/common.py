@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from astrolabe.rewards.base import Reward, RewardOptions
+from astrolabe.rewards.contract import Reward, RewardOptions
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ __all__ = [
     "ModelRewardOptions",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
-    "benchmark_model_rewards",
     "clear_model_cache",
     "fingerprint_files",
     "linspace_frame_indices",
@@ -252,7 +251,7 @@ def resolved_dir(directory: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pixels and benchmarks
+# Pixels
 # --------------------------------------------------------------------------------------------------
 
 
@@ -265,41 +264,3 @@ def normalize_pixels(frames: torch.Tensor, mean: Sequence[float], std: Sequence[
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def benchmark_model_rewards(
-    work_dir: Path, num_videos: int = 4, frames: int = 9, height: int = 60, width: int = 104,
-    device: str = "cpu", repeats: int = 2, seed: int = 0,
-) -> dict[str, float]:
-    """Videos/s of each model reward on random-weight *tiny* checkpoints written to ``work_dir``.
-
-    Measures the real code path (file loading once, then ``repeats`` timed scoring calls after one
-    warm-up). Returns reward name -> videos per second.
-    """
-    import time
-
-    from astrolabe.rewards.base import RewardSpec, build_reward
-    from astrolabe.rewards.models import hpsv2, hpsv3, videoalign
-    from astrolabe.rewards.models.qwen2vl import qwen2vl_test_config
-
-    hpsv2.write_random_checkpoint(work_dir / "hpsv2")
-    hpsv3.write_random_checkpoint(work_dir / "hpsv3", work_dir / "qwen7", qwen2vl_test_config())
-    videoalign.write_random_checkpoint(work_dir / "videoalign", work_dir / "qwen2", qwen2vl_test_config())
-    specs = {
-        "hpsv2": {"checkpoint_dir": str(work_dir / "hpsv2"), "architecture": "tiny-hps-test", "image_size": 32},
-        "hpsv3": {"checkpoint_dir": str(work_dir / "hpsv3"), "backbone_dir": str(work_dir / "qwen7"),
-                  "min_pixels": 28 * 28, "max_pixels": 56 * 112},
-        "videoalign_mq": {"checkpoint_dir": str(work_dir / "videoalign"), "backbone_dir": str(work_dir / "qwen2")},
-    }
-    rng = np.random.default_rng(seed)
-    videos = rng.integers(0, 256, (num_videos, frames, height, width, 3), dtype=np.uint8)
-    prompts = [f"prompt {i}" for i in range(num_videos)]
-    results = {}
-    for name, options in specs.items():
-        reward = build_reward(RewardSpec(name=name, options={**options, "device": device}))
-        reward(videos, prompts)  # warm-up + model load
-        start = time.perf_counter()
-        for _ in range(repeats):
-            reward(videos, prompts)
-        results[name] = repeats * num_videos / (time.perf_counter() - start)
-    return results

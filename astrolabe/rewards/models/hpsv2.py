@@ -16,6 +16,12 @@ state dict under ``"state_dict"`` (or a flat state dict), loaded **strictly** in
 is not needed. If ``checkpoint_dir/<architecture>.json`` exists it is registered as the open_clip model
 config (used by tests for a tiny architecture; hashed into the identity).
 
+Precision: the model runs in float32 by default (``dtype: float32``), as the Astrolabe release runs it; bf16
+moves the score by about its own spread across a group, so pick it only knowingly. The file is read with
+``torch.load(weights_only=True)`` (:func:`astrolabe.models.checkpoints.safe_torch_load`): the released
+``HPS_v2.1_compressed.pt`` is a dict whose ``state_dict`` holds tensors (tgxs002/HPSv2 ``hpsv2/img_score.py``
+loads ``checkpoint['state_dict']``); open_clip training extras (``epoch``, ``name``, ``optimizer``) load too.
+
 Deviation: torch antialiased bicubic resize instead of PIL's; float32 scores.
 """
 
@@ -30,10 +36,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from astrolabe.rewards.base import RewardOutput, VideoBatch, sample_frame_indices
+from astrolabe.models.checkpoints import safe_torch_load
+from astrolabe.rewards.contract import RewardOutput
+from astrolabe.rewards.video import VideoBatch, sample_frame_indices
 from astrolabe.rewards.models.common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    DTypeName,
     ModelReward,
     ModelRewardOptions,
     fingerprint_files,
@@ -55,6 +64,7 @@ class HPSv2Options(ModelRewardOptions):
     """HPSv2.1 options. ``batch_size`` counts frames per forward (the reference uses 8)."""
 
     architecture: str = Field("ViT-H-14", min_length=1, description="open_clip model config name.")
+    dtype: DTypeName = Field("float32", description="Model dtype; float32 as the release runs HPSv2.1 ('auto' = bf16 on CUDA).")
     image_size: int = Field(224, ge=16, description="Letterbox size (the architecture's input size).")
     max_frames: int | None = Field(None, ge=1, description="Frames scored per video (evenly spread); None = all.")
     top_fraction: float = Field(0.3, gt=0.0, le=1.0, description="Video score = mean of the top int(f*F) frames.")
@@ -84,7 +94,7 @@ class _LoadedHPSv2:
         if arch_json.is_file():
             open_clip.add_model_config(arch_json)
         model = open_clip.create_model(options.architecture, pretrained=None)
-        blob = torch.load(root / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        blob = safe_torch_load(root / CHECKPOINT_FILE, _SOURCE)
         state = blob["state_dict"] if isinstance(blob, dict) and "state_dict" in blob else blob
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{CHECKPOINT_FILE}: expected a state dict (flat or under 'state_dict')")
@@ -145,25 +155,3 @@ class HPSv2Reward(ModelReward):
 def build(options: dict[str, Any]) -> HPSv2Reward:
     """Registry builder: ``register_reward("hpsv2", "astrolabe.rewards.models.hpsv2:build")``."""
     return HPSv2Reward.from_options(options)
-
-
-TINY_OPEN_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
-
-
-def write_random_checkpoint(checkpoint_dir: Path, architecture: str = "tiny-hps-test", seed: int = 0) -> None:
-    """Random open_clip weights as ``HPS_v2.1_compressed.pt`` (``{"state_dict": ...}``) + ``<architecture>.json``."""
-    import json
-
-    import open_clip
-
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    arch_json = checkpoint_dir / f"{architecture}.json"
-    arch_json.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-    open_clip.add_model_config(arch_json)
-    torch.manual_seed(seed)  # weights only
-    model = open_clip.create_model(architecture, pretrained=None)
-    torch.save({"state_dict": model.state_dict()}, checkpoint_dir / CHECKPOINT_FILE)

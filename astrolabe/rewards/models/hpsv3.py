@@ -3,7 +3,10 @@
 Reference (``video_hpsv3_local``, reference doc 6.2; model class from MizzenAI/HPSv3
 ``Qwen2VLRewardModelBT``): each frame is an image input at ``min_pixels = max_pixels = 256*28*28``
 (480x832 -> 336x588), prompt = HPSv3 ``INSTRUCTION`` + the ``<|Reward|>`` suffix in the Qwen2-VL chat
-template; the head output at ``<|Reward|>`` is (mu, sigma) and mu is the frame score; the video score
+template (both byte for byte as ``INSTRUCTION`` / ``prompt_with_special_token`` of the ``hpsv3`` package's Qwen
+collator, ``hpsv3/dataset/data_collator_qwen.py`` of hpsv3 1.0.0 on PyPI, which MizzenAI/HPSv3
+``hpsv3/inference.py`` imports; four lines end in spaces, written ``\x20`` so no editor strips them; pinned by
+a sha256 test); the head output at ``<|Reward|>`` is (mu, sigma) and mu is the frame score; the video score
 is the mean of the top ``int(0.3 * F)`` frame scores (F = 81 -> 24 frames).
 
 Files (offline, never downloaded):
@@ -32,7 +35,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from astrolabe.rewards.base import RewardOutput, VideoBatch, sample_frame_indices
+from astrolabe.rewards.contract import RewardOutput
+from astrolabe.rewards.video import VideoBatch, sample_frame_indices
 from astrolabe.rewards.models.common import (
     ModelReward,
     ModelRewardOptions,
@@ -67,17 +71,17 @@ _SOURCE = (
 )
 
 INSTRUCTION = """
-You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best.
+You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best.\x20
 
-**Visual Quality:**
+**Visual Quality:**\x20\x20
 Evaluate the overall visual quality of the image. The following sub-dimensions should be considered:
 - **Reasonableness:** The image should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.
 - **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to interpret, with no blurring or indistinct areas.
 - **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).
 - **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.
-- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible.
+- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible.\x20
 
-**Text Alignment:**
+**Text Alignment:**\x20\x20
 Assess how well the image matches the textual prompt across the following sub-dimensions:
 - **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.
 - **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the image adheres to this style.
@@ -232,23 +236,3 @@ class HPSv3Reward(ModelReward):
 def build(options: dict[str, Any]) -> HPSv3Reward:
     """Registry builder: ``register_reward("hpsv3", "astrolabe.rewards.models.hpsv3:build")``."""
     return HPSv3Reward.from_options(options)
-
-
-def write_random_checkpoint(checkpoint_dir: Path, backbone_dir: Path, config: Any, seed: int = 0) -> None:
-    """Random-weight HPSv3 in the real layout: ``HPSv3.safetensors`` (legacy keys, + ``lm_head.weight``)
-    and a backbone snapshot (config, byte-level test tokenizer, preprocessor). For tests/benchmarks.
-
-    ``config``'s text vocab must equal the test tokenizer size + 1 (the added ``<|Reward|>``) = 264.
-    """
-    from safetensors.torch import save_file
-
-    from astrolabe.rewards.models.qwen2vl import legacy_state_dict, write_qwen2vl_backbone_files
-
-    torch.manual_seed(seed)  # weights only; scoring never draws random numbers
-    config.text_config.vocab_size = 264
-    net = Qwen2VLRewardNet(config, build_hpsv3_head(config.text_config.hidden_size))
-    state = legacy_state_dict(net)
-    state["lm_head.weight"] = torch.zeros_like(state["model.embed_tokens.weight"])
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(checkpoint_dir / CHECKPOINT_FILE))
-    write_qwen2vl_backbone_files(backbone_dir, config)

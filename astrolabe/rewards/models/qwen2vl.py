@@ -1,13 +1,12 @@
 """Qwen2-VL pieces shared by the HPSv3 and VideoReward rewards.
 
 Smart resize, patchify, chat rendering/tokenization (:class:`Qwen2VLPromptEncoder`), the reward network
-(:class:`Qwen2VLRewardNet`), checkpoint key conversion + LoRA merge, and random-weight checkpoints in
-the real on-disk layout for tests and benchmarks. Everything loads offline from local directories.
+(:class:`Qwen2VLRewardNet`), checkpoint key conversion + LoRA merge. Everything loads offline from local
+directories. Random-weight checkpoints in the real on-disk layout (for tests) are in ``tests/fakes``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,25 +14,20 @@ from typing import Any, Literal
 
 import torch
 
-from astrolabe.rewards.models.common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
     "QWEN2VL_KEY_TABLE",
     "Qwen2VLPromptEncoder",
     "Qwen2VLRewardNet",
     "convert_qwen2vl_key",
-    "legacy_state_dict",
     "load_qwen2vl_config",
     "load_safetensors_converted",
     "materialize_reward_net",
     "merge_lora_into",
     "patchify_qwen2vl",
-    "qwen2vl_test_config",
     "render_qwen2vl_chat",
     "smart_resize",
     "split_lora_key",
-    "write_qwen2vl_backbone_files",
-    "write_test_tokenizer",
 ]
 
 
@@ -336,76 +330,4 @@ def load_safetensors_converted(paths: Sequence[Path]) -> dict[str, torch.Tensor]
                 target = convert_qwen2vl_key(key)
                 if target is not None:
                     out[target] = handle.get_tensor(key)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Random-weight Qwen2-VL checkpoints in the real on-disk layout (tests, benchmarks)
-# --------------------------------------------------------------------------------------------------
-
-QWEN2VL_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-)
-
-
-def qwen2vl_test_config(
-    hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 64,
-    vision_depth: int = 2, vision_dim: int = 32, vision_heads: int = 2, vocab: int = 272,
-) -> Any:
-    """A Qwen2VLConfig whose special-token ids match :func:`write_test_tokenizer` (byte-level, 263 ids).
-
-    Real sizes: 7B = (3584, 28, 28, 4, 18944, 32, 1280, 16, 152064); 2B = (1536, 28, 12, 2, 8960, 32, 1280, 16, 151936).
-    """
-    from transformers import Qwen2VLConfig
-
-    head_dim = hidden // heads
-    section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
-    section[0] += head_dim // 2 - sum(section)
-    return Qwen2VLConfig(
-        text_config={
-            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "intermediate_size": intermediate, "vocab_size": vocab,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
-            "bos_token_id": 256, "eos_token_id": 258, "pad_token_id": None,
-        },
-        vision_config={"depth": vision_depth, "embed_dim": vision_dim, "num_heads": vision_heads, "hidden_size": hidden},
-        image_token_id=261, video_token_id=262, vision_start_token_id=259, vision_end_token_id=260,
-    )
-
-
-def write_test_tokenizer(directory: Path) -> None:
-    """Byte-level BPE tokenizer (256 byte tokens, no merges) + the Qwen2-VL special tokens (ids 256..262).
-
-    Needs no download: any text tokenizes to its UTF-8 bytes. Saved as tokenizer.json + tokenizer_config.json.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(QWEN2VL_SPECIAL_TOKENS))
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>").save_pretrained(
-        str(directory)
-    )
-
-
-def write_qwen2vl_backbone_files(directory: Path, config: Any) -> None:
-    """config.json (legacy-compatible), tokenizer files and preprocessor_config.json of a Qwen2-VL snapshot."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(directory))
-    write_test_tokenizer(directory)
-    pre = {"image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "patch_size": 14,
-           "temporal_patch_size": 2, "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}
-    (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-
-
-def legacy_state_dict(net: Qwen2VLRewardNet) -> dict[str, torch.Tensor]:
-    """``net``'s weights under the transformers-4.45 keys of the reference checkpoints (inverse table)."""
-    out = {}
-    for key, value in net.state_dict().items():
-        if key.startswith("language_model."):
-            key = "model." + key[len("language_model.") :]
-        out[key] = value.detach().clone().contiguous()
     return out

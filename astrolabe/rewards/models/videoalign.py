@@ -2,19 +2,33 @@
 
 Reference (reference doc 6.3; KwaiVGI/VideoAlign ``inference.py`` + ``prompt_template.py``): Qwen2-VL-2B
 with three reward tokens ``<|VQ_reward|> <|MQ_reward|> <|TA_reward|>`` and a linear head
-(``Linear(D, output_dim, bias=False)``); per video 10 frames at ``round(linspace(0, T-1, 10))``, resized
+(``Linear(D, output_dim, bias=False)``); per video n frames at ``round(linspace(0, T-1, n))``, resized
 (bicubic, antialiased) by Qwen2-VL smart resize with ``max_pixels = data_config.max_frame_pixels``
 (480x832 -> 336x588 at 256*28*28), normalised with the stored mean/std, fed as a *video*
-(temporal patch 2 -> grid t = 5). MQ sees the frames converted to 3-channel grayscale
+(temporal patch 2 -> grid t = n / 2). MQ sees the frames converted to 3-channel grayscale
 (torchvision ``rgb_to_grayscale`` on uint8: floor(0.2989 R + 0.587 G + 0.114 B)). The head output at the
 k-th reward token gives dimension k (diagonal when ``output_dim == 3``); with ``normalize`` the score is
 ``(x - mean_k) / std_k`` from ``inference_config``.
+
+Frame sampling (options ``num_frames`` / ``fps``, exactly one set):
+
+- ``num_frames: 10`` (default): n = 10 whatever the length, as the Astrolabe release's scorer does;
+- ``num_frames: null, fps: 2.0``: VideoAlign's own inference (``data_config.fps = 2``; KwaiVGI/VideoAlign
+  ``vision_process.py`` ``smart_nframes``), so a long video is not judged from 10 frames::
+
+      n = T / video_fps * fps,  clamped to [4, floor_2(min(768, T))],  rounded to a multiple of 2 (half to even)
+
+  with ``video_fps`` the frame rate of the scored videos (16 for every Wan2.1 model).
 
 Files (offline): ``checkpoint_dir/model_config.json`` + the highest ``checkpoint_dir/checkpoint-<step>/``
 holding either ``model.pth`` (full state dict) or ``adapter_model.safetensors`` + ``non_lora_state_dict.pth``
 (LoRA deltas merged into the base weights: ``W += lora_alpha / r * B @ A``, ``/ sqrt(r)`` with rslora;
 non-LoRA trained tensors replace base ones). ``backbone_dir`` = local Qwen2-VL-2B-Instruct snapshot
-(config, tokenizer, preprocessor; plus ``model.safetensors`` for the LoRA layout).
+(config, tokenizer, preprocessor; plus, for the LoRA layout, its weights: the release's shards
+``model-0000k-of-00002.safetensors`` listed by ``model.safetensors.index.json``, read through the index
+with :func:`astrolabe.models.checkpoints.read_sharded_safetensors`, or a single ``model.safetensors``).
+Pickles (``model.pth``, ``non_lora_state_dict.pth``: dicts of tensors as the VideoAlign trainer saves
+them) are read with ``weights_only=True`` (:func:`astrolabe.models.checkpoints.safe_torch_load`).
 
 Deviations: the head runs in float32 and the score is float32 (the reference casts to bf16); frames are
 not re-quantized to integers between the resize and the normalisation; only the
@@ -33,9 +47,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from astrolabe.rewards.base import RewardOutput, VideoBatch
+from astrolabe.models.checkpoints import read_sharded_safetensors, safe_torch_load
+from astrolabe.rewards.contract import RewardOutput
+from astrolabe.rewards.video import VideoBatch
 from astrolabe.rewards.models.common import (
     MissingCheckpointError,
     ModelReward,
@@ -67,6 +83,9 @@ __all__ = ["VideoAlignOptions", "VideoAlignReward", "build_mq", "build_ta", "bui
 DIMENSIONS = ("VQ", "MQ", "TA")
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 BACKBONE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+BACKBONE_INDEX = "model.safetensors.index.json"  # the Qwen2-VL-2B-Instruct release: 2 shards + this index
+BACKBONE_SINGLE = "model.safetensors"
+FPS_MIN_FRAMES, FPS_MAX_FRAMES, FRAME_FACTOR = 4, 768, 2  # VideoAlign vision_process.py
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen_vl_utils default for videos
 _SOURCE = (
     "download the VideoReward checkpoint (Hugging Face KwaiVGI/VideoReward: model_config.json + checkpoint-*/) and a "
@@ -124,17 +143,48 @@ class VideoAlignOptions(ModelRewardOptions):
     """VideoReward options. ``batch_size`` counts *videos* per forward."""
 
     backbone_dir: str = Field(min_length=1, description="Local Qwen2-VL-2B-Instruct snapshot.")
-    num_frames: int = Field(10, ge=2, description="Frames per video, round(linspace(0, T-1, n)); must be even.")
+    num_frames: int | None = Field(
+        10, ge=2, description="Frames per video, round(linspace(0, T-1, n)); must be even. null = sample by fps."
+    )
+    fps: float | None = Field(
+        None, gt=0, description="Sample by time instead (VideoAlign's own inference: 2.0); needs num_frames: null."
+    )
+    video_fps: float = Field(16.0, gt=0, description="Frame rate of the scored videos (fps sampling only).")
     normalize: bool = Field(True, description="Return (x - mean) / std with the checkpoint's inference_config.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     batch_size: int = Field(2, ge=1, description="Videos per model forward.")
 
     @field_validator("num_frames")
     @classmethod
-    def _even(cls, value: int) -> int:
-        if value % 2:
+    def _even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
             raise ValueError(f"num_frames must be even (Qwen2-VL temporal patch 2), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> VideoAlignOptions:
+        if (self.num_frames is None) == (self.fps is None):
+            raise ValueError(
+                "set exactly one of num_frames (fixed count, default 10) and fps (e.g. num_frames: null, fps: 2.0)"
+            )
+        return self
+
+
+def fps_frame_count(total_frames: int, video_fps: float, fps: float) -> int:
+    """VideoAlign ``smart_nframes`` with ``fps``: frames to sample from a ``total_frames`` video at ``video_fps``.
+
+        n = total_frames / video_fps * fps;  n = min(max(n, 4), floor_2(min(768, total_frames)));  n = round_2(n)
+
+    (``round_2`` = Python ``round(n / 2) * 2``, half to even). 81 frames at 16 fps, fps 2 -> 10.125 -> 10;
+    240 frames -> 30. Raises ValueError for videos shorter than 2 frames.
+    """
+    min_frames = math.ceil(FPS_MIN_FRAMES / FRAME_FACTOR) * FRAME_FACTOR
+    max_frames = math.floor(min(FPS_MAX_FRAMES, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+    n = min(max(total_frames / video_fps * fps, min_frames), max_frames)
+    n = min(round(n / FRAME_FACTOR) * FRAME_FACTOR, total_frames)
+    if not FRAME_FACTOR <= n <= total_frames:
+        raise ValueError(f"fps sampling needs at least {FRAME_FACTOR} frames, got a {total_frames}-frame video")
+    return n
 
 
 def _latest_checkpoint(root: Path) -> Path:
@@ -154,9 +204,30 @@ def _checkpoint_files(options: VideoAlignOptions) -> tuple[Path, list[str], list
     else:
         need = ["adapter_model.safetensors", "non_lora_state_dict.pth"]
         require_files(step, need, "VideoReward LoRA checkpoint (or model.pth)", _SOURCE)
-        ckpt, base = [f"{step.name}/{n}" for n in need], [*BACKBONE_FILES, "model.safetensors"]
+        ckpt, base = [f"{step.name}/{n}" for n in need], [*BACKBONE_FILES, *_backbone_weight_files(options)]
     require_files(options.backbone_dir, base, "VideoReward Qwen2-VL backbone", _SOURCE)
     return step, ["model_config.json", *ckpt], base
+
+
+def _backbone_weight_files(options: VideoAlignOptions) -> list[str]:
+    """The base weights of the LoRA layout: the index + every shard it lists, else ``model.safetensors``."""
+    index = Path(options.backbone_dir) / BACKBONE_INDEX
+    if not index.is_file():
+        return [BACKBONE_SINGLE]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{index} is not an index json with a 'weight_map': {exc}") from exc
+    return [BACKBONE_INDEX, *shards]
+
+
+def _read_backbone_weights(options: VideoAlignOptions) -> dict[str, torch.Tensor]:
+    """Qwen2-VL base weights (sharded through the index, or one file), keys converted for the reward net."""
+    root = Path(options.backbone_dir)
+    if (root / BACKBONE_INDEX).is_file():
+        raw = read_sharded_safetensors(root / BACKBONE_INDEX, _SOURCE)
+        return {t: v for k, v in raw.items() if (t := convert_qwen2vl_key(k)) is not None}
+    return load_safetensors_converted([root / BACKBONE_SINGLE])
 
 
 def _lora_scaling(peft: dict[str, Any]) -> float:
@@ -195,20 +266,20 @@ class _LoadedVideoAlign:
         v = config.vision_config
         self.patch, self.temporal, self.merge = v.patch_size, v.temporal_patch_size, v.spatial_merge_size
         self.device, self.dtype = device, dtype
-        self.memo: tuple[Any, ...] | None = None  # (weakref(batch), prompts, gray) -> logits of the last call
+        self.memo: tuple[Any, ...] | None = None  # (weakref(batch), (prompts, gray, sampling), logits, errors)
 
     @staticmethod
     def _state(step: Path, cfg: dict[str, Any], options: VideoAlignOptions) -> dict[str, torch.Tensor]:
         """Full layout: model.pth. LoRA layout: base weights, + non-LoRA tensors, + merged LoRA deltas."""
         if (step / "model.pth").is_file():
-            raw = torch.load(step / "model.pth", map_location="cpu", weights_only=True)
+            raw = safe_torch_load(step / "model.pth", _SOURCE)
             state, lora = {}, {}
         else:
-            raw = torch.load(step / "non_lora_state_dict.pth", map_location="cpu", weights_only=True)
+            raw = safe_torch_load(step / "non_lora_state_dict.pth", _SOURCE)
             from safetensors.torch import load_file
 
             lora = load_file(str(step / "adapter_model.safetensors"))
-            state = load_safetensors_converted([Path(options.backbone_dir) / "model.safetensors"])
+            state = _read_backbone_weights(options)
         for key, value in raw.items():
             if split_lora_key(key) is not None:
                 lora[key] = value
@@ -224,10 +295,11 @@ class _LoadedVideoAlign:
     def logits(self, reward: VideoAlignReward, batch: VideoBatch, prompts: Sequence[str], gray: bool) -> tuple[np.ndarray, dict[int, str]]:
         """(B, 3) raw (VQ, MQ, TA) logits, NaN rows + errors for unscorable prompts; memoised per batch."""
         memo = self.memo
-        if memo is not None and memo[0]() is batch and memo[1] == tuple(prompts) and memo[2] == gray:
-            return memo[3], memo[4]
+        key = (tuple(prompts), gray, json.dumps(reward.frame_sampling(), sort_keys=True))
+        if memo is not None and memo[0]() is batch and memo[1] == key:
+            return memo[2], memo[3]
         out, errors = reward._compute(self, batch, prompts, gray)
-        self.memo = (weakref.ref(batch), tuple(prompts), gray, out, errors)
+        self.memo = (weakref.ref(batch), key, out, errors)
         return out, errors
 
 
@@ -255,7 +327,17 @@ class VideoAlignReward(ModelReward):
         return fingerprint_files(self.options.checkpoint_dir, ckpt) + ":" + fingerprint_files(self.options.backbone_dir, base)
 
     def frame_sampling(self) -> dict[str, Any]:
+        if self.options.fps is not None:
+            return {"stride": 1, "max_frames": None, "fps": self.options.fps, "video_fps": self.options.video_fps,
+                    "method": "VideoAlign smart_nframes, then round(linspace(0,T-1,n))"}
         return {"stride": 1, "max_frames": self.options.num_frames, "method": "round(linspace(0,T-1,n)), repeats if T<n"}
+
+    def frame_indices(self, num_frames: int) -> np.ndarray:
+        """Indices of the frames scored from a ``num_frames`` video (see the module docstring)."""
+        count = self.options.num_frames
+        if count is None:
+            count = fps_frame_count(num_frames, self.options.video_fps, self.options.fps)
+        return linspace_frame_indices(num_frames, count)
 
     def resolution(self) -> Any:
         return {"smart_resize": 28, "min_pixels": VIDEO_MIN_PIXELS, "max_pixels": "model_config.data_config.max_frame_pixels"}
@@ -282,9 +364,9 @@ class VideoAlignReward(ModelReward):
 
     @torch.inference_mode()
     def _compute(self, model: _LoadedVideoAlign, batch: VideoBatch, prompts: Sequence[str], gray: bool) -> tuple[np.ndarray, dict[int, str]]:
-        frame_idx = linspace_frame_indices(batch.num_frames, self.options.num_frames)
+        frame_idx = self.frame_indices(batch.num_frames)
         h, w = smart_resize(batch.height, batch.width, model.patch * model.merge, VIDEO_MIN_PIXELS, model.max_pixels)
-        grid = (self.options.num_frames // model.temporal, h // model.patch, w // model.patch)
+        grid = (-(-len(frame_idx) // model.temporal), h // model.patch, w // model.patch)
         num_tokens = grid[0] * grid[1] * grid[2] // model.merge**2
         out = np.full((batch.size, 3), np.nan, np.float32)
         errors: dict[int, str] = {}
@@ -348,31 +430,3 @@ def build_mq(options: dict[str, Any]) -> VideoAlignMQ:
 
 def build_ta(options: dict[str, Any]) -> VideoAlignTA:
     return VideoAlignTA.from_options(options)
-
-
-def write_random_checkpoint(checkpoint_dir: Path, backbone_dir: Path, config: Any, seed: int = 0, step: int = 1) -> None:
-    """Random-weight VideoReward in the real *full* layout (``model_config.json`` + ``checkpoint-<step>/model.pth``
-    with PEFT-free legacy keys) and a backbone snapshot. For tests/benchmarks. Vocab = 263 + 3 reward tokens."""
-    from astrolabe.rewards.models.qwen2vl import legacy_state_dict, write_qwen2vl_backbone_files
-
-    torch.manual_seed(seed)  # weights only
-    config.text_config.vocab_size = 266
-    net = Qwen2VLRewardNet(config, torch.nn.Linear(config.text_config.hidden_size, 3, bias=False))
-    (checkpoint_dir / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
-    torch.save(legacy_state_dict(net), checkpoint_dir / f"checkpoint-{step}" / "model.pth")
-    write_model_config(checkpoint_dir)
-    write_qwen2vl_backbone_files(backbone_dir, config)
-
-
-def write_model_config(checkpoint_dir: Path, lora_r: int = 4, lora_alpha: int = 8, max_frame_pixels: int = 56 * 84) -> None:
-    """``model_config.json`` with the fields this loader reads (same structure as VideoReward's)."""
-    cfg = {
-        "data_config": {"max_frame_pixels": max_frame_pixels, "num_frames": None, "fps": 2.0,
-                        "eval_dim": list(DIMENSIONS), "prompt_template_type": "detailed_special", "sample_type": "uniform"},
-        "model_config": {"model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct", "output_dim": 3, "use_special_tokens": True,
-                         "reward_token": "special", "torch_dtype": "bfloat16"},
-        "peft_lora_config": {"lora_enable": True, "lora_r": lora_r, "lora_alpha": lora_alpha, "use_rslora": False},
-        "inference_config": {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -0.25, "MQ_std": 0.5, "TA_mean": 0.0, "TA_std": 4.0},
-    }
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    (checkpoint_dir / "model_config.json").write_text(json.dumps(cfg, indent=2))

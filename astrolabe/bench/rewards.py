@@ -1,13 +1,19 @@
-"""Throughput of the weight-free rewards on synthetic videos (videos per second, single process)."""
+"""Reward throughput (videos per second, single process): the weight-free rewards on synthetic videos
+(``astrolabe bench rewards``) and model rewards on checkpoints the caller names.
+
+Nothing here writes checkpoints: random-weight fakes in the real layouts live in ``tests/fakes``.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from astrolabe.rewards.base import RewardSpec, VideoBatch, build_reward, score_all
+from astrolabe.rewards import RewardSpec, VideoBatch, build_reward, score_all
 
 logger = logging.getLogger(__name__)
 
@@ -49,4 +55,28 @@ def benchmark_signal_rewards(
     score_all(rewards, videos, prompts, batch_size=batch_size)
     results["all"] = num_videos / (time.perf_counter() - start)
     logger.info("signal reward throughput (videos/s, %dx%dx%d): %s", frames, height, width, results)
+    return results
+
+
+def benchmark_model_rewards(
+    reward_options: Mapping[str, Mapping[str, Any]], num_videos: int = 4, frames: int = 9, height: int = 60,
+    width: int = 104, device: str = "cpu", repeats: int = 2, seed: int = 0,
+) -> dict[str, float]:
+    """Videos/s of each model reward ``name -> options`` (options name the local checkpoint directories).
+
+    Measures the real code path (file loading once in a warm-up call, then ``repeats`` timed scoring calls)
+    on random uint8 videos (N, F, H, W, 3). Returns reward name -> videos per second.
+    """
+    rng = np.random.default_rng(seed)
+    videos = rng.integers(0, 256, (num_videos, frames, height, width, 3), dtype=np.uint8)
+    prompts = [f"prompt {i}" for i in range(num_videos)]
+    results = {}
+    for name, options in reward_options.items():
+        reward = build_reward(RewardSpec(name=name, options={**options, "device": device}))
+        reward(videos, prompts)  # warm-up + model load
+        start = time.perf_counter()
+        for _ in range(repeats):
+            reward(videos, prompts)
+        results[name] = repeats * num_videos / (time.perf_counter() - start)
+    logger.info("model reward throughput (videos/s, %dx%dx%d): %s", frames, height, width, results)
     return results

@@ -1,4 +1,4 @@
-"""Reward contract, registry, shared video views and reward combination.
+"""The reward contract: the :class:`Reward` protocol, its output type and NaN semantics, scoring a stage.
 
 A *reward* is a named, versioned judge built once per scoring stage and called on batches of videos:
 
@@ -26,12 +26,18 @@ Writing a reward (e.g. a model reward in ``astrolabe/rewards/models/``):
    ``astrolabe.rewards`` imports ``astrolabe.rewards.models`` (if that package exists) at import time,
    so lazy registrations belong in that package's light ``__init__.py``.
 
-Inputs are validated before scoring (:func:`as_video_array`): rank 5, 3 RGB channels last, non-empty,
-uint8 or float in [0, 1], ``len(prompts) == B`` and enough frames for temporal rewards. A bad input is a
-``ValueError`` that says what was expected (an input error is the caller's bug, never a NaN).
+Inputs are validated before scoring (:func:`~astrolabe.rewards.video.as_video_array`) and frame counts
+are checked against :meth:`Reward.min_frames`.
 
-The registry lives in :mod:`astrolabe.rewards.registry` and the normalisation / weighted combination
-in :mod:`astrolabe.rewards.combine`; both are re-exported here.
+Inputs and their shared views live in :mod:`astrolabe.rewards.video`, the registry in
+:mod:`astrolabe.rewards.registry`, the run's reward set in :mod:`astrolabe.rewards.spec` and the
+normalisation / weighted combination in :mod:`astrolabe.rewards.combine`; :mod:`astrolabe.rewards`
+re-exports them all.
+
+NaN semantics: a score of NaN means "this sample could not be scored" (its scorer raised, or the
+reward declares it unscorable); it is logged, counted (:attr:`RewardOutput.num_nan`, ``errors``) and
+excluded downstream (a NaN in any weighted column makes the combined reward NaN). Input errors are
+never NaN: they raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -39,95 +45,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from astrolabe.configbase import Frozen
-from astrolabe.rewards.combine import Normalization, combine_rewards, normalize_column
-from astrolabe.rewards.registry import build_reward, build_rewards, register_reward, registered_rewards
+from astrolabe.rewards.video import VideoBatch, as_video_array, check_prompts, sample_frame_indices
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Normalization",
-    "Reward",
-    "RewardOptions",
-    "RewardOutput",
-    "RewardSpec",
-    "RewardsConfig",
-    "VideoBatch",
-    "as_video_array",
-    "build_reward",
-    "build_rewards",
-    "check_prompts",
-    "combine_rewards",
-    "normalize_column",
-    "register_reward",
-    "registered_rewards",
-    "sample_frame_indices",
-    "score_all",
-]
-
-_FLOAT_TOLERANCE = 1e-6  # float videos may exceed [0, 1] by this much (decoder round-off); clipped
-
-
-# --------------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------------
-
-
-class RewardSpec(Frozen):
-    """One reward of a reward set: registry ``name``, ``weight`` in the combined reward, ``options``.
-
-    ``options`` is validated by the reward's own ``Options`` class when the reward is built
-    (:func:`build_reward`); an unknown option is an error there.
-    """
-
-    name: str = Field(min_length=1, description="Registered reward name, e.g. 'motion' or 'hpsv2'.")
-    weight: float = Field(1.0, description="Weight in the combined reward; 0 = computed and logged only.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Reward-specific options.")
-
-    @field_validator("weight")
-    @classmethod
-    def _finite_weight(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"reward weight must be a finite number, got {value}")
-        return value
-
-
-class RewardsConfig(Frozen):
-    """The reward set of a run: which rewards, their weights/options, normalization and batch size."""
-
-    rewards: tuple[RewardSpec, ...] = Field(
-        default=(
-            RewardSpec(name="motion", weight=1.0),
-            RewardSpec(name="smoothness", weight=1.0),
-            RewardSpec(name="text_color_match", weight=1.0),
-        ),
-        description="Rewards to compute; the combined reward is sum(weight * normalized score), normalized as "
-        "rl.advantage.normalize_rewards says.",
-    )
-    batch_size: int = Field(8, ge=1, description="Videos per scoring call.")
-
-    @model_validator(mode="after")
-    def _check_set(self) -> RewardsConfig:
-        if not self.rewards:
-            raise ValueError("rewards must list at least one RewardSpec, e.g. [{name: motion, weight: 1.0}]")
-        names = [spec.name for spec in self.rewards]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"reward names must be unique, duplicated: {duplicates}")
-        if all(spec.weight == 0 for spec in self.rewards):
-            raise ValueError("at least one reward needs a non-zero weight, all weights are 0")
-        return self
+__all__ = ["Reward", "RewardOptions", "RewardOutput", "score_all"]
 
 
 class RewardOptions(Frozen):
@@ -199,151 +129,6 @@ class RewardOutput:
             offset += len(out.scores)
         return cls(scores, details, errors)
 
-
-# --------------------------------------------------------------------------------------------------
-# Input validation and shared views
-# --------------------------------------------------------------------------------------------------
-
-
-def _to_numpy(videos: Any) -> np.ndarray:
-    """numpy view of ``videos`` (numpy array or torch tensor, any device)."""
-    if isinstance(videos, np.ndarray):
-        return videos
-    if type(videos).__module__.startswith("torch"):
-        import torch
-
-        tensor = videos.detach().cpu()
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor = tensor.float()
-        return tensor.numpy()
-    raise ValueError(
-        f"videos must be a numpy array or torch tensor of shape (B, F, H, W, 3), got {type(videos).__name__}"
-    )
-
-
-def as_video_array(videos: Any, prompts: Sequence[str] | None = None) -> np.ndarray:
-    """Validate a video batch and return it as a numpy array (B, F, H, W, 3), uint8 or float in [0, 1].
-
-    Raises:
-        ValueError: wrong type/rank/channel count, an empty dimension, a dtype other than uint8 or
-            float, float values outside [0, 1] or non-finite, or ``len(prompts) != B``.
-    """
-    array = _to_numpy(videos)
-    if array.ndim != 5 or array.shape[-1] != 3:
-        hint = ""
-        if array.ndim == 5 and array.shape[2] == 3:
-            hint = " (looks like (B, F, 3, H, W): move the channel axis last, e.g. x.permute(0, 1, 3, 4, 2))"
-        elif array.ndim == 4:
-            hint = " (a single video? add the batch axis: x[None])"
-        raise ValueError(f"videos must have shape (B, F, H, W, 3) with RGB channels last, got {array.shape}{hint}")
-    if 0 in array.shape:
-        raise ValueError(f"videos must be non-empty in every dimension (B, F, H, W, 3), got {array.shape}")
-    if array.dtype == np.uint8:
-        pass
-    elif np.issubdtype(array.dtype, np.floating):
-        low, high = float(array.min()), float(array.max())
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("float videos must be finite: found NaN or inf values")
-        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
-            raise ValueError(
-                f"float videos must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
-                "divide 0-255 data by 255 or pass uint8"
-            )
-    else:
-        raise ValueError(
-            f"videos must be uint8 (0-255) or float in [0, 1], got dtype {array.dtype}; "
-            "convert with x.astype(np.uint8) for 0-255 integers"
-        )
-    if prompts is not None:
-        check_prompts(prompts, array.shape[0])
-    return array
-
-
-def check_prompts(prompts: Sequence[str], batch_size: int) -> None:
-    """Raise ValueError unless ``prompts`` is a sequence of ``batch_size`` strings."""
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of B strings, got a single string")
-    if len(prompts) != batch_size:
-        raise ValueError(f"got {len(prompts)} prompts for {batch_size} videos: need one prompt per video")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts must be strings, entries {bad[:5]} are not")
-
-
-class VideoBatch:
-    """A validated video batch with lazily computed views shared by every reward of a stage.
-
-    Each view is computed at most once (on first access) and then reused by all rewards:
-
-    - ``raw``:     (B, F, H, W, 3) the validated input, uint8 or float in [0, 1].
-    - ``float01``: (B, F, H, W, 3) float32 in [0, 1]  (uint8 / 255).
-    - ``uint8``:   (B, F, H, W, 3) uint8              (round(255 * float), clipped).
-    - ``gray``:    (B, F, H, W)    uint8 luma, OpenCV ``COLOR_RGB2GRAY``: Y = 0.299 R + 0.587 G + 0.114 B.
-
-    Channels are RGB.
-    """
-
-    def __init__(self, videos: Any, *, _validated: bool = False) -> None:
-        self.raw: np.ndarray = videos if _validated else as_video_array(videos)
-
-    @property
-    def size(self) -> int:
-        return int(self.raw.shape[0])
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.raw.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.raw.shape[2])
-
-    @property
-    def width(self) -> int:
-        return int(self.raw.shape[3])
-
-    @cached_property
-    def float01(self) -> np.ndarray:
-        if self.raw.dtype == np.uint8:
-            return self.raw.astype(np.float32) / np.float32(255.0)  # (B, F, H, W, 3)
-        return np.clip(self.raw, 0.0, 1.0).astype(np.float32, copy=False)
-
-    @cached_property
-    def uint8(self) -> np.ndarray:
-        if self.raw.dtype == np.uint8:
-            return self.raw
-        return np.rint(np.clip(self.raw, 0.0, 1.0) * 255.0).astype(np.uint8)  # (B, F, H, W, 3)
-
-    @cached_property
-    def gray(self) -> np.ndarray:
-        b, f, h, w, _ = self.raw.shape
-        flat = np.ascontiguousarray(self.uint8).reshape(b * f * h, w, 3)  # one tall image: one cv2 call
-        return cv2.cvtColor(flat, cv2.COLOR_RGB2GRAY).reshape(b, f, h, w)  # (B, F, H, W)
-
-    def subset(self, indices: Sequence[int]) -> VideoBatch:
-        """Batch of the given samples; views already computed are sliced, not recomputed."""
-        index = np.asarray(indices, dtype=np.int64)
-        sub = VideoBatch(self.raw[index], _validated=True)
-        for view in ("float01", "uint8", "gray"):
-            if view in self.__dict__:
-                sub.__dict__[view] = self.__dict__[view][index]
-        return sub
-
-
-def sample_frame_indices(num_frames: int, stride: int = 1, max_frames: int | None = None) -> np.ndarray:
-    """Indices of the frames a reward looks at.
-
-    ``idx = [0, stride, 2*stride, ...] < num_frames``; if more than ``max_frames`` remain, keep
-    ``idx[round(linspace(0, len(idx) - 1, max_frames))]`` (first and last kept, evenly spread).
-    """
-    if num_frames < 1 or stride < 1 or (max_frames is not None and max_frames < 1):
-        raise ValueError(
-            f"need num_frames >= 1, stride >= 1, max_frames >= 1 or None; got {num_frames}, {stride}, {max_frames}"
-        )
-    idx = np.arange(0, num_frames, stride)
-    if max_frames is not None and len(idx) > max_frames:
-        idx = idx[np.round(np.linspace(0, len(idx) - 1, max_frames)).astype(np.int64)]
-    return idx
 
 
 # --------------------------------------------------------------------------------------------------
