@@ -14,7 +14,8 @@ Outputs in the stage directory:
 - ``eval_rewards.zarr``: keys ``p{i:03d}-s{s}``, one float32 column per eval reward (and its
   ``<name>.<detail>`` diagnostics); NaN = could not score.
 - ``metrics.json`` (also the manifest's typed ``metrics`` under ``eval/``, less ``n`` and null values),
-  with ``x_{n,k}`` the raw score of reward k on sample n and ``w_k`` its weight in ``eval_rewards`` (or ``rewards``)::
+  with ``x_{n,k}`` the raw score of reward k on sample n and ``w_k`` its weight in ``eval_rewards``
+  (or ``rewards``)::
 
       reward/<k>/mean = nanmean_n x_{n,k}     reward/<k>/std = nanstd_n x_{n,k} (population)
       reward/<k>/nan  = #{n: x_{n,k} is NaN}
