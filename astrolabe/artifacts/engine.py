@@ -85,8 +85,8 @@ def merge_metrics(metrics: Sequence[Mapping[str, float]], summed: Sequence[str] 
         if k in summed:
             out[k] = float(sum(vals))
         elif len(set(vals)) != 1:
-            raise ValueError(f"metric {k!r} differs between ranks ({vals}): declare it in StageInfo.rank_summed_metrics "
-                             "or compute it from the merged output")
+            raise ValueError(f"metric {k!r} differs between ranks ({vals}): declare it in "
+                             "StageInfo.rank_summed_metrics or compute it from the merged output")
         else:
             out[k] = vals[0]
     return out

@@ -60,7 +60,8 @@ class Manifest(Frozen):
     counts: dict[str, int] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict, description="seconds")
     metrics: dict[str, float] = Field(
-        default_factory=dict, description="namespaced, finite metrics of this output ('reward/<name>/mean', 'time/<stage>')"
+        default_factory=dict,
+        description="namespaced, finite metrics of this output ('reward/<name>/mean', 'time/<stage>')",
     )
     reports: dict[str, str] = Field(
         default_factory=dict, description="relative path of a file -> the tracking-run folder it is attached under"

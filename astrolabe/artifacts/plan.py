@@ -103,7 +103,8 @@ class NodeStatus:
     path: Path | None  # the expected output (done) or the newest other output (stale)
 
 
-def plan_status(cfg: RunConfig, run_path: Path, stages: StageRegistry, iterations: int | None = None) -> list[NodeStatus]:
+def plan_status(cfg: RunConfig, run_path: Path, stages: StageRegistry,
+                iterations: int | None = None) -> list[NodeStatus]:  # fmt: skip
     """Status of every node of the plan, from the config and the run directory only (nothing runs)."""
     done: dict[NodeId, Manifest] = {}
     out: list[NodeStatus] = []
