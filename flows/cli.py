@@ -81,8 +81,8 @@ def generate(
 ) -> None:
     """Generate one mp4 per prompt (+ a JSON sidecar with prompt, seeds, config and timing)."""
     _setup_logging(verbose)
-    from astrolabe.generate import check_plans, generate_video, latent_frames_for_pixels, warn_tiny_text
-    from astrolabe.models.factory import build_generation_stack
+    from astrolabe.build import build_generation_stack
+    from astrolabe.sampling.generation import check_plans, generate_video, latent_frames_for_pixels, warn_tiny_text
 
     if (prompt is None) == (prompt_file is None):
         console.print("[red]give exactly one of --prompt TEXT or --prompt-file FILE[/red]")
@@ -100,10 +100,10 @@ def generate(
     cfg = _load(config, set_)
     try:
         stack, base = build_generation_stack(cfg, lora=checkpoint)
-        stack.spec = dataclasses.replace(stack.spec, rope=cfg.sampling.rope)
-        requested = latent_frames_for_pixels(num_frames, stack.spec.block_frames) if num_frames is not None else None
+        stack.stream = dataclasses.replace(stack.stream, rope=cfg.sampling.rope)
+        requested = latent_frames_for_pixels(num_frames, stack.stream.block_frames) if num_frames is not None else None
         # every line's full scene plan, before any compute
-        plans = check_plans(prompts, stack.fps, stack.spec.block_frames, requested, base.latent_frames)
+        plans = check_plans(prompts, stack.fps, stack.stream.block_frames, requested, base.latent_frames)
         if base.text_encoder_kind == "tiny":
             warn_tiny_text(plans)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -113,7 +113,7 @@ def generate(
     with _progress() as progress:
         for i, plan in enumerate(plans):
             p, latent = plan.prompt, plan.num_latent_frames
-            task = progress.add_task(f"video {i + 1}/{len(prompts)}", total=latent // stack.spec.block_frames)
+            task = progress.add_task(f"video {i + 1}/{len(prompts)}", total=latent // stack.stream.block_frames)
             out = output_dir / f"{i:04d}.mp4"
             res = generate_video(
                 stack,

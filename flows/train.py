@@ -104,8 +104,8 @@ def evaluate(run: str, iteration: int | None = None, runs_root: str | None = Non
 def generate(config: str, prompts: list[str], output_dir: str, checkpoint: str | None = None, seed: int = 0,
              overrides: list[str] | None = None) -> list[str]:  # fmt: skip
     """Generate one mp4 per prompt with the base model or a checkpoint's trained LoRA."""
-    from astrolabe.generate import generate_video
-    from astrolabe.models.factory import build_generation_stack
+    from astrolabe.build import build_generation_stack
+    from astrolabe.sampling.generation import generate_video
 
     cfg = load_config(config, overrides)
     stack, base = build_generation_stack(cfg, lora=Path(checkpoint) if checkpoint else None)

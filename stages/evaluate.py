@@ -45,13 +45,13 @@ from typing import Any
 import numpy as np
 
 from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
+from astrolabe.build import build_generation_stack
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.grid import write_grid
 from astrolabe.data.video import decode_mp4
-from astrolabe.generate import GenerationStack, generate_video
-from astrolabe.models.factory import build_generation_stack
 from astrolabe.rewards import RewardsConfig, build_rewards
+from astrolabe.sampling.generation import GenerationStack, generate_video
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
 from stages.score import reward_identities, score_records
 
@@ -245,9 +245,9 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    stack, spec = build_generation_stack(cfg, lora=state)
+    stack, card = build_generation_stack(cfg, lora=state)
     timings["build"] = time.perf_counter() - t0
-    num_latent_frames = cfg.rollout.num_latent_frames or spec.latent_frames
+    num_latent_frames = cfg.rollout.num_latent_frames or card.latent_frames
     t0 = time.perf_counter()
     paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
                          crf=cfg.rollout.video_crf)
@@ -269,7 +269,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     t0 = time.perf_counter()
     baseline = inputs.get("baseline")
     grid = write_comparison_grid(out_dir, paths, Path(baseline) if baseline is not None else None, iteration,
-                                 fps=float(spec.fps))
+                                 fps=float(card.fps))
     timings["grid"] = time.perf_counter() - t0
 
     nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in rewards)

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
+from astrolabe.build import build_dit, build_text, stream_config
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import check_keys_aligned, read_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
-from astrolabe.models.factory import build_dit, build_text, stream_spec
 from astrolabe.models.registry import get_base_model
 from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.state import TrainingState
@@ -170,7 +170,7 @@ def _mean(values: list[float]) -> float:
 
 
 def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], contexts: Mapping[str, torch.Tensor],
-                spec_stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:  # fmt: skip
+                stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:  # fmt: skip
     """``rl.epochs`` shuffled passes of accumulated window NFT steps; returns averaged metrics."""
     rl = cfg.rl
     device, dtype = torch.device(cfg.model.device), next(state.policies.model.parameters()).dtype
@@ -190,7 +190,7 @@ def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], co
                 batch = make_batch(cands, idx, contexts[cands[idx[0]].prompt], device, dtype)
                 with state.autocast():
                     loss, metrics = window_nft_step(
-                        policies, model, spec_stream, batch, rl.nft, gens["sigma"], gens["noise"], rl.update,
+                        policies, model, stream, batch, rl.nft, gens["sigma"], gens["noise"], rl.update,
                         shift=shift, group_size=len(idx), backward=False,
                     )
                 state.backward(loss, accumulation_steps=len(chunk))
@@ -249,7 +249,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     t_build = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    metrics = train_phase(cfg, state, cands, contexts, stream_spec(cfg.model, base), base.flow_shift)
+    metrics = train_phase(cfg, state, cands, contexts, stream_config(cfg.model, base), base.flow_shift)
     end_phase(state, metrics)
     t_train = time.perf_counter() - t1
     state.extra = {"iteration": iteration, "trained_records": len(cands)}

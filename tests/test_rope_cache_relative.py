@@ -15,13 +15,13 @@ import math
 import pytest
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec, plan_attention, slot_positions, slot_rope
+from astrolabe.models.wan.attention import CausalWindow, plan_attention, slot_positions, slot_rope
 from astrolabe.models.wan.config import tiny
 from astrolabe.models.wan.dit import WanDiT, WanSelfAttention
 from astrolabe.models.wan.rope import rope_apply, rope_frequencies, rope_tables
 from astrolabe.sampling.kv_cache import KVCache
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
-from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
+from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig
 
 DT = torch.float64
 HW = (2, 2)  # token grid per frame
@@ -35,11 +35,11 @@ def _layer() -> WanSelfAttention:
 
 def test_slot_positions_after_roll():
     # window 4 incl. sink 1, blocks of 1 frame; cached frames 0 (sink), 2, 3; new frame 4
-    plan = plan_attention([0, 2, 3, 4], 1, CausalSpec(1, 4, 1), origin=0)
+    plan = plan_attention([0, 2, 3, 4], 1, CausalWindow(1, 4, 1), origin=0)
     assert plan[0].keys == (0, 1, 2, 3)
     assert slot_positions(plan[0], num_cached=3) == ((0, 1, 2, 3), (3,))
     # the release: once rolled, the query of an f-frame block sits at [L - f, L) of an L-frame buffer
-    plan = plan_attention([0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14], 3, CausalSpec(3, 12, 3), origin=0)
+    plan = plan_attention([0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14], 3, CausalWindow(3, 12, 3), origin=0)
     keys, query = slot_positions(plan[0], num_cached=9)
     assert keys == tuple(range(12)) and query == (9, 10, 11)
 
@@ -52,7 +52,7 @@ def test_rolled_cache_matches_hand_computed_attention():
     cfg = tiny()
     n, d = cfg.num_heads, cfg.head_dim
     tables = rope_tables(d, cfg.rope_max_positions)
-    causal = CausalSpec(block_frames=1, window_frames=3, sink_frames=1)
+    causal = CausalWindow(block_frames=1, window_frames=3, sink_frames=1)
     cache = KVCache(num_layers=1, tokens_per_frame=S, causal=causal, rope="cache_relative")
     x = torch.randn(1, 4 * S, cfg.dim, generator=torch.Generator().manual_seed(1), dtype=DT)  # frames 0..3
 
@@ -102,9 +102,9 @@ def _model() -> WanDiT:
 
 def _video(model: WanDiT, rope: str, window: int | None, sink: int, blocks: int) -> list[torch.Tensor]:
     steps = StepSchedule.from_steps(FlowSchedule(5.0), [1000, 750, 500, 250])
-    spec = StreamSpec(CausalSpec(3, window, sink), steps, 16, 4, 4, rope=rope)
+    stream = StreamConfig(CausalWindow(3, window, sink), steps, 16, 4, 4, rope=rope)
     c = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(3), dtype=DT)
-    streamer = BlockStreamer(model, spec, c, SampleNoise([7]))
+    streamer = BlockStreamer(model, stream, c, SampleNoise([7]))
     assert streamer.cache.rope == rope
     return [streamer.step().clone() for _ in range(blocks)]
 
@@ -138,8 +138,8 @@ def test_soft_switch_and_long_video_beyond_the_rope_table():
     steps = StepSchedule.from_steps(FlowSchedule(5.0), [1000, 500])
     c = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(3), dtype=DT)
     for rope in ("cache_relative", "absolute"):
-        spec = StreamSpec(CausalSpec(3, 6, 3), steps, 16, 4, 4, rope=rope)
-        streamer = BlockStreamer(m, spec, c, SampleNoise([7]))
+        stream = StreamConfig(CausalWindow(3, 6, 3), steps, 16, 4, 4, rope=rope)
+        streamer = BlockStreamer(m, stream, c, SampleNoise([7]))
         run = lambda: [streamer.step() for _ in range(4)]  # noqa: E731  12 frames > 8 table positions
         if rope == "absolute":
             with pytest.raises(ValueError, match="outside the RoPE table"):
@@ -149,6 +149,29 @@ def test_soft_switch_and_long_video_beyond_the_rope_table():
         streamer.switch_prompt(c.flip(1), hard=False)
         assert torch.isfinite(streamer.step()).all()
         assert streamer.cache.fork(2).rope == "cache_relative"
+
+
+def test_read_only_view_keeps_cache_relative_rope():
+    """The update's read-only view of a cache_relative cache rotates as the cache does (past the roll, where
+    slots and absolute positions differ), and fork/read_only both carry ``rope``."""
+    m = _model()
+    stream = StreamConfig(CausalWindow(3, 6, 3), StepSchedule.from_steps(FlowSchedule(5.0), [1000, 500]), 16, 4, 4,
+                          rope="cache_relative")
+    c = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(3), dtype=DT)
+    streamer = BlockStreamer(m, stream, c, SampleNoise([7]))
+    for _ in range(4):  # 12 frames through a 6-frame window: the sink is no longer contiguous with the rest
+        streamer.step()
+    cache = streamer.cache
+    view = cache.read_only()
+    assert view.rope == cache.fork(1).rope == "cache_relative"
+    x = torch.randn(1, 3, 16, 4, 4, generator=torch.Generator().manual_seed(9), dtype=DT)
+    with torch.no_grad():
+        got = m(x, torch.tensor([500.0]), c, kv_cache=view, start_frame=12)
+        want = m(x, torch.tensor([500.0]), c, kv_cache=cache, start_frame=12)
+        cache.rope = "absolute"  # what a view that dropped the field would compute
+        other = m(x, torch.tensor([500.0]), c, kv_cache=cache.read_only(), start_frame=12)
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, other, atol=1e-6)
 
 
 def test_meta_built_model_has_real_rope_tables():
@@ -161,4 +184,4 @@ def test_meta_built_model_has_real_rope_tables():
     x = torch.randn(1, 3, 16, 4, 4, generator=torch.Generator().manual_seed(0), dtype=DT)
     c = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(1), dtype=DT)
     t = torch.tensor([500.0])
-    assert torch.equal(m(x, t, c, causal=CausalSpec(3)), ref(x, t, c, causal=CausalSpec(3)))
+    assert torch.equal(m(x, t, c, causal=CausalWindow(3)), ref(x, t, c, causal=CausalWindow(3)))

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.artifacts.stagedir import stage_root
+from astrolabe.build import build_generation_stack
 from astrolabe.config import config_from_dict
 from astrolabe.data.arrays import read_columns
 from astrolabe.data.grid import SEPARATOR_VALUE, GridLayout, background, compose_frame, header_height
 from astrolabe.data.video import decode_mp4
-from astrolabe.generate import generate_video
-from astrolabe.models.factory import build_generation_stack
 from astrolabe.rewards import build_rewards, score_all
+from astrolabe.sampling.generation import generate_video
 from stages import evaluate
-from astrolabe.artifacts.engine import execute
-from astrolabe.artifacts.stage import StageInfo, StageResult
 
 HELDOUT = ["a red fox runs in snow", "a boat on a calm lake"]
 SEEDS = (1000, 1001)
@@ -59,7 +59,7 @@ def _write_heldout(out: Path) -> None:
 
 def _write_checkpoint(out: Path) -> None:
     """A fake nft_update output: ``state/lora/`` holds a non-identity PEFT adapter of the tiny DiT."""
-    from astrolabe.models.factory import build_dit
+    from astrolabe.build import build_dit
     from astrolabe.models.registry import get_base_model
     from astrolabe.rl.lora import LoRAConfig, adapter_parameters, apply_lora, save_adapter
 
@@ -93,13 +93,13 @@ def _reference_metrics(cols: dict[str, np.ndarray]) -> dict:
     """Independent recomputation of metrics.json from the stored columns."""
     ref: dict = {"n": len(cols["motion"])}
     combined = np.zeros(ref["n"])
-    for spec in EVAL_REWARDS:
-        x = cols[spec["name"]].astype(np.float64)
-        ref[f"reward/{spec['name']}/mean"] = float(np.nanmean(x))
-        ref[f"reward/{spec['name']}/std"] = float(np.nanstd(x))
-        ref[f"reward/{spec['name']}/nan"] = int(np.isnan(x).sum())
-        if spec["weight"]:
-            combined += spec["weight"] * x
+    for reward in EVAL_REWARDS:
+        x = cols[reward["name"]].astype(np.float64)
+        ref[f"reward/{reward['name']}/mean"] = float(np.nanmean(x))
+        ref[f"reward/{reward['name']}/std"] = float(np.nanstd(x))
+        ref[f"reward/{reward['name']}/nan"] = int(np.isnan(x).sum())
+        if reward["weight"]:
+            combined += reward["weight"] * x
     ref["combined/mean"] = sum(s["weight"] * ref[f"reward/{s['name']}/mean"] for s in EVAL_REWARDS)
     ref["combined/std"] = float(np.std(combined))
     return ref

@@ -36,13 +36,13 @@ from typing import Any
 import torch
 
 from astrolabe.bench import StreamSetup, build_model, measure, sync
-from astrolabe.bench.rollout import make_spec
+from astrolabe.bench.rollout import make_stream
 from astrolabe.bench.update import _batch, _step
 from astrolabe.models.wan.attention import resolve_backend
 from astrolabe.models.wan.config import build_config
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.rl.nft import NFTConfig
-from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
+from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ def _context(model: WanDiT, device: str, dtype: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- sections
 
 
-def _stream(model: WanDiT, spec: StreamSpec, context: torch.Tensor, frames: int, decode=None) -> dict[str, Any]:
+def _stream(model: WanDiT, stream: StreamConfig, context: torch.Tensor, frames: int, decode=None) -> dict[str, Any]:
     """Generate ``frames`` latent frames (optionally decoding each block); per-block times and peak memory."""
     dev = context.device
-    streamer = BlockStreamer(model, spec, context, SampleNoise([0], dev))
+    streamer = BlockStreamer(model, stream, context, SampleNoise([0], dev))
     decoder = None
     if decode is not None:
         from astrolabe.models.wan.vae import StreamingDecoder
@@ -155,7 +155,7 @@ def _stream(model: WanDiT, spec: StreamSpec, context: torch.Tensor, frames: int,
         decoder = StreamingDecoder(decode)
     times: list[float] = []
     with measure(dev, track_tensors=False) as m:
-        for b in range(frames // spec.block_frames):
+        for b in range(frames // stream.block_frames):
             t0 = time.perf_counter()
             x0 = streamer.step()
             if decoder is not None:
@@ -164,7 +164,7 @@ def _stream(model: WanDiT, spec: StreamSpec, context: torch.Tensor, frames: int,
             sync(dev)
             times.append(time.perf_counter() - t0)
             if b % 10 == 0:
-                log.info("  block %d/%d: %.3f s", b + 1, frames // spec.block_frames, times[-1])
+                log.info("  block %d/%d: %.3f s", b + 1, frames // stream.block_frames, times[-1])
     total = sum(times)
     edge = max(1, min(4, len(times) // 4))
     return {
@@ -183,11 +183,11 @@ def _stream(model: WanDiT, spec: StreamSpec, context: torch.Tensor, frames: int,
 def rollout_section(plan: GpuBenchPlan, size: str, frames: int, with_decode: bool) -> dict[str, Any]:
     s = plan.setup
     model = bench_dit(plan, size)
-    spec = make_spec(s.latent_hw, s.window, s.sink, s.block, model.config.in_dim)
+    stream = make_stream(s.latent_hw, s.window, s.sink, s.block, model.config.in_dim)
     context = _context(model, s.device, s.dtype)
     vae = bench_vae(plan) if with_decode else None
-    _stream(model, spec, context, s.block, decode=vae)  # warm-up (kernels, allocator, compile)
-    out = _stream(model, spec, context, frames, decode=vae)
+    _stream(model, stream, context, s.block, decode=vae)  # warm-up (kernels, allocator, compile)
+    out = _stream(model, stream, context, frames, decode=vae)
     out.update(size=size, attention_backend=model.attention_backend, window=s.window, sink=s.sink)
     return out
 
@@ -199,7 +199,7 @@ def update_section(plan: GpuBenchPlan) -> dict[str, Any]:
     s = plan.setup
     dev = torch.device(s.device)
     base = bench_dit(plan, s.size)
-    spec = make_spec(s.latent_hw, s.window, s.sink, s.block, base.config.in_dim)
+    stream = make_stream(s.latent_hw, s.window, s.sink, s.block, base.config.in_dim)
     data = _batch(base, plan.update_prefix_frames, plan.update_window_frames, s.latent_hw, 1, s.device, s.dtype)
     model = apply_lora(base, LoRAConfig(rank=plan.lora_rank, alpha=float(plan.lora_rank)),
                        generator=torch.Generator().manual_seed(0)).train()  # fmt: skip
@@ -215,11 +215,11 @@ def update_section(plan: GpuBenchPlan) -> dict[str, Any]:
         row: dict[str, Any] = {"oom": False}
         try:
             with amp():
-                _step(mode, model, spec, data, nft, ckpt=True)  # warm-up; gradients allocated
+                _step(mode, model, stream, data, nft, ckpt=True)  # warm-up; gradients allocated
             times = []
             for _ in range(plan.update_repeats):
                 with measure(dev, track_tensors=False) as m, amp():
-                    row["loss"] = _step(mode, model, spec, data, nft, ckpt=True)
+                    row["loss"] = _step(mode, model, stream, data, nft, ckpt=True)
                 times.append(m["time_s"])
             row["s_per_step"] = statistics.median(times)
             row["peak_memory_bytes"] = m.get("cuda_peak_bytes", m.get("rss_peak_bytes", 0.0))

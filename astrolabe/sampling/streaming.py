@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec, RopeMode
+from astrolabe.models.wan.attention import CausalWindow, RopeMode
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.sampling.kv_cache import KVCache
 from astrolabe.sampling.schedule import StepSchedule, add_noise, flow_to_x0
@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StreamSpec:
+class StreamConfig:
     """Everything the sampler needs that depends on the base model and the latent size."""
 
-    causal: CausalSpec
+    causal: CausalWindow
     steps: StepSchedule
     latent_channels: int
     latent_height: int
@@ -81,15 +81,15 @@ class SampleNoise:
         return [g.get_state() for g in self.generators]
 
 
-def make_cache(model: WanDiT, spec: StreamSpec) -> KVCache:
+def make_cache(model: WanDiT, stream: StreamConfig) -> KVCache:
     """Empty cache sized from the model config and the latent grid."""
-    s = model.config.tokens_per_frame(spec.latent_height, spec.latent_width)
+    s = model.config.tokens_per_frame(stream.latent_height, stream.latent_width)
     return KVCache(
         num_layers=model.config.num_layers,
         tokens_per_frame=s,
-        causal=spec.causal,
-        max_frames=spec.max_cache_frames,
-        rope=spec.rope,
+        causal=stream.causal,
+        max_frames=stream.max_cache_frames,
+        rope=stream.rope,
     )
 
 
@@ -99,16 +99,16 @@ def denoise_block(
     context: torch.Tensor,  # (B, L, text_dim)
     noise: SampleNoise,
     start_frame: int,
-    spec: StreamSpec,
+    stream: StreamConfig,
     frames: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Few-step denoising of one block against the cache (read-only). Returns x0 (B, f, C, h, w)."""
     b = context.shape[0]
-    shape = spec.block_shape(b, frames)[1:]
+    shape = stream.block_shape(b, frames)[1:]
     x = noise.randn(shape, dtype)
     x0 = x
-    steps = spec.steps_for(start_frame)
+    steps = stream.steps_for(start_frame)
     for k, (t, sigma) in enumerate(zip(steps.timesteps, steps.sigmas)):
         tt = torch.full((b,), t, device=x.device)
         v = model(x, tt, context, kv_cache=cache, start_frame=start_frame)
@@ -123,13 +123,13 @@ def write_context(
     cache: KVCache,
     context: torch.Tensor,
     x0: torch.Tensor,  # (B, f, C, h, w) clean latents
-    spec: StreamSpec,
+    stream: StreamConfig,
     start_frame: int | None = None,
     frame_positions: Sequence[int] | None = None,
 ) -> None:
     """Context pass: run the model on clean frames at the context timestep and commit their keys/values."""
     b = x0.shape[0]
-    tt = torch.full((b,), spec.steps.context_timestep, device=x0.device)
+    tt = torch.full((b,), stream.steps.context_timestep, device=x0.device)
     model(
         x0,
         tt,
@@ -150,7 +150,7 @@ class BlockStreamer:
     """
 
     model: WanDiT
-    spec: StreamSpec
+    stream: StreamConfig
     context: torch.Tensor  # (B, L, text_dim)
     noise: SampleNoise
     cache: KVCache | None = None
@@ -159,16 +159,16 @@ class BlockStreamer:
 
     def __post_init__(self) -> None:
         if self.cache is None:
-            self.cache = make_cache(self.model, self.spec)
+            self.cache = make_cache(self.model, self.stream)
         if len(self.noise) != self.context.shape[0]:
             raise ValueError(f"{len(self.noise)} seeds for a batch of {self.context.shape[0]} prompts")
 
     @torch.no_grad()
     def step(self, frames: int | None = None) -> torch.Tensor:
         """Generate the next block; returns its clean latents (B, f, C, h, w) and caches them."""
-        f = self.spec.block_frames if frames is None else frames
-        x0 = denoise_block(self.model, self.cache, self.context, self.noise, self.next_frame, self.spec, f)
-        write_context(self.model, self.cache, self.context, x0, self.spec, start_frame=self.next_frame)
+        f = self.stream.block_frames if frames is None else frames
+        x0 = denoise_block(self.model, self.cache, self.context, self.noise, self.next_frame, self.stream, f)
+        write_context(self.model, self.cache, self.context, x0, self.stream, start_frame=self.next_frame)
         for i in range(f):
             self.retained[self.next_frame + i] = x0[:, i]
         self.retained = {p: self.retained[p] for p in self.cache.positions}
@@ -189,7 +189,7 @@ class BlockStreamer:
             self.retained = {}
             return
         latents = torch.stack([self.retained[p] for p in positions], dim=1)  # (B, n, C, h, w)
-        write_context(self.model, self.cache, context, latents, self.spec, frame_positions=positions)
+        write_context(self.model, self.cache, context, latents, self.stream, frame_positions=positions)
 
     def fork(self, k: int, seeds: Sequence[Sequence[int]]) -> BlockStreamer:
         """K candidates per stream sharing this prefix; ``seeds[b][j]`` seeds candidate j of stream b."""
@@ -198,7 +198,7 @@ class BlockStreamer:
         flat = [s for per in seeds for s in per]
         return BlockStreamer(
             model=self.model,
-            spec=self.spec,
+            stream=self.stream,
             context=self.context.repeat_interleave(k, dim=0),
             noise=SampleNoise(flat, self.noise.device),
             cache=self.cache.fork(k),
@@ -216,16 +216,16 @@ def generate_blocks(streamer: BlockStreamer, num_blocks: int) -> Iterator[torch.
 @torch.no_grad()
 def rebuild_context(
     model: WanDiT,
-    spec: StreamSpec,
+    stream: StreamConfig,
     context: torch.Tensor,  # (B, L, text_dim)
     prefix_latents: torch.Tensor,  # (B, P, C, h, w) clean prefix, P a multiple of the block size
     start_frame: int = 0,
 ) -> KVCache:
     """Replay the context passes over a stored prefix: the cache the sampler had at the branch point."""
-    cache = make_cache(model, spec)
-    f = spec.block_frames
+    cache = make_cache(model, stream)
+    f = stream.block_frames
     if prefix_latents.shape[1] % f:
         raise ValueError(f"prefix of {prefix_latents.shape[1]} frames is not a multiple of block size {f}")
     for s in range(0, prefix_latents.shape[1], f):
-        write_context(model, cache, context, prefix_latents[:, s : s + f], spec, start_frame=start_frame + s)
+        write_context(model, cache, context, prefix_latents[:, s : s + f], stream, start_frame=start_frame + s)
     return cache

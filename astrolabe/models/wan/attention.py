@@ -45,7 +45,7 @@ RopeMode = Literal["absolute", "cache_relative"]
 
 
 @dataclass(frozen=True)
-class CausalSpec:
+class CausalWindow:
     """Block-causal attention: blocks of ``block_frames``; optional rolling window with sink frames."""
 
     block_frames: int
@@ -74,7 +74,7 @@ class QueryBlock:
 def plan_attention(
     key_positions: Sequence[int],
     num_new: int,
-    causal: CausalSpec | None,
+    causal: CausalWindow | None,
     origin: int,
 ) -> tuple[QueryBlock, ...]:
     """Frame-level attention plan; the last ``num_new`` entries of ``key_positions`` are the new frames."""

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from astrolabe.models.wan.attention import (
     AttentionBackend,
-    CausalSpec,
+    CausalWindow,
     QueryBlock,
     SlotRope,
     plan_attention,
@@ -142,14 +142,14 @@ class WanCrossAttention(_WanAttentionProjections):
         b, length, _ = x.shape
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, length, n, d)
-        cached = cache.cross_kv[layer_idx] if cache is not None else None
+        cached = cache.text_kv(layer_idx) if cache is not None else None
         if cached is None:
             k = self.norm_k(self.k(context)).view(b, -1, n, d)
             v = self.v(context).view(b, -1, n, d)
-            if cache is not None and not torch.is_grad_enabled():
+            if cache is not None and cache.keeps_text_kv and not torch.is_grad_enabled():
                 # store the text keys/values only on no-grad (sampling / context) forwards: a training forward
                 # with gradient checkpointing must recompute them, and each policy has its own projections
-                cache.cross_kv[layer_idx] = (k.detach(), v.detach())
+                cache.store_text_kv(layer_idx, k, v)
         else:
             k, v = cached
         out = attention(q, k.to(q.dtype), v.to(q.dtype), backend)
@@ -311,7 +311,7 @@ class WanDiT(nn.Module):
         t: torch.Tensor,  # (B,) or (B, F) timesteps on the 0..1000 scale
         context: torch.Tensor,  # (B, L <= text_len, text_dim) text features
         *,
-        causal: CausalSpec | None = None,
+        causal: CausalWindow | None = None,
         start_frame: int = 0,
         frame_positions: Sequence[int] | None = None,
         kv_cache: KVCache | None = None,
@@ -320,7 +320,7 @@ class WanDiT(nn.Module):
         """Flow prediction (B, F, C, H, W).
 
         ``causal=None`` and no cache: bidirectional attention. With ``causal`` (or a cache, which carries
-        its own spec) frames attend block-causally. ``frame_positions`` (absolute latent-frame indices for
+        its own causal window) frames attend block-causally. ``frame_positions`` (absolute latent-frame indices for
         RoPE and the window rule) default to ``start_frame .. start_frame + F - 1``. A cache with
         ``rope="cache_relative"`` rotates by window slot instead (:mod:`astrolabe.models.wan.attention`). With ``cache_write``
         the new frames' keys/values are committed to ``kv_cache`` after the forward (the context pass).
@@ -334,7 +334,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"{len(positions)} frame positions given for {nf} frames")
         if kv_cache is not None:
             if causal is not None and causal != kv_cache.causal:
-                raise ValueError(f"causal spec {causal} differs from the cache's {kv_cache.causal}")
+                raise ValueError(f"causal window {causal} differs from the cache's {kv_cache.causal}")
             causal = kv_cache.causal
         if cache_write and kv_cache is None:
             raise ValueError("cache_write=True needs a kv_cache")

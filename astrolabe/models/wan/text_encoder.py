@@ -23,14 +23,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
-import astrolabe  # noqa: F401  (installs the torchvision guard before transformers)
 import ftfy
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.configbase import Frozen
+
+install_torchvision_guard()  # transformers imports torchvision (see astrolabe._compat)
+from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from astrolabe.sampling.scenes import (
     plan_scenes,
     required_blocks,
 )
-from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
+from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class GenerationStack:
     dit: WanDiT
     vae: WanVAE
     encode_text: Callable[[list[str]], torch.Tensor]  # prompts -> (B, text_len, text_dim)
-    spec: StreamSpec
+    stream: StreamConfig
     fps: int
     device: torch.device
 
@@ -147,10 +147,10 @@ def generate_video(
     """
     start = time.perf_counter()
     scenes = parse_scene_prompt(prompt_line)
-    num_blocks = blocks_for(num_latent_frames, stack.spec.block_frames)
-    segments = plan_scenes(scenes, num_blocks, stack.fps, stack.spec.block_frames)
+    num_blocks = blocks_for(num_latent_frames, stack.stream.block_frames)
+    segments = plan_scenes(scenes, num_blocks, stack.fps, stack.stream.block_frames)
     contexts = [stack.encode_text([seg.prompt]).to(stack.device) for seg in segments]
-    streamer = BlockStreamer(stack.dit, stack.spec, contexts[0], SampleNoise([seed], stack.device))
+    streamer = BlockStreamer(stack.dit, stack.stream, contexts[0], SampleNoise([seed], stack.device))
     decoder = StreamingDecoder(stack.vae)
     frames_written = 0
     with StreamingMp4Writer(out_path, fps=stack.fps, crf=crf) as writer:
