@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from astrolabe.artifacts.atomic import write_text
 from astrolabe.configbase import Frozen
 
 log = logging.getLogger(__name__)
@@ -231,9 +232,7 @@ class Tracker:
         run = client.create_run(exp_id, run_name=run_name, tags={"astrolabe.run_dir": str(Path(run_dir).resolve())})
         self.run_id = run.info.run_id
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(self.run_id + "\n", encoding="utf-8")
-        os.replace(tmp, id_file)
+        write_text(id_file, self.run_id + "\n")
         log.info("started MLflow run %s (%s) at %s", self.run_id, run_name, self.tracking_uri)
         return self.run_id
 

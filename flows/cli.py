@@ -7,7 +7,6 @@ It lives in ``flows/`` because it drives the pipeline (stages and Prefect flows)
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from astrolabe.artifacts.atomic import write_json
 from astrolabe.config import ConfigError, config_to_dict, dump_config, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Astrolabe: RL post-training of AR video models.")
@@ -137,7 +137,7 @@ def generate(
                 "config": config_to_dict(cfg),
                 "host": platform.node(),
             }
-            (output_dir / f"{i:04d}.json").write_text(json.dumps(sidecar, indent=2, default=str))
+            write_json(output_dir / f"{i:04d}.json", sidecar, indent=2, default=str)
     console.print(f"wrote {len(prompts)} video(s) to {output_dir}")
 
 
@@ -162,7 +162,7 @@ def _fail(e: BaseException, code: int = 1) -> None:
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Known failures become one red line and an exit code: 3 run locked, 2 bad config/input, 1 stage error."""
-    from astrolabe.artifacts import RunLockedError
+    from astrolabe.artifacts.lock import RunLockedError
 
     try:
         yield
@@ -259,8 +259,8 @@ def train(
 
             summary = train_flow(str(config), None, sets)
         else:
+            from astrolabe.artifacts.plan import build_plan
             from flows.run import train_run
-            from stages.pipeline import build_plan
 
             with _progress() if is_main else nullcontext() as progress:
                 on_done = _node_progress(progress, len(build_plan(cfg))) if progress is not None else None
@@ -281,8 +281,9 @@ def stage(
     """Run one stage of a run from its current inputs (upstream is never touched)."""
     _setup_logging(verbose)
     from astrolabe.distributed import rank0_run_lock
+    from astrolabe.artifacts.plan import run_stage
     from flows.run import load_run_config, resolve_run_path
-    from stages.pipeline import STAGES, run_stage
+    from stages import STAGES
 
     with _user_errors():
         run_path = resolve_run_path(run, runs_root)
@@ -290,7 +291,7 @@ def stage(
         if name in STAGES and STAGES[name].STAGE.per_iteration and iteration is None:
             raise ConfigError(f"{name} runs per iteration: pass --iteration K")
         with _ranks(cfg.model.device, "local") as is_main, rank0_run_lock(run_path):
-            res = run_stage(cfg, run_path, name, iteration, force)
+            res = run_stage(cfg, run_path, STAGES, name, iteration, force)
     if not is_main:
         return
     what = "cached" if res.cached else f"computed in {res.manifest.timings.get('total', 0.0):.1f}s"
@@ -336,15 +337,16 @@ def status(run: Annotated[str, typer.Argument(help="Run directory or name.")], r
     """A table of stages x iterations: done / stale / missing."""
     from rich.table import Table
 
+    from astrolabe.artifacts.plan import plan_status
     from flows.run import load_run_config, resolve_run_path
-    from stages.pipeline import STAGE_ORDER, plan_status
+    from stages import STAGE_ORDER, STAGES
 
     try:
         run_path = resolve_run_path(run, runs_root)
         cfg = load_run_config(run_path)
     except ConfigError as e:
         _fail(e, 2)
-    cells: dict[tuple[str, int | None], str] = {s.node.id: s.status for s in plan_status(cfg, run_path)}
+    cells: dict[tuple[str, int | None], str] = {s.node.id: s.status for s in plan_status(cfg, run_path, STAGES)}
     iters = sorted({i for _, i in cells if i is not None})
     style = {"done": "[green]done[/green]", "stale": "[yellow]stale[/yellow]", "missing": "[dim]missing[/dim]"}
     table = Table("stage", *[str(i) for i in iters], title=f"{run_path} ({cfg.pipeline.iterations} iterations)")
@@ -387,7 +389,7 @@ def compare(
 def _bench_output(result: dict, table, json_out: Path | None) -> None:
     Console().print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2, default=str))
+        write_json(json_out, result, indent=2, default=str)
 
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the raw results as JSON.")]

@@ -13,8 +13,9 @@ Outputs in the stage directory:
   ``rollout.num_latent_frames`` latent frames or the base model's default.
 - ``eval_rewards.zarr``: keys ``p{i:03d}-s{s}``, one float32 column per eval reward (and its
   ``<name>.<detail>`` diagnostics); NaN = could not score.
-- ``metrics.json`` (also ``manifest.extra["metrics"]``), with ``x_{n,k}`` the raw score of reward k on
-  sample n and ``w_k`` its weight in ``eval_rewards`` (or ``rewards``)::
+- ``metrics.json`` (also the manifest's typed ``metrics`` under ``eval/``, less ``n`` and null values),
+  with ``x_{n,k}`` the raw score of reward k on sample n and ``w_k`` its weight in ``eval_rewards``
+  (or ``rewards``)::
 
       reward/<k>/mean = nanmean_n x_{n,k}     reward/<k>/std = nanstd_n x_{n,k} (population)
       reward/<k>/nan  = #{n: x_{n,k} is NaN}
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.build import build_generation_stack
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import write_columns
@@ -50,7 +52,6 @@ from astrolabe.data.grid import write_grid
 from astrolabe.data.video import decode_mp4
 from astrolabe.rewards import RewardsConfig, build_rewards
 from astrolabe.sampling.generation import GenerationStack, generate_video
-from stages.base import StageInfo, StageResult
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
 from stages.score import reward_identities, score_records
 
@@ -224,6 +225,12 @@ def write_comparison_grid(
 # ----------------------------------------------------------------------------------- stage
 
 
+def eval_reports(out_dir: Path, iteration: int) -> dict[str, str]:
+    """The grid and metrics files written, attached to the tracking run under ``eval/iter-<kkkk>``."""
+    where = f"eval/iter-{iteration:04d}"
+    return {name: where for name in (GRID_MP4, GRID_PNG, METRICS_FILE) if (out_dir / name).is_file()}
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     if iteration is None:
         raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
@@ -273,6 +280,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 "decode_failed": score_counts["decode_failed"], "num_latent_frames": num_latent_frames, **grid},
         seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
         timings=timings,
-        extra={"metrics": metrics, "policy": str(state) if state is not None else "base", "iteration": iteration,
+        metrics=finite_metrics({k: v for k, v in metrics.items() if k != "n"}, prefix="eval/"),
+        reports=eval_reports(out_dir, iteration),
+        extra={"policy": str(state) if state is not None else "base", "iteration": iteration,
                "baseline": str(baseline) if baseline is not None else None},
     )

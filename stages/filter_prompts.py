@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from astrolabe.artifacts import sha256_file
+from astrolabe.artifacts.manifest import sha256_file
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.prompts import (
     FilterResult,
@@ -29,7 +30,6 @@ from astrolabe.data.prompts import (
     resolve_prompt_path,
     split_heldout,
 )
-from stages.base import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 

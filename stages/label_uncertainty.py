@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import check_keys_aligned, read_columns, write_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.rl.advantages import group_index, optimality_from_rewards
 from astrolabe.rl.selective_kl import FractionController, SelectiveKLConfig, compute_kl_mask, descending_ranks
-from stages.base import StageInfo, StageResult
 from stages.score import REWARDS_FILE
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,15 @@ def count_nan_groups(combined: np.ndarray, gid: np.ndarray, n_groups: int) -> in
 # ----------------------------------------------------------------------------------- stage
 
 
+def label_metrics(counts: Mapping[str, int]) -> dict[str, float]:
+    """``labels/flagged_fraction`` (flagged / records), ``labels/nan_groups``, ``labels/zero_std_groups``."""
+    return {
+        "labels/flagged_fraction": counts["flagged"] / max(counts["records"], 1),
+        "labels/nan_groups": float(counts["nan_groups"]),
+        "labels/zero_std_groups": float(counts["zero_std_groups"]),
+    }
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     keys, groups = read_group_ids(Path(inputs["rollout"]))
     score_keys, columns, _ = read_columns(Path(inputs["score"]) / REWARDS_FILE)
@@ -171,4 +180,4 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     out_cols.update(reward_ranks(rewards))
     write_columns(out_dir / LABELS_FILE, keys, out_cols, attrs={"rewards": names, "weights": weights})
     log.info("label_uncertainty: %s", counts)
-    return StageResult(counts=counts, extra=extra)
+    return StageResult(counts=counts, metrics=label_metrics(counts), extra=extra)

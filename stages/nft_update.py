@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.build import build_dit, build_text, stream_config
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import check_keys_aligned, read_columns
@@ -44,7 +45,6 @@ from astrolabe.models.registry import get_base_model
 from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.state import TrainingState
 from astrolabe.rl.streaming_update import WindowBatch, window_nft_step
-from stages.base import StageInfo, StageResult
 from stages.label_uncertainty import LABELS_FILE
 
 log = logging.getLogger(__name__)
@@ -262,5 +262,5 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 "optimizer_steps": int(metrics["update/optimizer_steps"]), "step": state.step},
         seeds={"lora_seed": cfg.rl.lora_seed, "from_checkpoint": str(ckpt) if ckpt else None},
         timings={"build": t_build, "train": t_train},
-        extra={"metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}},
+        metrics=finite_metrics(metrics),
     )

@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from astrolabe.artifacts import rank_slice
+from astrolabe.artifacts.ranks import rank_slice
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.build import build_generation_stack
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.shards import RolloutShardWriter
@@ -30,7 +31,6 @@ from astrolabe.data.video import encode_mp4
 from astrolabe.distributed import dist_rank_world
 from astrolabe.sampling.branching import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
 from astrolabe.sampling.generation import blocks_for
-from stages.base import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
 # Under torchrun every rank generates its slice of the groups into the same directory (rank-named shards);
 # ``num_blocks_per_video`` is the same on every rank (kept once when the ranks' results are merged).
 STAGE = StageInfo(name="rollout", code_version="1", config_subset=_config_subset, per_iteration=True,
-                  distribution="sliced", rank_invariant_counts=("num_blocks_per_video",))
+                  distribution="sliced", rank_invariant_counts=("num_blocks_per_video",),
+                  rank_summed_metrics=("rollout/candidates",))
 
 
 def read_prompts(prompts_dir: Path) -> list[str]:
@@ -142,6 +143,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 "num_blocks_per_video": num_blocks},
         seeds=seeds,
         timings=timings,
+        metrics={"rollout/candidates": float(n_records)},
         extra={"rank": rank, "world_size": world, "shard_prefix": SHARD_PREFIX,
                "policy": str(lora) if lora else "base"},
     )

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from astrolabe.artifacts import MANIFEST_NAME, OWNER_NAME, Manifest, stage_root
+from astrolabe.artifacts.manifest import MANIFEST_NAME, OWNER_NAME, Manifest
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import RunConfig, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 from astrolabe.config import RunConfig
 from astrolabe.data import prompts as P
 from stages import filter_prompts
-from stages.base import execute
+from astrolabe.artifacts.engine import execute
 
 # (text, expected rule or None=kept)
 CASES = [

@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from astrolabe.artifacts import stage_root
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import load_config
 from astrolabe.data.arrays import read_columns, write_columns
 from stages import filter_prompts, label_uncertainty, nft_update, rollout, score
-from stages.base import StageInfo, StageResult, execute
-from stages.pipeline import build_plan, eval_points, plan_status
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.plan import build_plan, eval_points, plan_status
+from astrolabe.artifacts.stage import StageInfo, StageResult
+from stages import STAGES
 
 OVERRIDES = [
     "rollout.prompts_per_iteration=2", "rollout.group_size=2", "rl.optim.precision=fp32", "rl.optim.lr=1e-3",
@@ -49,7 +51,7 @@ def test_update_writes_a_complete_checkpoint_that_moved_the_lora(chain):
     assert set(old) == set(lora)  # same layout: the next rollout can sample with it
     assert m.counts["trained"] == 4 and m.counts["skipped_nan_r"] == 0
     assert m.counts["optimizer_steps"] == 2  # 2 groups x (2 candidates / micro-batch 2), accumulation 1
-    assert math.isfinite(m.extra["metrics"]["loss/total"])
+    assert math.isfinite(m.metrics["loss/total"])
     assert m.timings["peak_rss_mib"] > 0
 
 
@@ -124,4 +126,4 @@ def test_status_done_stale_missing_and_forced_instance(tmp_path):
     assert mb2.key != mb.key  # the consumer of the forced output is recomputed
     assert calls == ["a", "b", "a", "b"]
     # the real plan on an empty run: everything missing
-    assert {s.status for s in plan_status(cfg, tmp_path / "empty")} == {"missing"}
+    assert {s.status for s in plan_status(cfg, tmp_path / "empty", STAGES)} == {"missing"}

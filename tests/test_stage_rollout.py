@@ -22,7 +22,8 @@ from astrolabe.sampling.branching import (
 )
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise
 from stages import rollout as rollout_stage
-from stages.base import StageInfo, StageResult, execute
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 PROMPTS = ["a red fox runs in snow", "a boat on a calm lake", "city lights at night", "a cat sleeps on a sofa",
            "waves crash on rocks"]
@@ -74,6 +75,7 @@ def test_shards_groups_and_meta(stage_runs):
     recs = _records(out)
     assert len(recs) == 2 * K
     assert m.counts["prompts"] == 2 and m.counts["candidates"] == 2 * K
+    assert m.metrics["rollout/candidates"] == 2 * K and m.metrics["time/rollout"] == m.timings["total"]
     # 3 blocks per video, window = last block: prefix of 2 blocks once + K windows of 1 block per prompt
     assert m.counts["blocks"] == 2 * (2 + K * 1)
     chosen = choose_prompts(len(PROMPTS), 2, cfg.rollout.seed, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from astrolabe.artifacts import stage_root
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import read_columns, write_columns
 from astrolabe.data.shards import RolloutShardWriter, ShardWriterConfig
@@ -18,7 +18,9 @@ from astrolabe.data.video import decode_mp4, encode_mp4
 from astrolabe.rewards import build_rewards, score_all
 from astrolabe.rl.selective_kl import FractionController, compute_kl_mask
 from stages import label_uncertainty, score
-from stages.base import StageInfo, StageResult, execute, stage_key
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.keys import stage_key
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 GROUPS = [0, 0, 1, 1, 2, 2]
 
@@ -76,6 +78,10 @@ def test_score_columns_match_direct_scoring_and_cache(tmp_path, rollout):
         np.testing.assert_allclose(cols[name], ref[name].scores, rtol=1e-6)
         assert attrs["rewards"][name]["name"] == name
     assert any(c.startswith("motion.") for c in cols)
+    # typed metrics: reward/<name>/{mean,std,nan_fraction} of the configured rewards only (not sub-columns)
+    rewards = {k: v for k, v in m.metrics.items() if k.startswith("reward/")}
+    assert rewards == pytest.approx({f"reward/{n}/{s}": f(cols[n].astype(np.float64)) for n in ("motion", "smoothness")
+                                     for s, f in (("mean", np.mean), ("std", np.std), ("nan_fraction", lambda x: 0.0))})
     # second call: cached
     assert execute(score, cfg, tmp_path / "r", {"rollout": rollout_dir}, iteration=0).created == m.created
     # changing a reward option changes the score key; changing a weight does not
@@ -137,6 +143,8 @@ def test_selective_kl_mask_and_controller_carried(tmp_path, rollout):
     np.testing.assert_array_equal(cols["kl_mask"], mask.astype(np.float32))
     np.testing.assert_allclose(cols["u"], u)
     assert m0.counts["flagged"] == int(mask.sum()) == 1 and cols["kl_mask"][0] == 1
+    assert m0.metrics["labels/flagged_fraction"] == pytest.approx(1 / 6)
+    assert (m0.metrics["labels/nan_groups"], m0.metrics["labels/zero_std_groups"]) == (0.0, 0.0)
     assert json.loads((d0 / "controller.json").read_text())["state"] == ctrl.state_dict()
     # iteration 1 resumes the controller from iteration 0's labels
     m1 = execute(label_uncertainty, cfg, run, {**inputs, "labels_prev": d0}, iteration=1)

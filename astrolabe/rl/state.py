@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +39,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from astrolabe.artifacts import fsync_path, sha256_file
+from astrolabe.artifacts.atomic import atomic_dir
+from astrolabe.artifacts.manifest import sha256_file
 from astrolabe.rl.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -74,21 +74,6 @@ ADAPTERS_DIR = "adapters"
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a complete ``tmp`` directory to ``final``, replacing an older ``final`` without a half state."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            fsync_path(f)
-    fsync_path(tmp)
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_path(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 class TrainingState:
@@ -197,17 +182,8 @@ class TrainingState:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Atomically write the whole state to ``directory`` (module docstring); returns it."""
         final = Path(directory)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with atomic_dir(final) as tmp:
             self._write_pieces(tmp)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         logger.info("saved training state at step %d to %s", self.step, final)
         return final
 

@@ -13,11 +13,14 @@ The plan of a run with ``N = pipeline.iterations``::
                           (when k+1 is a multiple of eval_every, and always at k+1 = N)
 
 A node's output directory is keyed by its config subset and its inputs' identities
-(:func:`stages.base.key_from_identities`), so the status of every node follows from the config and
-what is on disk: ``done`` (the expected key is complete), ``stale`` (only outputs of other keys exist,
+(:func:`astrolabe.artifacts.keys.key_from_identities`), so the status of every node follows from the config
+and what is on disk: ``done`` (the expected key is complete), ``stale`` (only outputs of other keys exist,
 e.g. made before a config change or before an input was forced), ``missing``. Running the plan skips
-done nodes: that is resume. A *runner* executes one node; the default calls :func:`stages.base.execute`
-directly, the Prefect flow wraps the same call in a task.
+done nodes: that is resume. A *runner* executes one node; the default calls
+:func:`astrolabe.artifacts.engine.execute` directly, the Prefect flow wraps the same call in a task.
+
+The plan names stages; their modules come from the caller as a registry (``stages.STAGES``: name ->
+module), so this package never imports ``stages/``.
 """
 
 from __future__ import annotations
@@ -26,20 +29,17 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Literal
 
-from astrolabe.artifacts import Manifest, StageDir, find_current, stage_root
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.keys import input_identity, key_from_identities
+from astrolabe.artifacts.manifest import MANIFEST_NAME, Manifest
+from astrolabe.artifacts.stage import StageRegistry
+from astrolabe.artifacts.stagedir import StageDir, find_current, stage_root
 from astrolabe.config import RunConfig, config_to_dict
-from stages import evaluate, filter_prompts, label_uncertainty, nft_update, rollout, score
-from stages.base import execute, input_identity, key_from_identities
 
 log = logging.getLogger(__name__)
 
-STAGES: dict[str, ModuleType] = {
-    m.STAGE.name: m for m in (filter_prompts, rollout, score, label_uncertainty, nft_update, evaluate)
-}
-STAGE_ORDER = tuple(STAGES)
 Status = Literal["done", "stale", "missing"]
 NodeId = tuple[str, "int | None"]
 
@@ -103,12 +103,13 @@ class NodeStatus:
     path: Path | None  # the expected output (done) or the newest other output (stale)
 
 
-def plan_status(cfg: RunConfig, run_path: Path, iterations: int | None = None) -> list[NodeStatus]:
+def plan_status(cfg: RunConfig, run_path: Path, stages: StageRegistry,
+                iterations: int | None = None) -> list[NodeStatus]:  # fmt: skip
     """Status of every node of the plan, from the config and the run directory only (nothing runs)."""
     done: dict[NodeId, Manifest] = {}
     out: list[NodeStatus] = []
     for node in build_plan(cfg, iterations):
-        module = STAGES[node.stage]
+        module = stages[node.stage]
         key = None
         if all(src in done for _, src in node.inputs):
             key = key_from_identities(module, cfg, {n: input_identity(done[src]) for n, src in node.inputs})
@@ -127,11 +128,11 @@ def plan_status(cfg: RunConfig, run_path: Path, iterations: int | None = None) -
 Runner = Callable[[Node, Mapping[str, Path], bool], Manifest]
 
 
-def direct_runner(cfg: RunConfig, run_path: Path) -> Runner:
-    """Run a node in this process through :func:`stages.base.execute`."""
+def direct_runner(cfg: RunConfig, run_path: Path, stages: StageRegistry) -> Runner:
+    """Run a node in this process through :func:`astrolabe.artifacts.engine.execute`."""
 
     def run(node: Node, inputs: Mapping[str, Path], force: bool) -> Manifest:
-        return execute(STAGES[node.stage], cfg, run_path, inputs, node.iteration, force=force)
+        return execute(stages[node.stage], cfg, run_path, inputs, node.iteration, force=force)
 
     return run
 
@@ -160,12 +161,13 @@ class RunResults:
 def run_plan(
     cfg: RunConfig,
     run_path: Path,
+    stages: StageRegistry,
     runner: Runner | None = None,
     on_done: Callable[[NodeResult, RunResults], None] | None = None,
     iterations: int | None = None,
 ) -> RunResults:
     """Run every node of the plan in order (done ones are skipped by the runner's cache check)."""
-    runner = runner or direct_runner(cfg, run_path)
+    runner = runner or direct_runner(cfg, run_path, stages)
     results = RunResults()
     for node in build_plan(cfg, iterations):
         inputs = {name: results.path(src) for name, src in node.inputs}
@@ -182,17 +184,17 @@ def _complete_keys(run_path: Path, node: Node) -> set[str]:
     root = stage_root(run_path, node.stage, node.iteration)
     if not root.is_dir():
         return set()
-    return {p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "manifest.json").is_file()}
+    return {p.name for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()}
 
 
 class StageInputError(RuntimeError):
     """A single-stage rerun whose inputs are not all done."""
 
 
-def find_node(cfg: RunConfig, stage: str, iteration: int | None) -> Node:
-    if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
-    if not STAGES[stage].STAGE.per_iteration:
+def find_node(cfg: RunConfig, stages: StageRegistry, stage: str, iteration: int | None) -> Node:
+    if stage not in stages:
+        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(stages)}")
+    if not stages[stage].STAGE.per_iteration:
         iteration = None
     for node in build_plan(cfg):
         if node.id == (stage, iteration):
@@ -201,15 +203,15 @@ def find_node(cfg: RunConfig, stage: str, iteration: int | None) -> Node:
     raise KeyError(f"the plan has no {stage} at iteration {iteration}; it has iterations {its}")
 
 
-def run_stage(cfg: RunConfig, run_path: Path, stage: str, iteration: int | None, force: bool,
-              runner: Runner | None = None) -> NodeResult:  # fmt: skip
+def run_stage(cfg: RunConfig, run_path: Path, stages: StageRegistry, stage: str, iteration: int | None,
+              force: bool, runner: Runner | None = None) -> NodeResult:  # fmt: skip
     """Run one node from its inputs' current (done) outputs; ``force`` reruns it even when done.
 
     Upstream is never touched. After a forced rerun the node's consumers are stale (see
-    :func:`stages.base.input_identity`); ``astrolabe train`` recomputes them.
+    :func:`astrolabe.artifacts.keys.input_identity`); ``astrolabe train`` recomputes them.
     """
-    node = find_node(cfg, stage, iteration)
-    status = {s.node.id: s for s in plan_status(cfg, run_path)}
+    node = find_node(cfg, stages, stage, iteration)
+    status = {s.node.id: s for s in plan_status(cfg, run_path, stages)}
     inputs: dict[str, Path] = {}
     for name, src in node.inputs:
         st = status[src]
@@ -219,7 +221,7 @@ def run_stage(cfg: RunConfig, run_path: Path, stage: str, iteration: int | None,
                 "(or rerun that stage first) so every input is current"
             )
         inputs[name] = st.path
-    runner = runner or direct_runner(cfg, run_path)
+    runner = runner or direct_runner(cfg, run_path, stages)
     manifest = runner(node, inputs, force)
     return NodeResult(node, manifest, output_dir(run_path, manifest), cached=not force and status[node.id].status == "done")
 
@@ -244,15 +246,15 @@ def config_diff(old: RunConfig, new: RunConfig) -> list[tuple[str, object, objec
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def explain_change(old: RunConfig, new: RunConfig, run_path: Path) -> str | None:
+def explain_change(old: RunConfig, new: RunConfig, run_path: Path, stages: StageRegistry) -> str | None:
     """A message naming the changed settings and the completed stages they make stale; None if unchanged."""
     diff = config_diff(old, new)
     if not diff:
         return None
     lines = ["the config differs from the previous attempt of this run:"]
     lines += [f"  {k}: {a!r} -> {b!r}" for k, a, b in diff]
-    old_done = {s.node.id for s in plan_status(old, run_path) if s.status == "done"}
-    new_status = {s.node.id: s.status for s in plan_status(new, run_path)}
+    old_done = {s.node.id for s in plan_status(old, run_path, stages) if s.status == "done"}
+    new_status = {s.node.id: s.status for s in plan_status(new, run_path, stages)}
     stale = [f"{s}[{i}]" if i is not None else s for (s, i) in old_done if new_status.get((s, i)) != "done"]
     if stale:
         lines.append("completed stages that will be recomputed: " + ", ".join(sorted(stale)))
