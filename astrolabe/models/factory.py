@@ -74,7 +74,6 @@ def build_dit(mc: ModelConfig, spec: BaseModelSpec) -> WanDiT:
         with torch.device("meta"):
             model = WanDiT(cfg, attention_backend=mc.attention_backend)
         load_dit_state(model, sd, assign=True)
-    model.gradient_checkpointing = mc.gradient_checkpointing
     return model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
 
 
