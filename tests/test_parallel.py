@@ -6,9 +6,7 @@ saves the result; the tests compare with the single-process computation on the w
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import socket
 import traceback
 import warnings
 from pathlib import Path
@@ -25,6 +23,7 @@ from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.optim import OptimConfig
 from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.state import TrainingState
+from spawn_helpers import free_port, run_ranks
 
 N = 5  # global samples; rank 0 holds micro-batches of 1 and 2 samples, rank 1 one of 2 (unequal on purpose)
 MICRO = {0: [(0, 1), (1, 3)], 1: [(3, 5)]}
@@ -108,26 +107,11 @@ def _worker(rank: int, port: int, root: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("ranks")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(root))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
+    port = free_port()
+    run_ranks(_worker, lambda r: (r, port, str(root)))
     out = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r, o in enumerate(out):
         assert "error" not in o, f"rank {r} failed:\n{o['error']}"

@@ -128,14 +128,9 @@ def accumulate_gradients(
 
 
 def accumulate_step(
-    state: TrainingState,
-    loss_fn: Callable[[T], torch.Tensor],
-    micro_batches: Sequence[T],
-    sizes: Sequence[int],
-    *,
-    across_ranks: bool | None = None,
-    group: Any = None,
+    state: TrainingState, loss_fn: Callable[[T], torch.Tensor], micro_batches: Sequence[T], sizes: Sequence[int],
+    **reduction: Any,
 ) -> tuple[float, StepStats]:
-    """:func:`accumulate_gradients` followed by one :meth:`TrainingState.optimizer_step`."""
-    loss = accumulate_gradients(state, loss_fn, micro_batches, sizes, across_ranks=across_ranks, group=group)
+    """:func:`accumulate_gradients` (``reduction``: its ``across_ranks`` / ``group``) and one optimizer step."""
+    loss = accumulate_gradients(state, loss_fn, micro_batches, sizes, **reduction)
     return loss, state.optimizer_step()

@@ -413,7 +413,9 @@ def window_nft_step(
     video trained whole, e.g. 21 frames from frame 0), with the ``cfg.clip_mask`` attention mask.
     Calls ``loss.backward()`` when ``backward`` (divide the loss yourself for gradient accumulation by
     passing ``backward=False``). Returns the loss and metrics (``loss/...``, ``kl/...``, ``nft/...``,
-    ``update/...``).
+    ``update/...``). Whatever mode ``model`` is in, the trained forward runs in train mode and the no-grad
+    forwards in eval mode (:func:`train_mode`); activation checkpointing is set on the module once, by
+    :func:`astrolabe.parallel.parallelize`.
     """
     cfg = cfg or StreamingUpdateConfig()
     _check_policies(policies)
