@@ -94,7 +94,6 @@ def build_dit(mc: ModelConfig, card: BaseModelCard) -> WanDiT:
         with torch.device("meta"):
             model = WanDiT(cfg, attention_backend=backend)
         load_dit_state(model, sd, assign=True)
-    model.gradient_checkpointing = mc.gradient_checkpointing
     model = model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
     if mc.compile_blocks:
         model.compile_blocks()

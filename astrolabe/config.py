@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from astrolabe.configbase import Frozen
 from astrolabe.data.shards import ShardWriterConfig
+from astrolabe.parallel import ParallelConfig
 from astrolabe.rewards.spec import RewardsConfig
 from astrolabe.rl.advantages import AdvantageConfig
 from astrolabe.rl.lora import LoRAConfig
@@ -80,7 +81,6 @@ class ModelConfig(Frozen):
         None, description="Override the registry's attention window in latent frames (incl. sink); None = registry."
     )
     sink_frames: int | None = Field(None, description="Override the registry's sink frames; None = registry.")
-    gradient_checkpointing: bool = False
 
 
 class SamplingConfig(Frozen):
@@ -176,6 +176,7 @@ class RunConfig(Frozen):
     rewards: RewardsConfig = RewardsConfig()
     eval_rewards: RewardsConfig | None = Field(None, description="Rewards reported at evaluation; None = rewards.")
     rl: RLConfig = RLConfig()
+    parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
     pipeline: PipelineConfig = PipelineConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -26,6 +24,7 @@ import pytest
 import torch
 
 import pipeline_helpers as ph
+from spawn_helpers import free_port, run_ranks
 from pipeline_helpers import base, ref  # noqa: F401  (shared fixtures)
 from astrolabe.artifacts.lock import RunLock
 from astrolabe.artifacts.manifest import MANIFEST_NAME
@@ -214,31 +213,16 @@ def _worker(rank: int, port: int, root: str, locked_run: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Run :func:`_worker` on 2 spawned gloo processes while this process holds the lock of ``locked``."""
     root = tmp_path_factory.mktemp("ranks")
     locked = root / "locked"
-    ctx = multiprocessing.get_context("spawn")
     with RunLock(locked):
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, str(root), str(locked))) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-    assert not alive, "a rank hung (an error was left to a barrier timeout)"
+        port = free_port()
+        exitcodes = run_ranks(_worker, lambda r: (r, port, str(root), str(locked)), timeout=120)
     results = {r: json.loads((root / f"result-r{r}.json").read_text()) for r in range(2)}
-    return SimpleNamespace(root=root, run=root / "run", results=results, exitcodes=[p.exitcode for p in procs])
+    return SimpleNamespace(root=root, run=root / "run", results=results, exitcodes=exitcodes)
 
 
 def _published(run: Path, stage: str) -> list[Path]:

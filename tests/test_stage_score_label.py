@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import RunConfig
@@ -16,8 +17,16 @@ from astrolabe.data.arrays import read_columns, write_columns
 from astrolabe.data.shards import RolloutShardWriter, ShardWriterConfig
 from astrolabe.data.video import decode_mp4, encode_mp4
 from astrolabe.rewards import build_rewards, score_all
+from astrolabe.models.wan.config import tiny
+from astrolabe.models.wan.dit import WanDiT
+from astrolabe.rl.lora import LoRAConfig
+from astrolabe.rl.optim import OptimConfig
+from astrolabe.rl.policies import PolicyConfig, PolicySet
+from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController, compute_kl_mask
+from astrolabe.rl.state import TrainingState
 from stages import label_uncertainty, score
+from stages.nft_update import checkpoint_state_dir
 from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.keys import stage_key
 from astrolabe.artifacts.stage import StageInfo, StageResult
@@ -146,14 +155,28 @@ def test_selective_kl_mask_and_controller_carried(tmp_path, rollout):
     assert m0.metrics["labels/flagged_fraction"] == pytest.approx(1 / 6)
     assert (m0.metrics["labels/nan_groups"], m0.metrics["labels/zero_std_groups"]) == (0.0, 0.0)
     assert json.loads((d0 / "controller.json").read_text())["state"] == ctrl.state_dict()
-    # iteration 1 resumes the controller from iteration 0's labels
-    m1 = execute(label_uncertainty, cfg, run, {**inputs, "labels_prev": d0}, iteration=1)
+    # iteration 1 resumes the controller from the training checkpoint of iteration 0 (nft_update's output)
+    ckpt = _publish(run, "fake_nft_update", lambda out: _checkpoint(out, ctrl))
+    m1 = execute(label_uncertainty, cfg, run, {**inputs, "checkpoint": ckpt}, iteration=1)
     state1 = json.loads((stage_root(run, "label_uncertainty", 1) / m1.key / "controller.json").read_text())["state"]
     assert len(state1["buffer"]) == 2 and state1["buffer"][0] == ctrl.state_dict()["buffer"][0]
-    # labels_prev without controller.json is an error
-    no_ctrl = _publish(run, "fake_labels", lambda out: None)
-    with pytest.raises(FileNotFoundError, match="controller.json"):
-        execute(label_uncertainty, cfg, run, {**inputs, "labels_prev": no_ctrl}, iteration=2)
+    # a missing piece is an error, never a fresh controller: no checkpoint after iteration 0, or one without it
+    with pytest.raises(FileNotFoundError, match="needs inputs\\['checkpoint'\\]"):
+        execute(label_uncertainty, cfg, run, inputs, iteration=2)
+    with pytest.raises(CheckpointError, match="no selective-KL controller"):
+        execute(label_uncertainty, cfg, run,
+                {**inputs, "checkpoint": _publish(run, "fake_no_kl", lambda out: _checkpoint(out, None))}, 2)
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        execute(label_uncertainty, cfg, run, {**inputs, "checkpoint": _publish(run, "fake_empty", lambda out: None)}, 2)
+
+
+def _checkpoint(out: Path, controller: FractionController | None) -> None:
+    """Write into ``out`` what nft_update writes: a tiny TrainingState checkpoint, here with ``controller``."""
+    dit = WanDiT(tiny())
+    dit.init_weights(torch.Generator().manual_seed(0))
+    policies = PolicySet.build(dit.requires_grad_(False), LoRAConfig(rank=2, alpha=2.0), PolicyConfig(),
+                               generator=torch.Generator().manual_seed(0))
+    TrainingState(policies, OptimConfig(precision="fp32"), controller).save(checkpoint_state_dir(out))
 
 
 def test_all_nan_rewards_is_a_clear_error(tmp_path, rollout):

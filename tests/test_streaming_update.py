@@ -7,6 +7,7 @@ import torch
 from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.models.wan.config import tiny
 from astrolabe.models.wan.dit import WanDiT
+from astrolabe.parallel import ParallelConfig, parallelize
 from astrolabe.rl.nft import NFTConfig, nft_loss
 from astrolabe.rl.streaming_update import (
     StreamingUpdateConfig,
@@ -155,23 +156,51 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _count_block_forwards(model):
+    """A counter of DiT block forwards (every block, every call, recomputations in backward included; a pre-hook,
+    as checkpoint's recomputation stops early, before the block's forward returns)."""
+    calls = [0]
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["window", "clip"])
-def test_gradient_checkpointing_same_gradients(mode):
-    stream, m = make_stream(6, 3), make_model().train()
+def test_activation_checkpointing_engages_on_an_eval_model_with_same_gradients(mode):
+    """The model comes in eval mode (as built for the rollout): with parallelize(activation_checkpointing) the
+    update's backward re-runs every block of the trained policy's forward once; without it, none."""
+    stream, m = make_stream(6, 3), make_model().eval()
+    calls = _count_block_forwards(m)
     batch = make_batch()
     pol = {"default": contextlib.nullcontext, "old": perturbed(m, 1), "ref": perturbed(m, 2)}
-    out = []
+    out, recomputed = [], []
     for ckpt in (False, True):
+        assert parallelize(m, ParallelConfig(activation_checkpointing=ckpt)) is m
         m.zero_grad(set_to_none=True)
-        cfg = StreamingUpdateConfig(mode=mode, gradient_checkpointing=ckpt)
-        loss, _ = window_nft_step(pol, m, stream, batch, NFT, *gens(), cfg=cfg)
+        calls[0] = 0
+        loss, _ = window_nft_step(pol, m, stream, batch, NFT, *gens(), cfg=StreamingUpdateConfig(mode=mode),
+                                  backward=False)
+        forward_calls = calls[0]
+        loss.backward()
+        recomputed.append(calls[0] - forward_calls)
         out.append((float(loss), _grads(m)))
-    assert not m.gradient_checkpointing  # restored
+        assert not m.training  # the mode is restored after the update
+    assert recomputed == [0, len(m.blocks)]
     (l0, g0), (l1, g1) = out
     assert l0 == pytest.approx(l1, abs=1e-12)
     assert g0.keys() == g1.keys() and "blocks.0.cross_attn.k.weight" in g0
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-12, rtol=1e-9), n
+
+
+def test_trained_forward_in_train_mode_no_grad_forwards_in_eval():
+    stream, m = make_stream(6, 3), make_model().eval()
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, _: seen.append((torch.is_grad_enabled(), mod.training)))
+    window_nft_step({"default": contextlib.nullcontext, "old": contextlib.nullcontext}, m, stream, make_batch(), NFT,
+                    *gens())
+    assert (True, True) in seen and (False, False) in seen
+    assert all(grad == training for grad, training in seen)  # no-grad passes in eval, the trained one in train
 
 
 def test_context_manager_policies_equal_module_policies():

@@ -7,7 +7,8 @@ The plan of a run with ``N = pipeline.iterations``::
     for k in 0 .. N-1:
       rollout[k]       <- prompts, checkpoint = nft_update[k-1] (k > 0)
       score[k]         <- rollout[k]
-      label_uncertainty[k] <- rollout[k], score[k], labels_prev = label_uncertainty[k-1] (k > 0, selective KL)
+      label_uncertainty[k] <- rollout[k], score[k], checkpoint = nft_update[k-1] (k > 0, selective KL:
+                          the KL controller is training state, read from the checkpoint)
       nft_update[k]    <- rollout[k], labels = label_uncertainty[k], checkpoint = nft_update[k-1] (k > 0)
       evaluate[k+1]    <- prompts, checkpoint = nft_update[k], baseline = evaluate[0]
                           (when k+1 is a multiple of eval_every, and always at k+1 = N)
@@ -75,11 +76,11 @@ def build_plan(cfg: RunConfig, iterations: int | None = None) -> list[Node]:
     nodes = [Node("filter_prompts", None), Node("evaluate", 0, (("prompts", prompts),))]
     for k in range(n):
         prev = (("checkpoint", ("nft_update", k - 1)),) if k > 0 else ()
-        labels_prev = (("labels_prev", ("label_uncertainty", k - 1)),) if k > 0 and cfg.rl.selective_kl else ()
+        controller = prev if cfg.rl.selective_kl else ()
         nodes += [
             Node("rollout", k, (("prompts", prompts), *prev)),
             Node("score", k, (("rollout", ("rollout", k)),)),
-            Node("label_uncertainty", k, (("rollout", ("rollout", k)), ("score", ("score", k)), *labels_prev)),
+            Node("label_uncertainty", k, (("rollout", ("rollout", k)), ("score", ("score", k)), *controller)),
             Node("nft_update", k, (("rollout", ("rollout", k)), ("labels", ("label_uncertainty", k)), *prev)),
         ]
         if k + 1 in evals:

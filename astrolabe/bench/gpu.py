@@ -41,6 +41,7 @@ from astrolabe.bench.update import _batch, _step
 from astrolabe.models.wan.attention import resolve_backend
 from astrolabe.models.wan.config import build_config
 from astrolabe.models.wan.dit import WanDiT
+from astrolabe.parallel import set_activation_checkpointing
 from astrolabe.rl.nft import NFTConfig
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig
 
@@ -203,6 +204,7 @@ def update_section(plan: GpuBenchPlan) -> dict[str, Any]:
     data = _batch(base, plan.update_prefix_frames, plan.update_window_frames, s.latent_hw, 1, s.device, s.dtype)
     model = apply_lora(base, LoRAConfig(rank=plan.lora_rank, alpha=float(plan.lora_rank)),
                        generator=torch.Generator().manual_seed(0)).train()  # fmt: skip
+    set_activation_checkpointing(model, True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     def amp() -> contextlib.AbstractContextManager:
         """bf16 autocast of the training forwards, as rl.optim.precision=bf16 does."""
@@ -215,11 +217,11 @@ def update_section(plan: GpuBenchPlan) -> dict[str, Any]:
         row: dict[str, Any] = {"oom": False}
         try:
             with amp():
-                _step(mode, model, stream, data, nft, ckpt=True)  # warm-up; gradients allocated
+                _step(mode, model, stream, data, nft)  # warm-up; gradients allocated
             times = []
             for _ in range(plan.update_repeats):
                 with measure(dev, track_tensors=False) as m, amp():
-                    row["loss"] = _step(mode, model, stream, data, nft, ckpt=True)
+                    row["loss"] = _step(mode, model, stream, data, nft)
                 times.append(m["time_s"])
             row["s_per_step"] = statistics.median(times)
             row["peak_memory_bytes"] = m.get("cuda_peak_bytes", m.get("rss_peak_bytes", 0.0))

@@ -77,7 +77,6 @@ class StreamingUpdateConfig(Frozen):
         "block_causal",
         description="Whole-clip attention mask; 'release_frame_causal' reproduces the release's bug 10.2.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute each DiT block in backward (saves memory).")
 
 
 @dataclass
@@ -144,14 +143,19 @@ def _under(policy: PolicySwitch, model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Set ``model.gradient_checkpointing`` for the duration of the block (restored afterwards)."""
-    before = getattr(model, "gradient_checkpointing", False)
-    model.gradient_checkpointing = enabled
+def train_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """``model.train(enabled)`` for the duration of the block (the previous mode restored afterwards).
+
+    The trained policy's forward runs in train mode, so that per-block activation checkpointing
+    (:func:`astrolabe.parallel.parallelize`) and LoRA dropout take effect; every no-grad forward (prefix
+    cache, old and reference policies) runs in eval mode, as in the rollout.
+    """
+    before = model.training
+    model.train(enabled)
     try:
         yield
     finally:
-        model.gradient_checkpointing = before
+        model.train(before)
 
 
 # ----------------------------------------------------------------------------------- prefix cache
@@ -293,14 +297,15 @@ def policy_predictions(
     model: nn.Module,
     predict: Callable[[nn.Module], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Run ``predict`` under each policy: ``old`` / ``ref`` first without grad, then ``default`` with grad."""
+    """Run ``predict`` under each policy: ``old`` / ``ref`` first without grad (eval mode), then ``default`` with
+    grad (train mode: activation checkpointing and LoRA dropout engage, see :func:`train_mode`)."""
     _check_policies(policies)
     out: dict[str, torch.Tensor] = {}
     for name in ("old", "ref"):
         if name in policies:
-            with torch.no_grad(), _under(policies[name], model) as m:
+            with torch.no_grad(), _under(policies[name], model) as m, train_mode(m, False):
                 out[name] = predict(m)
-    with _under(policies["default"], model) as m:
+    with _under(policies["default"], model) as m, train_mode(m, True):
         out["default"] = predict(m)
     return out
 
@@ -383,25 +388,26 @@ def window_nft_step(
     video trained whole, e.g. 21 frames from frame 0), with the ``cfg.clip_mask`` attention mask.
     Calls ``loss.backward()`` when ``backward`` (divide the loss yourself for gradient accumulation by
     passing ``backward=False``). Returns the loss and metrics (``loss/...``, ``kl/...``, ``nft/...``,
-    ``update/...``).
+    ``update/...``). Whatever mode ``model`` is in, the trained forward runs in train mode and the no-grad
+    forwards in eval mode (:func:`train_mode`); activation checkpointing is set on the module once, by
+    :func:`astrolabe.parallel.parallelize`.
     """
     cfg = cfg or StreamingUpdateConfig()
     _check_policies(policies)
     sigma, eps = draw_training_noise(
         batch.window_x0, stream, nft_cfg, sigma_generator, noise_generator, cfg.sigma_per, shift
     )
-    with gradient_checkpointing(model, cfg.gradient_checkpointing):
-        if cfg.mode == "window":
-            with _under(policies[cfg.cache_policy], model) as m:
-                cache = build_prefix_cache(m, stream, batch.context, batch.prefix_latents, group_size)
-            loss, metrics = window_nft_loss(policies, model, cache, batch, sigma, eps, nft_cfg)
-        else:
-            causal = clip_causal_window(stream.causal, cfg.clip_mask)
-            loss, metrics = clip_nft_loss(
-                policies, model, causal, batch.context, batch.window_x0, batch.r, sigma, eps, nft_cfg, batch.kl_mask
-            )
-        if backward:
-            loss.backward()
+    if cfg.mode == "window":
+        with _under(policies[cfg.cache_policy], model) as m, train_mode(m, False):
+            cache = build_prefix_cache(m, stream, batch.context, batch.prefix_latents, group_size)
+        loss, metrics = window_nft_loss(policies, model, cache, batch, sigma, eps, nft_cfg)
+    else:
+        causal = clip_causal_window(stream.causal, cfg.clip_mask)
+        loss, metrics = clip_nft_loss(
+            policies, model, causal, batch.context, batch.window_x0, batch.r, sigma, eps, nft_cfg, batch.kl_mask
+        )
+    if backward:
+        loss.backward()
     metrics["update/sigma_mean"] = float(sigma.mean())
     metrics["update/window_start"] = float(batch.window_start if cfg.mode == "window" else 0)
     metrics["update/window_frames"] = float(batch.window_x0.shape[1])
