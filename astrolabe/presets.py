@@ -89,8 +89,9 @@ def family_of(base: str) -> Family:
 def check_gpus(gpus: int) -> int:
     if gpus not in GPU_SCALES:
         raise ValueError(
-            f"resources.gpus must be one of {', '.join(map(str, GPU_SCALES))} (the release's GPU presets), got {gpus!r}; "
-            "or leave it null and set rollout.group_size, rollout.prompts_per_iteration and rl.micro_batch_size yourself"
+            f"resources.gpus must be one of {', '.join(map(str, GPU_SCALES))} (the release's GPU presets), "
+            f"got {gpus!r}; or leave it null and set rollout.group_size, rollout.prompts_per_iteration and "
+            "rl.micro_batch_size yourself"
         )
     return gpus
 

@@ -107,7 +107,9 @@ def test_resources_defaults_and_stage_overrides():
 
 
 def test_extends_merges_and_detects_loops(tmp_path):
-    (tmp_path / "base.yaml").write_text("seed: 3\nrl: {nft: {beta: 0.2}, epochs: 2}\nrewards: {rewards: [{name: motion}]}\n")
+    (tmp_path / "base.yaml").write_text(
+        "seed: 3\nrl: {nft: {beta: 0.2}, epochs: 2}\nrewards: {rewards: [{name: motion}]}\n"
+    )
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nrl: {epochs: 5}\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert (cfg.seed, cfg.rl.nft.beta, cfg.rl.epochs) == (3, 0.2, 5)

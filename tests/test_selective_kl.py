@@ -49,7 +49,8 @@ def test_rank_disagreement_constructed_cases() -> None:
     np.testing.assert_array_equal(u, [-3.0, -1.0, 1.0, 3.0])
     np.testing.assert_array_equal(rank_disagreement(cols, "hps", ["mq"], sign="main_over"), [3.0, 1.0, -1.0, -3.0])
     # two aux: mean of ranks (4,1), (3,2), (2,3), (1,4) = 2.5 everywhere
-    np.testing.assert_array_equal(rank_disagreement(cols, "hps", ["mq", "ta"], sign="main_under"), [-1.5, -0.5, 0.5, 1.5])
+    two_aux = rank_disagreement(cols, "hps", ["mq", "ta"], sign="main_under")
+    np.testing.assert_array_equal(two_aux, [-1.5, -0.5, 0.5, 1.5])
     assert u.dtype == np.float32
 
 
