@@ -59,9 +59,20 @@ def _progress() -> Progress:
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the resolved config as YAML (every key and its value)."""
-    cfg = _load(config, set_)
+def config_show(
+    preset: Annotated[Path | None, typer.Argument(help="YAML config, e.g. configs/self_forcing/hpsv3.yaml.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the resolved config as YAML (every key and its value), headed by what resources.gpus derives."""
+    if preset is not None and config is not None:
+        console.print("[red]give the config either as an argument or with --config, not both[/red]")
+        raise typer.Exit(2)
+    cfg = _load(preset or config, set_)
+    if cfg.resources.gpus is not None:
+        from astrolabe.presets import describe, gpu_scale
+
+        typer.echo("\n".join(f"# {line}" for line in describe(gpu_scale(cfg.model.base, cfg.resources.gpus))))
     typer.echo(dump_config(cfg))
 
 

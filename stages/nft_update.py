@@ -19,7 +19,8 @@ One stage run is one training phase of NFT (paper part 1, DESIGN.md):
    :func:`astrolabe.rl.streaming_update.window_nft_step` loss weighted by its sample count: the step's
    gradient is that of the mean loss over its samples).
 3. End of phase: ``theta_old <- d theta_old + (1 - d) theta`` (:meth:`TrainingState.update_old`), and the
-   lagging KL reference is refreshed when the mean KL of the phase says so.
+   lagging KL reference is refreshed when the mean KL of the phase says so. Both schedules count
+   iterations (``iteration + 1`` completed), not optimizer steps.
 
 Every generator (LoRA init, sigma, noise, shuffle) is part of the checkpoint, so iteration k + 1 continues
 the streams of iteration k: a resumed run equals an uninterrupted one. With selective KL the checkpoint also
@@ -232,11 +233,15 @@ def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], co
     return out
 
 
-def end_phase(state: TrainingState, metrics: dict[str, float]) -> None:
-    """Old-policy blend and (lagging) reference refresh after the phase; adds their metrics."""
-    metrics["update/old_decay"] = state.update_old()
+def end_phase(state: TrainingState, metrics: dict[str, float], iteration: int) -> None:
+    """Old-policy blend and (lagging) reference refresh after the phase of ``iteration``; adds their metrics.
+
+    Both schedules run on ``iteration + 1`` completed iterations (the release's epochs), never on optimizer steps.
+    """
+    done = iteration + 1
+    metrics["update/old_decay"] = state.update_old(done)
     kl = metrics.get("loss/kl")
-    refreshed = state.policies.maybe_refresh_ref(state.step, kl if kl is not None and math.isfinite(kl) else None)
+    refreshed = state.policies.maybe_refresh_ref(done, kl if kl is not None and math.isfinite(kl) else None)
     metrics["update/ref_refreshed"] = float(refreshed)
 
 
@@ -278,7 +283,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
 
     t1 = time.perf_counter()
     metrics = train_phase(cfg, state, cands, contexts, stream_config(cfg.model, base), base.flow_shift)
-    end_phase(state, metrics)
+    end_phase(state, metrics, iteration)
     t_train = time.perf_counter() - t1
     state.extra = {"iteration": iteration, "trained_records": len(cands)}
     state.save(checkpoint_state_dir(out_dir))

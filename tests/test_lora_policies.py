@@ -221,14 +221,14 @@ def test_lagging_refresh_copies_default():
         assert all(torch.equal(p, ps.parameters_of("default")[k]) for k, p in ps.parameters_of("ref").items())
         with ps.use("ref") as m:
             assert torch.equal(m(x, t, ctx), ps.model(x, t, ctx))
-    assert ps.refresher.last_refresh_step == 5 and ps.refresher.n_refreshes == 1
+    assert ps.refresher.last_refresh_iteration == 5 and ps.refresher.n_refreshes == 1
     randomize_(ps.model, "default", 3)
     assert ps.maybe_refresh_ref(6, kl_value=0.0) is False  # young and KL below threshold 0.15
     assert not torch.equal(ps.parameters_of("ref")["base_model.model.blocks.0.ffn.0.lora_B.weight"],
                            ps.parameters_of("default")["base_model.model.blocks.0.ffn.0.lora_B.weight"])
     assert ps.maybe_refresh_ref(7, kl_value=0.5) is True  # KL above threshold
     assert all(torch.equal(p, ps.parameters_of("default")[k]) for k, p in ps.parameters_of("ref").items())
-    assert ps.refresher.last_refresh_step == 7
+    assert ps.refresher.last_refresh_iteration == 7
 
 
 def test_ema_math_and_swap():

@@ -46,7 +46,7 @@ def step(st, gens):
     policies = {"default": lambda: ps.use("default"), "old": lambda: ps.use("old"), "ref": lambda: ps.use("ref")}
     window_nft_step(policies, ps.model, SPEC, make_batch(), NFTConfig(), gens["sigma"], gens["noise"])
     st.optimizer_step()
-    st.update_old()
+    st.update_old(st.step)  # one phase per step here: iterations completed = steps
 
 
 def test_window_step_changes_every_lora_tensor_and_resume_is_exact(tmp_path):

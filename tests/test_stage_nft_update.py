@@ -60,6 +60,8 @@ def test_update_writes_a_complete_checkpoint_that_moved_the_lora(chain):
     assert set(old) == set(lora)  # same layout: the next rollout can sample with it
     assert m.counts["trained"] == 4 and m.counts["skipped_nan_r"] == 0
     assert m.counts["optimizer_steps"] == 2  # 2 groups x (2 candidates / micro-batch 2), accumulation 1
+    # the old-policy decay counts iterations (1 completed), not the 2 optimizer steps: min(0.001 * 1, 0.5)
+    assert m.metrics["update/old_decay"] == pytest.approx(0.001)
     assert math.isfinite(m.metrics["loss/total"])
     assert m.timings["peak_rss_mib"] > 0
 

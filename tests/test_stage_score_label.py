@@ -139,7 +139,7 @@ def test_selective_kl_mask_and_controller_carried(tmp_path, rollout):
     smooth = [0.8, 0.2, 0.4, 0.9, 0.1, 0.6]  # u = [4, -4, -1, 3, -4, 2]: flags sample 0
     score_dir = _score_artifact(tmp_path / "r", {"motion": motion, "smoothness": smooth}, "kl")
     kl = {"main_reward": "motion", "auxiliary_rewards": ["smoothness"], "fraction_bounds": [0.1, 0.5],
-          "initial_fraction": 0.4}
+          "initial_fraction": 0.4, "sign": "main_under", "scope": "global"}  # the release's u, worked by hand
     cfg = _cfg(tmp_path, rl={"selective_kl": kl})
     run = tmp_path / "r"
     inputs = {"rollout": rollout_dir, "score": score_dir}

@@ -193,8 +193,8 @@ def trained_state(tmp_path):
     st.register_generator("noise", g_torch)
     st.register_generator("prompts", g_np)
     train_steps(st, 2)
-    st.update_old()
-    st.policies.refresh_ref(st.step)
+    st.update_old(1)  # end of iteration 0
+    st.policies.refresh_ref(2)
     train_steps(st, 1, seed=5)
     st.controller.update([0.5, 1.0, 2.0])
     st.controller.update([3.0, 4.0])
@@ -243,8 +243,8 @@ def test_save_load_round_trip_restores_everything(tmp_path):
     assert fresh.controller.state_dict() == st.controller.state_dict()
     ref_state = fresh.policies.refresher.state_dict()
     assert ref_state == st.policies.refresher.state_dict()
-    # refreshed at step 2, 2 steps after the start (< quick_refresh_steps): threshold raised 0.15 -> 0.16
-    assert ref_state == {"threshold": pytest.approx(0.16), "last_refresh_step": 2, "n_refreshes": 1}
+    # refreshed at iteration 2, 2 after the start (< quick_refresh_iterations): threshold raised 0.15 -> 0.16
+    assert ref_state == {"threshold": pytest.approx(0.16), "last_refresh_iteration": 2, "n_refreshes": 1}
     assert fresh.scheduler.state_dict()["last_epoch"] == st.scheduler.state_dict()["last_epoch"] == 3
     assert fresh.optimizer.state_dict()["param_groups"] == st.optimizer.state_dict()["param_groups"]
 

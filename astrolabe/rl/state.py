@@ -174,9 +174,10 @@ class TrainingState:
         self.step += 1
         return StepStats(step=self.step, grad_norm=grad_norm, lr=lr, ema_decay=d, skipped=skipped)
 
-    def update_old(self) -> float:
-        """End of a training phase: blend the old policy toward the trained one (decay at ``self.step``)."""
-        return self.policies.update_old(self.step)
+    def update_old(self, iterations: int) -> float:
+        """End of a training phase: blend the old policy toward the trained one, with the decay after
+        ``iterations`` completed iterations (not optimizer steps; :mod:`astrolabe.rl.schedules`)."""
+        return self.policies.update_old(iterations)
 
     # ------------------------------------------------------------------ save
     def _configs(self) -> dict[str, Any]:
