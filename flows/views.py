@@ -70,8 +70,8 @@ def status_lines(statuses: Sequence[NodeStatus], title: str) -> list[list[tuple[
         lines.append(line)
     counts = Counter(s.status for s in statuses)
     lines.append([(", ".join(f"{counts[st]} {st}" for st in STATUSES) + f" of {len(statuses)} stage calls", "")])
-    lines.append([("done: current, intact; damaged: files differ from the manifest (train redoes it);", "dim")])
-    lines.append([("stale: made from other inputs or settings; missing: not run yet; -: not planned", "dim")])
+    lines.append([("legend: done = current, intact; damaged = files differ from the manifest;", "dim")])
+    lines.append([("stale = made from other inputs/settings; missing = not run; - = not planned", "dim")])
     return lines
 
 

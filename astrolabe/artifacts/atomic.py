@@ -193,12 +193,17 @@ def set_aside(path: PathLike, label: str) -> Path:
 
 
 def symlink(target: PathLike, link: PathLike) -> Path:
-    """Point the symbolic link ``link`` at ``target`` (relative targets stay relative), replacing it atomically."""
+    """Point the symbolic link ``link`` at ``target`` (relative targets stay relative), replacing it atomically.
+
+    A real directory under ``link`` (a copy made by following links, e.g. ``cp -rL``) is removed first.
+    """
     link = Path(link)
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(link)
     tmp.unlink(missing_ok=True)
     try:
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)
         os.symlink(target, tmp)
         os.replace(tmp, link)
     except BaseException as e:
