@@ -69,7 +69,7 @@ def status_lines(statuses: Sequence[NodeStatus], title: str) -> list[list[tuple[
             line.append((text, STYLES.get(st, "")))
         lines.append(line)
     counts = Counter(s.status for s in statuses)
-    lines.append([(", ".join(f"{counts[st]} {st}" for st in STATUSES) + f" of {len(statuses)} stage calls", "")])
+    lines.append([(f"stage calls: {len(statuses)} (" + ", ".join(f"{counts[st]} {st}" for st in STATUSES) + ")", "")])
     lines.append([("legend: done = current, intact; damaged = files differ from the manifest;", "dim")])
     lines.append([("stale = made from other inputs/settings; missing = not run; - = not planned", "dim")])
     return lines
