@@ -201,6 +201,8 @@ def _user_errors() -> Iterator[None]:
 
     try:
         yield
+    except typer.Exit:  # a RuntimeError too: an exit already decided is no error to explain
+        raise
     except RunLockedError as e:
         _fail(e, 3)
     except ConfigError as e:

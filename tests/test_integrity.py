@@ -193,6 +193,7 @@ def test_compare_without_a_store_creates_nothing(invoke, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     res = invoke("compare")
     assert res.exit_code == 1 and "no MLflow store" in " ".join(res.output.split()), res.output
+    assert "Exit" not in res.output
     assert list(tmp_path.iterdir()) == []
 
 
