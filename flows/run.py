@@ -185,7 +185,7 @@ class RunLogger:
             self.computed[res.node.label] = res.manifest.timings["total"]
         link_latest(self.run_path, res)
         if any(k.startswith("eval/") for k in metrics) and (not res.cached or not (self.run_path / CURVES_FILE).exists()):
-            write_curves(self.run_path, self.history, self.cfg.name)
+            write_curves(self.run_path, self.history, self.run_path.name)
         ident = f"{res.node.label}:{res.manifest.key}:{res.manifest.instance}"
         if ident in self.logged:
             return
