@@ -1,7 +1,7 @@
-"""Astrolabe: forward-process RL with streaming training for distilled autoregressive video models."""
+"""Astrolabe: forward-process RL with streaming training for distilled autoregressive video models.
 
-from astrolabe._compat import install_torchvision_guard
-
-install_torchvision_guard()
+Importing the package has no side effects (it does not even import torch); the torchvision operator
+guard of :mod:`astrolabe._compat` is installed by the modules that import transformers, peft or open_clip.
+"""
 
 __version__ = "0.1.0"

@@ -8,7 +8,9 @@ open_clip import torchvision whenever it is installed, that one error breaks all
 (upstream: pytorch/vision#9085).
 
 :func:`install_torchvision_guard` defines the two operator *schemas* (not kernels) before anything
-imports torchvision, so its pure-Python parts import. The C++ ops themselves still fail loudly if
+imports torchvision, so its pure-Python parts import. It is called right before each import of
+transformers, peft or open_clip (the text encoder, the LoRA module, the reward-model loaders), never on
+``import astrolabe``. The C++ ops themselves still fail loudly if
 called ("Couldn't load custom C++ ops"); we never call them. Where a working torchvision is present
 (e.g. the CUDA build on a GPU box) the schema already exists and the guard is a no-op.
 """

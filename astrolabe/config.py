@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from astrolabe.configbase import Frozen
 from astrolabe.data.shards import ShardWriterConfig
+from astrolabe.parallel import ParallelConfig
+from astrolabe.presets import GPU_SCALES, check_gpus, derived_settings, gpu_scale
 from astrolabe.rewards.spec import RewardsConfig
 from astrolabe.rl.advantages import AdvantageConfig
 from astrolabe.rl.lora import LoRAConfig
@@ -35,7 +37,12 @@ class ConfigError(ValueError):
 class ModelConfig(Frozen):
     """Which base model to run and where its files are."""
 
-    base: str = Field("tiny", description="Base-model registry name: tiny, self_forcing, longlive, ...")
+    base: str = Field(
+        "tiny",
+        description="Base-model registry name: tiny, self_forcing, longlive, ... The tiny model's byte-level text "
+        "encoder reads at most 15 bytes of each prompt (text_len 16 incl. EOS): longer prompts are truncated, so "
+        "prompts that share their first 15 bytes look identical to it.",
+    )
     checkpoint_dir: Path | None = Field(
         None, description="Local directory with the base model's files (None only for the tiny random model). "
         "For base 'world': the root of the world-model cache (ROOT/world/<key>/; None = runs).",
@@ -57,14 +64,47 @@ class ModelConfig(Frozen):
         description="Tiny model only: 'preview' sets the VAE decoder to the Wan2.1 latent-to-RGB preview (pixels "
         "follow the latents smoothly, so pixel rewards are learnable); 'random' keeps a random decoder.",
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the base DiT, VAE and text features for rollout, scoring and update (GPU: bfloat16). "
+        "The LoRA keeps its own dtype (rl.lora.dtype, float32 = fp32 master weights) and training forwards run "
+        "under rl.optim.precision autocast.",
+    )
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
-    attention_backend: Literal["sdpa", "flash"] = "sdpa"
+    attention_backend: Literal["auto", "sdpa", "flash"] = Field(
+        "auto",
+        description="'auto' = flash-attn when it is installed, the device is CUDA and model.dtype is bfloat16, else "
+        "PyTorch SDPA; 'flash' requires all three (clear error otherwise); 'sdpa' always works.",
+    )
+    compile_blocks: bool = Field(
+        False, description="torch.compile each DiT block (GPU option; the first forwards pay the compile time)."
+    )
     local_attn_frames: int | None = Field(
         None, description="Override the registry's attention window in latent frames (incl. sink); None = registry."
     )
     sink_frames: int | None = Field(None, description="Override the registry's sink frames; None = registry.")
-    gradient_checkpointing: bool = False
+
+
+class SamplingConfig(Frozen):
+    """Inference numerics of ``astrolabe generate`` (``rope``: generate only; ``kv_cache``: every generation stack,
+    but rollouts and the RL update accept only ``context_pass``, the training sampler)."""
+
+    rope: Literal["absolute", "cache_relative"] = Field(
+        "absolute",
+        description="'absolute': RoPE by absolute latent frame, keys cached after RoPE (training, Self-Forcing, "
+        "LongLive). 'cache_relative': the release's inference_wan.py 'block-relativistic' RoPE: keys cached "
+        "un-rotated and rotated by window slot at every forward, queries from the window start (no 1024-frame "
+        "limit). Used by `astrolabe generate` only.",
+    )
+    kv_cache: Literal["auto", "context_pass", "recompute"] = Field(
+        "auto",
+        description="How the KV cache evolves between blocks. 'auto': the base model card's choice (krea_served: "
+        "recompute, every other card: context_pass). 'context_pass': a t=0 pass writes each finished block "
+        "(the training sampler). 'recompute': Krea's served loop (release_server.py): before each block the "
+        "cache is rebuilt from the first latent frame (VAE re-encoded once it leaves the window) + the 2 "
+        "newest, at RoPE positions 0..2, and the block is denoised at 3..5 (unbounded length; generation "
+        "and evaluation only: rollouts and the RL update refuse it).",
+    )
 
 
 class RolloutConfig(Frozen):
@@ -73,12 +113,17 @@ class RolloutConfig(Frozen):
     num_latent_frames: int | None = Field(
         None, ge=1, description="Latent frames per video; None = the base model's default."
     )
-    group_size: int = Field(4, ge=2, description="K candidates branched from each shared prefix.")
+    group_size: int = Field(
+        4, description="K candidates branched from each shared prefix (>= 2: advantages compare the candidates of a "
+        "group; K = 1 is refused, the release never uses it). Derived from resources.gpus when that is set.",
+    )
     window_blocks: int = Field(2, ge=1, description="Blocks of the clip window each candidate generates.")
     window_start: Literal["first", "last", "random"] = Field(
         "random", description="Where the clip window starts (in blocks); 'random' uses the rollout seed."
     )
-    prompts_per_iteration: int = Field(4, ge=1)
+    prompts_per_iteration: int = Field(
+        4, ge=1, description="Prompt groups per iteration; derived from resources.gpus when that is set."
+    )
     seed: int = 0
     save_mp4: bool = True
     video_crf: int = Field(
@@ -86,6 +131,17 @@ class RolloutConfig(Frozen):
         "exactly the generated frames and reruns are bit-identical (lossy x264 output differs between processes).",
     )
     shards: ShardWriterConfig = ShardWriterConfig()
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                f"rollout.group_size={v}: NFT needs at least 2 candidates per group (advantages are the rewards "
+                "minus the group mean, so a group of 1 has advantage 0 and learns nothing); use 2 or more "
+                "(the release uses 8-24)"
+            )
+        return v
 
 
 class DataConfig(Frozen):
@@ -129,17 +185,121 @@ class PipelineConfig(Frozen):
     eval_max_prompts: int | None = Field(None, ge=1, description="Evaluate the first N held-out prompts; None = all.")
 
 
+PIPELINE_STAGES = ("filter_prompts", "rollout", "score", "label_uncertainty", "nft_update", "evaluate")
+
+
+class StageResources(Frozen):
+    """Per-stage override of the process layout; None = the ``resources`` value."""
+
+    nproc_per_node: int | None = Field(None, ge=1, description="Processes per node for this stage.")
+    nnodes: int | None = Field(None, ge=1, description="Nodes for this stage.")
+
+
+class ResourcesConfig(Frozen):
+    """How many processes run each heavy stage, and how they are launched (issue 11 point 4).
+
+    ``gpus`` (null or one of 8, 16, 24, 48) is the GPU scale of the release's presets: when set, the per-GPU
+    batch, samples per prompt, prompt groups and the process layout are derived from it
+    (:mod:`astrolabe.presets`); setting one of those keys to another value is an error.
+    """
+
+    gpus: int | None = Field(
+        None, description=f"GPU scale, one of {', '.join(map(str, GPU_SCALES))} or null (set the batch keys by hand)."
+    )
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node of a distributed stage.")
+    nnodes: int = Field(1, ge=1, description="Nodes of a distributed stage.")
+    launcher: Literal["torchrun", "slurm"] = Field(
+        "torchrun", description="'torchrun' (one node, or nodes started by hand) or 'slurm' (srun + torchrun)."
+    )
+    rdzv_endpoint: str = Field(
+        "127.0.0.1:29500", pattern=r"^[^\s:]+:\d{1,5}$", description="c10d rendezvous host:port (node 0's address)."
+    )
+    stages: dict[str, StageResources] = Field(
+        default_factory=dict, description="Per-stage overrides, e.g. {score: {nproc_per_node: 4}}."
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, v: int | None) -> int | None:
+        return None if v is None else check_gpus(v)
+
+    @field_validator("stages")
+    @classmethod
+    def _check_stages(cls, v: dict[str, StageResources]) -> dict[str, StageResources]:
+        unknown = sorted(set(v) - set(PIPELINE_STAGES))
+        if unknown:
+            raise ValueError(f"resources.stages names unknown stages {unknown}; known: {list(PIPELINE_STAGES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_world(self) -> ResourcesConfig:
+        if self.gpus is not None and self.nproc_per_node * self.nnodes != self.gpus:
+            raise ValueError(
+                f"resources.gpus={self.gpus} but nproc_per_node x nnodes = {self.nproc_per_node} x {self.nnodes}; "
+                "leave nproc_per_node and nnodes unset (derived) or make their product equal gpus"
+            )
+        return self
+
+    def for_stage(self, stage: str) -> tuple[int, int]:
+        """``(nproc_per_node, nnodes)`` of ``stage``, overrides applied."""
+        o = self.stages.get(stage, StageResources())
+        return (o.nproc_per_node or self.nproc_per_node, o.nnodes or self.nnodes)
+
+    def world_size(self, stage: str | None = None) -> int:
+        nproc, nnodes = self.for_stage(stage) if stage is not None else (self.nproc_per_node, self.nnodes)
+        return nproc * nnodes
+
+
+def _apply_gpu_scale(data: Any) -> Any:
+    """Fill the keys that ``resources.gpus`` derives (:func:`astrolabe.presets.derived_settings`) into raw config data.
+
+    A key already given with another value is an error naming both (a key given with the derived value is fine:
+    a dumped config reloads). Invalid or missing ``gpus`` is left to the field validator.
+    """
+    if not isinstance(data, dict):
+        return data
+    res = data.get("resources")
+    gpus = res.get("gpus") if isinstance(res, dict) else getattr(res, "gpus", None)
+    if not isinstance(gpus, int) or gpus not in GPU_SCALES:
+        return data
+    model = data.get("model")
+    base = model.get("base", "tiny") if isinstance(model, dict) else getattr(model, "base", "tiny")
+    out = dict(data)
+    for path, value in derived_settings(gpu_scale(str(base), gpus)).items():
+        section = out.get(path[0])
+        section = section.model_dump(exclude_unset=True) if isinstance(section, Frozen) else dict(section or {})
+        given = section.get(path[1])
+        if given is not None and path[0] == "resources":
+            continue  # any layout with nproc_per_node x nnodes = gpus is fine (checked by ResourcesConfig)
+        if given is not None and given != value:
+            raise ValueError(
+                f"{'.'.join(path)}={given} conflicts with resources.gpus={gpus}, which derives {value}; "
+                f"remove {'.'.join(path)} (or set resources.gpus: null to choose the batch layout yourself)"
+            )
+        section[path[1]] = value
+        out[path[0]] = section
+    return out
+
+
 class RunConfig(Frozen):
     name: str = Field("tiny", pattern=r"^[A-Za-z0-9_.\-]+$", description="Run name = run directory name.")
     seed: int = 0
     model: ModelConfig = ModelConfig()
     rollout: RolloutConfig = RolloutConfig()
+    sampling: SamplingConfig = SamplingConfig()
     rewards: RewardsConfig = RewardsConfig()
     eval_rewards: RewardsConfig | None = Field(None, description="Rewards reported at evaluation; None = rewards.")
     rl: RLConfig = RLConfig()
+    parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
     pipeline: PipelineConfig = PipelineConfig()
     tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_from_gpus(cls, data: Any) -> Any:
+        return _apply_gpu_scale(data)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -170,7 +330,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `astrolabe config show` prints every allowed key)"
         got = e.get("input")
-        got_s = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        got_s = "" if e["type"] in ("extra_forbidden", "missing") or not e["loc"] else f" (got {got!r})"
         lines.append(f"  {path}: {msg}{got_s}")
     return "\n".join(lines)
 
@@ -213,21 +373,48 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_validation_error(e, source)) from None
 
 
+EXTENDS_KEY = "extends"
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict, with ``extends: other.yaml`` (relative to this file) merged underneath it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (presets live in configs/, e.g. configs/tiny.yaml)")
+    if p.resolve() in _chain:
+        raise ConfigError(f"{p}: 'extends' loops back to a file already being read: {[str(c) for c in _chain]}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must contain a mapping of config sections at the top level")
+    parent = data.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{p}: '{EXTENDS_KEY}' must be one path (relative to the file), got {parent!r}")
+    return deep_merge(read_config_file(p.parent / parent, (*_chain, p.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (None = all defaults = the tiny CPU run) and apply ``key=value`` overrides."""
+    """Load a YAML config (None = all defaults = the tiny CPU run) and apply ``key=value`` overrides.
+
+    A file may start from another with ``extends: relative/path.yaml`` (deep merge, see :func:`deep_merge`).
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (presets live in configs/, e.g. configs/tiny.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must contain a mapping of config sections at the top level")
-        source = str(p)
+        data = read_config_file(path)
+        source = str(path)
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + --set " + " ".join(overrides)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from astrolabe.artifacts import RunLock, RunLockedError
+from astrolabe.artifacts.lock import RunLock, RunLockedError
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def gather_objects(obj: Any) -> list[Any]:
 
 @contextmanager
 def rank0_run_lock(run_path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold the run's :class:`~astrolabe.artifacts.RunLock` on rank 0 for the block; ranks enter once it is held.
+    """Hold the run's :class:`~astrolabe.artifacts.lock.RunLock` on rank 0 for the block; ranks enter once it is held.
 
     Rank 0's outcome is broadcast (which also synchronises the ranks, so none starts before the lock is
     taken): if rank 0 cannot take the lock, every rank raises :class:`RunLockedError` with its message.

@@ -8,14 +8,20 @@ A run lives in ``<pipeline.runs_root>/<name>/``::
     mlflow_run_id.txt     the MLflow run continued on resume
     tracking-logged.json  stage outputs already logged to MLflow (a resumed run does not log twice)
     run-summary.json      wall time, time per stage, bookkeeping overhead of the last attempt
+    reward_curves.png     reward / eval curves so far, rewritten after every evaluation
+    latest/               stable names (symlinks) of the newest results: checkpoint (a policy for
+                          `astrolabe generate --checkpoint`), eval (directory), grid.png, grid.mp4, metrics.json
     filter_prompts/<key>/  iter-0000/<stage>/<key>/ ...
 
 The flows (``flows/train.py`` ...) wrap :func:`train_run` etc. in Prefect; the CLI can also call them
-directly (``--engine local``). Both execute the same plan (:mod:`stages.pipeline`).
+directly (``--engine local``). Both execute the same plan (:mod:`astrolabe.artifacts.plan`) over the
+stage registry :data:`stages.STAGES`. What is logged to MLflow is what each stage's manifest carries
+(``Manifest.metrics``, ``Manifest.reports``): this module does not know which stage made what.
 
 Under ``torchrun`` (local engine only) every rank calls :func:`train_run`: rank 0 alone takes the run lock
 (:func:`astrolabe.distributed.rank0_run_lock`), records the config, writes the summary and logs to MLflow;
-the other ranks run the same plan without bookkeeping (:func:`stages.base.execute` keeps them in step).
+the other ranks run the same plan without bookkeeping (:func:`astrolabe.artifacts.engine.execute` keeps them
+in step).
 """
 
 from __future__ import annotations
@@ -31,15 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from astrolabe.artifacts import Manifest, RunLock, run_dir, stage_root
+from astrolabe.artifacts import atomic
+from astrolabe.artifacts.atomic import write_json, write_text
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.lock import RunLock
+from astrolabe.artifacts.manifest import Manifest
+from astrolabe.artifacts.plan import NodeResult, RunResults, Runner, explain_change, plan_status, run_plan
+from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
-from astrolabe.data.arrays import read_columns
 from astrolabe.distributed import current_context, rank0_run_lock
-from astrolabe.tracking import Tracker
-from stages.base import execute
-from stages.pipeline import NodeResult, RunResults, Runner, explain_change, plan_status, run_plan
+from astrolabe.tracking import Tracker, plot_curves
+from stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +55,14 @@ CONFIG_FILE = "config.yaml"
 HISTORY_DIR = "config-history"
 LOGGED_FILE = "tracking-logged.json"
 SUMMARY_FILE = "run-summary.json"
+CURVES_FILE = "reward_curves.png"
+LATEST_DIR = "latest"
+CHECKPOINT_SUBDIR = "state"  # = stages.nft_update.STATE_SUBDIR: the policy inside an nft_update output
+EVAL_FILES = ("grid.png", "grid.mp4", "metrics.json")  # of an evaluate output, linked under latest/
+MIN_STD_SAMPLES = 8  # fewer eval videos than this: margins are absolute differences, not in baseline std
 
 
 # ----------------------------------------------------------------------------------- run directory
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def load_run_config(run_path: Path, overrides: list[str] | None = None) -> RunConfig:
@@ -79,19 +86,64 @@ def resolve_run_path(run: str | Path, runs_root: Path | None = None) -> Path:
     raise ConfigError(f"no run at {p} or {cand} (a run directory holds {CONFIG_FILE}); pass --run <dir or name>")
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A policy for generation: ``path`` itself, or for a run directory (it holds ``config.yaml``) the state
+    of its newest completed ``nft_update``."""
+    if not (Path(path) / CONFIG_FILE).is_file():
+        return Path(path)
+    for k in reversed(list_iterations(path)):
+        current = find_current(path, "nft_update", k)
+        if current is not None:
+            log.info("using the last policy of run %s: %s", path, current.path / CHECKPOINT_SUBDIR)
+            return current.path / CHECKPOINT_SUBDIR
+    raise ConfigError(f"run {path} has no completed nft_update yet: train it first, or pass a checkpoint directory")
+
+
+def link_latest(run_path: Path, res: NodeResult) -> list[Path]:
+    """Point ``<run>/latest/...`` at a node's output (relative symlinks): ``checkpoint`` for an nft_update,
+    ``eval`` and its grid / metrics files for an evaluate. Returns the links written."""
+    latest = run_path / LATEST_DIR
+    targets: dict[str, Path] = {}
+    if res.node.stage == "nft_update":
+        targets["checkpoint"] = res.path / CHECKPOINT_SUBDIR
+    elif res.node.stage == "evaluate":
+        targets["eval"] = res.path
+        targets |= {name: res.path / name for name in EVAL_FILES if (res.path / name).is_file()}
+    written = []
+    for name, target in targets.items():
+        rel, link = os.path.relpath(target, latest), latest / name
+        if target.exists() and not (link.is_symlink() and os.readlink(link) == rel):
+            written.append(atomic.symlink(rel, link))
+    return written
+
+
+def write_curves(run_path: Path, history: Mapping[str, list[tuple[float, float]]], title: str) -> Path | None:
+    """``<run>/reward_curves.png`` of ``history`` (atomically replaced); None when there is nothing to plot."""
+    if not history:
+        return None
+    final = run_path / CURVES_FILE
+    tmp = atomic.tmp_sibling(final)
+    try:
+        plot_curves(history, tmp, title=title)
+        atomic.publish_file(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
 def record_config(run_path: Path, cfg: RunConfig) -> str | None:
     """Save ``cfg`` as the run's config; returns the explanation of a change since the last attempt."""
     path = run_path / CONFIG_FILE
     message = None
     if path.is_file():
         previous = load_config(path)
-        message = explain_change(previous, cfg, run_path)
+        message = explain_change(previous, cfg, run_path, STAGES)
         if message is not None:
             hist = run_path / HISTORY_DIR
             hist.mkdir(exist_ok=True)
             n = len(list(hist.glob("*.yaml")))
-            write_text_atomic(hist / f"{n:03d}.yaml", path.read_text(encoding="utf-8"))
-    write_text_atomic(path, dump_config(cfg))
+            write_text(hist / f"{n:03d}.yaml", path.read_text(encoding="utf-8"))
+    write_text(path, dump_config(cfg))
     return message
 
 
@@ -102,50 +154,9 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def column_stats(values: np.ndarray) -> dict[str, float]:
-    """mean, std (NaN-aware) and the NaN fraction of one reward column."""
-    v = np.asarray(values, dtype=np.float64)
-    ok = np.isfinite(v)
-    stats = {"nan_fraction": float(1.0 - ok.mean()) if v.size else 0.0}
-    if ok.any():
-        stats |= {"mean": float(v[ok].mean()), "std": float(v[ok].std())}
-    return stats
-
-
-def score_metrics(score_dir: Path, names: list[str], prefix: str = "reward") -> dict[str, float]:
-    """``<prefix>/<name>/{mean,std,nan_fraction}`` of every reward column of a score output."""
-    from stages.score import REWARDS_FILE
-
-    _, cols, _ = read_columns(score_dir / REWARDS_FILE)
-    out: dict[str, float] = {}
-    for name in names:
-        if name in cols:
-            out |= {f"{prefix}/{name}/{k}": v for k, v in column_stats(cols[name]).items()}
-    return out
-
-
-def node_metrics(res: NodeResult, cfg: RunConfig) -> dict[str, float]:
-    """The MLflow metrics of one stage output (logged at step = its iteration)."""
-    m, stage = res.manifest, res.node.stage
-    out = {f"time/{stage}": m.timings.get("total", float("nan"))}
-    if "peak_rss_mib" in m.timings:
-        out[f"memory/{stage}_peak_rss_mib"] = m.timings["peak_rss_mib"]
-    if "peak_cuda_mib" in m.timings:
-        out[f"memory/{stage}_peak_cuda_mib"] = m.timings["peak_cuda_mib"]
-    if stage == "score":
-        out |= score_metrics(res.path, [s.name for s in cfg.rewards.rewards])
-    elif stage == "label_uncertainty":
-        c = m.counts
-        out["labels/flagged_fraction"] = c.get("flagged", 0) / max(c.get("records", 1), 1)
-        out["labels/nan_groups"] = float(c.get("nan_groups", 0))
-        out["labels/zero_std_groups"] = float(c.get("zero_std_groups", 0))
-    elif stage == "nft_update":
-        out |= {k: v for k, v in m.extra.get("metrics", {}).items() if v is not None}
-    elif stage == "evaluate":
-        out |= {f"eval/{k}": v for k, v in m.extra.get("metrics", {}).items() if v is not None and k != "n"}
-    elif stage == "rollout":
-        out["rollout/candidates"] = float(m.counts.get("candidates", 0))
-    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+def in_namespace(metrics: Mapping[str, float], namespace: str) -> dict[str, float]:
+    """The metrics ``<namespace>/<rest>`` as ``{rest: value}`` (``eval/combined/mean`` -> ``combined/mean``)."""
+    return {k[len(namespace) + 1:]: v for k, v in metrics.items() if k.startswith(namespace + "/")}
 
 
 @dataclass
@@ -165,27 +176,24 @@ class RunLogger:
             self.logged = set(json.loads(path.read_text(encoding="utf-8")))
 
     def __call__(self, res: NodeResult, results: RunResults) -> None:
-        metrics = node_metrics(res, self.cfg)
+        metrics = res.manifest.metrics
         step = res.node.iteration or 0
         for k, v in metrics.items():
             if k.startswith(("reward/", "eval/")) and k.endswith("/mean"):
                 self.history[k].append((step, v))
         if not res.cached:
-            self.computed[res.node.label] = res.manifest.timings.get("total", 0.0)
+            self.computed[res.node.label] = res.manifest.timings["total"]
+        link_latest(self.run_path, res)
+        if any(k.startswith("eval/") for k in metrics) and (not res.cached or not (self.run_path / CURVES_FILE).exists()):
+            write_curves(self.run_path, self.history, self.run_path.name)
         ident = f"{res.node.label}:{res.manifest.key}:{res.manifest.instance}"
         if ident in self.logged:
             return
         self.tracker.log_metrics(metrics, step=step)
-        if res.node.stage == "evaluate":
-            self._log_eval_artifacts(res)
+        for rel, where in res.manifest.reports.items():
+            self.tracker.log_artifact(res.path / rel, where)
         self.logged.add(ident)
-        write_text_atomic(self.run_path / LOGGED_FILE, json.dumps(sorted(self.logged)))
-
-    def _log_eval_artifacts(self, res: NodeResult) -> None:
-        where = f"eval/iter-{res.node.iteration:04d}"
-        for name in ("grid.mp4", "grid.png", "metrics.json"):
-            if (res.path / name).is_file():
-                self.tracker.log_artifact(res.path / name, where)
+        write_json(self.run_path / LOGGED_FILE, sorted(self.logged))
 
     def finish(self) -> None:
         if self.history:
@@ -217,19 +225,25 @@ class TrainSummary:
             "computed_nodes": self.computed_nodes, "cached_nodes": self.cached_nodes,
             "overhead_fraction": _finite(self.overhead_fraction), "eval": {str(k): v for k, v in self.eval.items()},
             "eval_margin_std": {str(k): v for k, v in eval_margins(self.eval).items()},
+            "eval_delta": {str(k): v for k, v in eval_deltas(self.eval).items()},
             "config_change": self.config_change,
         }
 
 
-def eval_margins(evals: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str, float]]:
+def eval_margins(evals: Mapping[int, Mapping[str, float]],
+                 min_samples: int = MIN_STD_SAMPLES) -> dict[int, dict[str, float]]:  # fmt: skip
     """Each eval mean's change since the first evaluated iteration, in units of that baseline's std.
 
     ``margin_k[name] = (mean_k - mean_0) / std_0`` for every ``<name>/mean`` with a ``<name>/std`` at the
     baseline (iteration 0 when it was evaluated); names whose baseline std is 0 or missing are left out.
+    A std from fewer than ``min_samples`` videos (the baseline's ``n``, when recorded) is too noisy to be a
+    unit (2 videos gave "+468 std"): then there are no margins, see :func:`eval_deltas`.
     """
     if not evals:
         return {}
     base = evals[min(evals)]
+    if base.get("n", min_samples) < min_samples:
+        return {}
     out: dict[int, dict[str, float]] = {}
     for it in sorted(evals):
         row = {}
@@ -244,17 +258,30 @@ def eval_margins(evals: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str
     return out
 
 
+def eval_deltas(evals: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str, float]]:
+    """Each eval mean's absolute change since the first evaluated iteration: ``mean_k - mean_0``."""
+    if not evals:
+        return {}
+    base = evals[min(evals)]
+    return {it: {k[: -len("/mean")]: v - base[k] for k, v in row.items()
+                 if k.endswith("/mean") and k in base and math.isfinite(v - base[k])}
+            for it, row in sorted(evals.items())}
+
+
 def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:
-    return {
-        node_id[1]: dict(r.manifest.extra.get("metrics", {}))
-        for node_id, r in results.by_id.items()
-        if node_id[0] == "evaluate" and node_id[1] is not None
-    }
+    """``{iteration: {name: value}}`` of the ``eval/<name>`` metrics of the outputs that have some."""
+    out: dict[int, dict[str, float]] = {}
+    for r in results.by_id.values():
+        evals = in_namespace(r.manifest.metrics, "eval")
+        if evals and r.node.iteration is not None:
+            out[r.node.iteration] = evals | ({"n": float(r.manifest.counts["videos"])} if "videos" in r.manifest.counts
+                                             else {})
+    return out
 
 
 def summarize(run_path: Path, start: float, results: RunResults, change: str | None) -> TrainSummary:
     """The summary of an attempt from its node results (seconds of computed, i.e. not cached, nodes)."""
-    computed = {r.node.label: r.manifest.timings.get("total", 0.0) for r in results.by_id.values() if not r.cached}
+    computed = {r.node.label: r.manifest.timings["total"] for r in results.by_id.values() if not r.cached}
     per_stage: dict[str, float] = defaultdict(float)
     for label, secs in computed.items():
         per_stage[label.split("[")[0]] += secs
@@ -282,7 +309,7 @@ def train_run(
 ) -> TrainSummary:
     """Train (or resume) the run ``cfg.name`` under ``cfg.pipeline.runs_root``; returns its summary.
 
-    Takes the run lock (a second process exits with :class:`astrolabe.artifacts.RunLockedError`), records
+    Takes the run lock (a second process exits with :class:`astrolabe.artifacts.lock.RunLockedError`), records
     the config (explaining what a change makes stale), continues the MLflow run, and runs the plan.
     Under torchrun only rank 0 does that bookkeeping (and calls ``on_done``); the others only run the plan.
     """
@@ -291,7 +318,7 @@ def train_run(
     with rank0_run_lock(run_path):
         if not current_context().is_main:
             runner = runner_factory(cfg, run_path) if runner_factory is not None else None
-            return summarize(run_path, start, run_plan(cfg, run_path, runner=runner), None)
+            return summarize(run_path, start, run_plan(cfg, run_path, STAGES, runner=runner), None)
         ensure_base_model(cfg)
         change = record_config(run_path, cfg)
         if change:
@@ -310,7 +337,7 @@ def train_run(
                     on_done(res, results)
 
             runner = runner_factory(cfg, run_path) if runner_factory is not None else None
-            results = run_plan(cfg, run_path, runner=runner, on_done=done)
+            results = run_plan(cfg, run_path, STAGES, runner=runner, on_done=done)
             logger.finish()
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -319,7 +346,7 @@ def train_run(
         finally:
             tracker.end(status)
         summary = summarize(run_path, start, results, change)
-        write_text_atomic(run_path / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2))
+        write_json(run_path / SUMMARY_FILE, summary.to_json(), indent=2)
         return summary
 
 
@@ -361,9 +388,7 @@ ScoreRunner = Callable[[RunConfig, Path, Path, int], Manifest]
 
 
 def direct_score(cfg: RunConfig, run_path: Path, rollout_dir: Path, iteration: int) -> Manifest:
-    from stages import score
-
-    return execute(score, cfg, run_path, {"rollout": rollout_dir}, iteration)
+    return execute(STAGES["score"], cfg, run_path, {"rollout": rollout_dir}, iteration)
 
 
 def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunner | None = None) -> dict[int, dict[str, float]]:
@@ -380,13 +405,12 @@ def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunne
         from astrolabe.rewards import build_rewards
 
         build_rewards(new_cfg.rewards.rewards)  # unknown names / missing weights fail before any work
-        statuses = plan_status(cfg, run_path)
+        statuses = plan_status(cfg, run_path, STAGES)
         rollouts = [s for s in statuses if s.node.stage == "rollout" and s.status == "done"]
         if not rollouts:
             raise ValueError(f"{run_path} has no completed rollout to rescore; run `astrolabe train` first")
         tracker = Tracker(cfg.tracking, cfg.pipeline.runs_root)
         tracker.start_or_resume(cfg.name, run_path)
-        names = [s.name for s in new_cfg.rewards.rewards]
         out: dict[int, dict[str, float]] = {}
         history: dict[str, list[tuple[float, float]]] = defaultdict(list)
         try:
@@ -394,7 +418,7 @@ def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunne
                 k = st.node.iteration
                 assert k is not None and st.path is not None
                 m = score_runner(new_cfg, run_path, st.path, k)
-                metrics = score_metrics(stage_root(run_path, "score", k) / m.key, names, prefix="rescore")
+                metrics = {f"rescore/{name}": v for name, v in in_namespace(m.metrics, "reward").items()}
                 tracker.log_metrics(metrics, step=k)
                 out[k] = metrics
                 for key, v in metrics.items():
@@ -403,8 +427,8 @@ def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunne
             old = [s for s in statuses if s.node.stage == "score" and s.status == "done"]
             for s in old:
                 assert s.path is not None and s.node.iteration is not None
-                for key, v in score_metrics(s.path, [r.name for r in cfg.rewards.rewards]).items():
-                    if key.endswith("/mean"):
+                for key, v in Manifest.load(s.path).metrics.items():
+                    if key.startswith("reward/") and key.endswith("/mean"):
                         history[key].append((s.node.iteration, v))
             if history:
                 tracker.log_curves(dict(history), name="rescore_curves.png", title=f"{cfg.name}: rescore")

@@ -22,11 +22,14 @@ configure()
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from astrolabe.artifacts import Manifest  # noqa: E402
+from astrolabe.artifacts.atomic import write_text  # noqa: E402
+from astrolabe.artifacts.engine import execute  # noqa: E402
+from astrolabe.artifacts.lock import RunLock  # noqa: E402
+from astrolabe.artifacts.manifest import Manifest  # noqa: E402
+from astrolabe.artifacts.plan import Node, Runner, run_stage  # noqa: E402
 from astrolabe.config import RunConfig, load_config  # noqa: E402
 from flows import run as run_mod  # noqa: E402
-from stages.base import execute  # noqa: E402
-from stages.pipeline import STAGES, Node, Runner, run_stage  # noqa: E402
+from stages import STAGES  # noqa: E402
 
 SCORE_RETRIES = 2
 SCORE_RETRY_DELAY_S = 5.0
@@ -77,7 +80,7 @@ def rescore(run: str, rewards: list[str], runs_root: str | None = None) -> dict[
 
     def score_runner(cfg: RunConfig, rp: Path, rollout_dir: Path, iteration: int) -> Manifest:
         if not config_path.is_file() or load_config(config_path) != cfg:
-            run_mod.write_text_atomic(config_path, dump_config(cfg))
+            write_text(config_path, dump_config(cfg))
         t = stage_task.with_options(name=task_name("score", iteration), retries=SCORE_RETRIES,
                                     retry_delay_seconds=SCORE_RETRY_DELAY_S)
         return Manifest.model_validate(t(str(config_path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}))
@@ -88,23 +91,21 @@ def rescore(run: str, rewards: list[str], runs_root: str | None = None) -> dict[
 
 @flow(name="evaluate")
 def evaluate(run: str, iteration: int | None = None, runs_root: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Evaluate one policy version of a run (default: the last one planned)."""
-    from astrolabe.artifacts import RunLock
-
+    """Evaluate one policy version of a run (default: the last one planned); returns its ``eval/`` metrics."""
     run_path = run_mod.resolve_run_path(run, Path(runs_root) if runs_root else None)
     with RunLock(run_path):
         cfg = run_mod.load_run_config(run_path)
         k = cfg.pipeline.iterations if iteration is None else iteration
-        res = run_stage(cfg, run_path, "evaluate", k, force, runner=prefect_runner(cfg, run_path))
-    return res.manifest.extra.get("metrics", {})
+        res = run_stage(cfg, run_path, STAGES, "evaluate", k, force, runner=prefect_runner(cfg, run_path))
+    return run_mod.in_namespace(res.manifest.metrics, "eval")
 
 
 @flow(name="generate")
 def generate(config: str, prompts: list[str], output_dir: str, checkpoint: str | None = None, seed: int = 0,
              overrides: list[str] | None = None) -> list[str]:  # fmt: skip
     """Generate one mp4 per prompt with the base model or a checkpoint's trained LoRA."""
-    from astrolabe.generate import generate_video
-    from astrolabe.models.factory import build_generation_stack
+    from astrolabe.build import build_generation_stack
+    from astrolabe.sampling.generation import generate_video
 
     cfg = load_config(config, overrides)
     stack, base = build_generation_stack(cfg, lora=Path(checkpoint) if checkpoint else None)

@@ -1,0 +1,14 @@
+"""The six stages of a training run, one module each: ``run(cfg, inputs, out_dir, iteration) -> StageResult``.
+
+:data:`STAGES` (name -> module, in plan order) is the registry the run engine
+(:mod:`astrolabe.artifacts.plan`, :mod:`astrolabe.artifacts.engine`) is given; it never imports this package.
+"""
+
+from __future__ import annotations
+
+from stages import evaluate, filter_prompts, label_uncertainty, nft_update, rollout, score
+
+STAGES: dict[str, StageModule] = {
+    m.STAGE.name: m for m in (filter_prompts, rollout, score, label_uncertainty, nft_update, evaluate)
+}
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)

@@ -13,8 +13,9 @@ Outputs in the stage directory:
   ``rollout.num_latent_frames`` latent frames or the base model's default.
 - ``eval_rewards.zarr``: keys ``p{i:03d}-s{s}``, one float32 column per eval reward (and its
   ``<name>.<detail>`` diagnostics); NaN = could not score.
-- ``metrics.json`` (also ``manifest.extra["metrics"]``), with ``x_{n,k}`` the raw score of reward k on
-  sample n and ``w_k`` its weight in ``eval_rewards`` (or ``rewards``)::
+- ``metrics.json`` (also the manifest's typed ``metrics`` under ``eval/``, less ``n`` and null values),
+  with ``x_{n,k}`` the raw score of reward k on sample n and ``w_k`` its weight in ``eval_rewards``
+  (or ``rewards``)::
 
       reward/<k>/mean = nanmean_n x_{n,k}     reward/<k>/std = nanstd_n x_{n,k} (population)
       reward/<k>/nan  = #{n: x_{n,k} is NaN}
@@ -43,14 +44,14 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
+from astrolabe.build import build_generation_stack
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.grid import write_grid
 from astrolabe.data.video import decode_mp4
-from astrolabe.generate import GenerationStack, generate_video
-from astrolabe.models.factory import build_generation_stack
 from astrolabe.rewards import RewardsConfig, build_rewards
-from stages.base import StageInfo, StageResult
+from astrolabe.sampling.generation import GenerationStack, generate_video
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
 from stages.score import reward_identities, score_records
 
@@ -224,6 +225,12 @@ def write_comparison_grid(
 # ----------------------------------------------------------------------------------- stage
 
 
+def eval_reports(out_dir: Path, iteration: int) -> dict[str, str]:
+    """The grid and metrics files written, attached to the tracking run under ``eval/iter-<kkkk>``."""
+    where = f"eval/iter-{iteration:04d}"
+    return {name: where for name in (GRID_MP4, GRID_PNG, METRICS_FILE) if (out_dir / name).is_file()}
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     if iteration is None:
         raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
@@ -238,9 +245,9 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    stack, spec = build_generation_stack(cfg, lora=state)
+    stack, card = build_generation_stack(cfg, lora=state)
     timings["build"] = time.perf_counter() - t0
-    num_latent_frames = cfg.rollout.num_latent_frames or spec.latent_frames
+    num_latent_frames = cfg.rollout.num_latent_frames or card.latent_frames
     t0 = time.perf_counter()
     paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
                          crf=cfg.rollout.video_crf)
@@ -262,7 +269,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     t0 = time.perf_counter()
     baseline = inputs.get("baseline")
     grid = write_comparison_grid(out_dir, paths, Path(baseline) if baseline is not None else None, iteration,
-                                 fps=float(spec.fps))
+                                 fps=float(card.fps))
     timings["grid"] = time.perf_counter() - t0
 
     nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in rewards)
@@ -273,6 +280,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 "decode_failed": score_counts["decode_failed"], "num_latent_frames": num_latent_frames, **grid},
         seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
         timings=timings,
-        extra={"metrics": metrics, "policy": str(state) if state is not None else "base", "iteration": iteration,
+        metrics=finite_metrics({k: v for k, v in metrics.items() if k != "n"}, prefix="eval/"),
+        reports=eval_reports(out_dir, iteration),
+        extra={"policy": str(state) if state is not None else "base", "iteration": iteration,
                "baseline": str(baseline) if baseline is not None else None},
     )

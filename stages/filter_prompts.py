@@ -1,6 +1,7 @@
 """Stage ``filter_prompts``: raw prompt file(s) -> ``train.txt``, ``heldout.txt``, ``dropped.jsonl``.
 
-Rules and their order are those of :mod:`astrolabe.data.prompts`. Held-out prompts are either a
+Rules and their order are those of :mod:`astrolabe.data.prompts` (the length rule applies per scene of a
+scene prompt, so multi-scene lines such as the release's ``interactive_benchmark.txt`` are kept). Held-out prompts are either a
 deterministic split of the train file (``data.split_seed``, ``data.heldout_fraction``) or, when
 ``data.eval_prompts`` is set, that file filtered by the same rules (train prompts equal to a held-out
 prompt are then dropped as ``in_heldout``). The cache key includes the SHA-256 of the prompt files,
@@ -18,7 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from astrolabe.artifacts import sha256_file
+from astrolabe.artifacts.manifest import sha256_file
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.prompts import (
     FilterResult,
@@ -28,7 +30,6 @@ from astrolabe.data.prompts import (
     resolve_prompt_path,
     split_heldout,
 )
-from stages.base import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     return subset
 
 
-STAGE = StageInfo(name="filter_prompts", code_version="1", config_subset=_config_subset, per_iteration=False)
+STAGE = StageInfo(name="filter_prompts", code_version="2", config_subset=_config_subset, per_iteration=False)
 
 
 def _filter_file(path: Path, column: str, rules: PromptFilterConfig, exclude: list[str] | None = None) -> FilterResult:

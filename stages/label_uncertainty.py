@@ -12,10 +12,12 @@ Per record (rows aligned to the rollout shard keys):
 * ``rank_<name>`` descending rank of each reward over all valid samples (1 = best, ties averaged,
   NaN where the reward is NaN).
 
-The KL fraction controller is training state: it is loaded from ``controller.json`` of
-``inputs["labels_prev"]`` (the previous iteration's labels) when given, updated, and saved to this
-output's ``controller.json``. With selective KL on, a ``labels_prev`` without ``controller.json`` is
-an error (never a silent reset).
+The KL fraction controller is training state, kept in the one training checkpoint
+(:mod:`astrolabe.rl.state`): at iteration k > 0 it is read from ``inputs["checkpoint"]`` (the nft_update
+output of iteration k - 1), updated with this iteration's rewards, and handed on in this output's
+``controller.json``; ``nft_update`` k saves it in checkpoint k. Iteration 0 starts it fresh. With selective
+KL on, a later iteration without a checkpoint, or a checkpoint without controller state, is an error
+(never a silent reset).
 
 Counts: ``records``, ``nan_excluded`` (samples with NaN combined reward), ``nan_groups`` (groups with
 no valid sample: logged and skipped), ``zero_std_groups``, ``flagged`` (kl_mask = 1).
@@ -31,12 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import check_keys_aligned, read_columns, write_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.rl.advantages import group_index, optimality_from_rewards
+from astrolabe.rl.state import read_controller_state
+from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController, SelectiveKLConfig, compute_kl_mask, descending_ranks
-from stages.base import StageInfo, StageResult
 from stages.score import REWARDS_FILE
 
 log = logging.getLogger(__name__)
@@ -93,20 +97,37 @@ def reward_ranks(columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_controller(cfg: SelectiveKLConfig, labels_prev: Path | None) -> FractionController:
-    """A controller in its initial state, or restored from ``labels_prev/controller.json``."""
+def load_controller(cfg: SelectiveKLConfig, checkpoint: Path | None, iteration: int | None) -> FractionController:
+    """The controller of checkpoint ``checkpoint`` (an nft_update output), or a fresh one at iteration 0."""
+    from stages.nft_update import checkpoint_state_dir  # here: nft_update imports this module
+
     controller = FractionController(cfg)
-    if labels_prev is None:
-        log.info("selective KL: no previous labels given, the fraction controller starts fresh")
+    if checkpoint is None:
+        if iteration:
+            raise FileNotFoundError(
+                f"label_uncertainty at iteration {iteration} with selective KL needs inputs['checkpoint'] (the "
+                f"nft_update output of iteration {iteration - 1}, which holds the KL controller); run the earlier "
+                "iterations first (astrolabe train)"
+            )
+        log.info("selective KL: iteration 0, the fraction controller starts fresh")
         return controller
-    path = Path(labels_prev) / CONTROLLER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the previous labels were made without selective KL or are incomplete; "
-            "rerun label_uncertainty for the previous iteration, or pass no labels_prev to start fresh"
+    state_dir = checkpoint_state_dir(checkpoint)
+    state = read_controller_state(state_dir)
+    if state is None:
+        raise CheckpointError(
+            f"checkpoint {state_dir} holds no selective-KL controller state: it was trained without "
+            "rl.selective_kl; resume with the saved run's config or start a new run"
         )
-    controller.load_state_dict(json.loads(path.read_text(encoding="utf-8"))["state"])
+    controller.load_state_dict(state)
     return controller
+
+
+def read_handed_controller(labels: Path) -> dict[str, Any] | None:
+    """The controller state a label_uncertainty output hands to nft_update (None: made without selective KL)."""
+    path = Path(labels) / CONTROLLER_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))["state"]
 
 
 def count_nan_groups(combined: np.ndarray, gid: np.ndarray, n_groups: int) -> int:
@@ -116,6 +137,15 @@ def count_nan_groups(combined: np.ndarray, gid: np.ndarray, n_groups: int) -> in
 
 
 # ----------------------------------------------------------------------------------- stage
+
+
+def label_metrics(counts: Mapping[str, int]) -> dict[str, float]:
+    """``labels/flagged_fraction`` (flagged / records), ``labels/nan_groups``, ``labels/zero_std_groups``."""
+    return {
+        "labels/flagged_fraction": counts["flagged"] / max(counts["records"], 1),
+        "labels/nan_groups": float(counts["nan_groups"]),
+        "labels/zero_std_groups": float(counts["zero_std_groups"]),
+    }
 
 
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
@@ -159,7 +189,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     kl = cfg.rl.selective_kl
     extra: dict[str, Any] = {"advantage_info": info}
     if kl is not None:
-        controller = load_controller(kl, inputs.get("labels_prev"))
+        ckpt = inputs.get("checkpoint")
+        controller = load_controller(kl, Path(ckpt) if ckpt is not None else None, iteration)
         mask, u, kl_info = compute_kl_mask(rewards, kl, controller, groups)
         state = {"iteration": iteration, "state": controller.state_dict()}
         (out_dir / CONTROLLER_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -171,4 +202,4 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     out_cols.update(reward_ranks(rewards))
     write_columns(out_dir / LABELS_FILE, keys, out_cols, attrs={"rewards": names, "weights": weights})
     log.info("label_uncertainty: %s", counts)
-    return StageResult(counts=counts, extra=extra)
+    return StageResult(counts=counts, metrics=label_metrics(counts), extra=extra)

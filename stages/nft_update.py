@@ -11,15 +11,21 @@ One stage run is one training phase of NFT (paper part 1, DESIGN.md):
 1. Records are grouped by ``meta["group"]`` (candidates branched from one prefix). A micro-batch is up to
    ``rl.micro_batch_size`` candidates of one group, so they share their prefix cache (built once, forked).
    Records whose ``r`` is NaN (no valid reward) are skipped and counted.
-2. For each of ``rl.epochs`` passes the micro-batches are shuffled by the ``shuffle`` generator; each runs
-   :func:`astrolabe.rl.streaming_update.window_nft_step` (old / ref / current forwards, NFT loss) with the
-   loss divided by the number of micro-batches of its optimizer step; every ``rl.accumulation_steps``
-   micro-batches (and at the end of a pass) one optimizer step is taken.
+2. The model goes through :func:`astrolabe.parallel.parallelize` (``cfg.parallel``: activation
+   checkpointing; the stage runs on one rank, so ``strategy`` must be ``none``). For each of ``rl.epochs``
+   passes the micro-batches are shuffled by the ``shuffle`` generator; every ``rl.accumulation_steps``
+   micro-batches (and the rest at the end of a pass) make one optimizer step, their gradients accumulated by
+   :func:`astrolabe.rl.accumulation.accumulate_gradients` (each micro-batch's
+   :func:`astrolabe.rl.streaming_update.window_nft_step` loss weighted by its sample count: the step's
+   gradient is that of the mean loss over its samples).
 3. End of phase: ``theta_old <- d theta_old + (1 - d) theta`` (:meth:`TrainingState.update_old`), and the
-   lagging KL reference is refreshed when the mean KL of the phase says so.
+   lagging KL reference is refreshed when the mean KL of the phase says so. Both schedules count
+   iterations (``iteration + 1`` completed), not optimizer steps.
 
 Every generator (LoRA init, sigma, noise, shuffle) is part of the checkpoint, so iteration k + 1 continues
-the streams of iteration k: a resumed run equals an uninterrupted one.
+the streams of iteration k: a resumed run equals an uninterrupted one. With selective KL the checkpoint also
+holds the KL fraction controller: the state ``label_uncertainty`` k computed from checkpoint k - 1 and handed
+on in ``labels/controller.json`` (a labels output without it is an error).
 """
 
 from __future__ import annotations
@@ -36,16 +42,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
+from astrolabe.build import build_dit, build_text, stream_config
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import check_keys_aligned, read_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
-from astrolabe.models.factory import build_dit, build_text, stream_spec
 from astrolabe.models.registry import get_base_model
+from astrolabe.parallel import parallelize
+from astrolabe.rl.accumulation import accumulate_gradients
 from astrolabe.rl.policies import PolicyConfig, PolicySet
+from astrolabe.rl.rng import CheckpointError
+from astrolabe.rl.selective_kl import FractionController
 from astrolabe.rl.state import TrainingState
 from astrolabe.rl.streaming_update import WindowBatch, window_nft_step
-from stages.base import StageInfo, StageResult
-from stages.label_uncertainty import LABELS_FILE
+from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_controller
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +64,10 @@ GENERATORS = ("sigma", "noise", "shuffle")
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
-    return {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl)}
+    return {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl), "parallel": config_to_dict(cfg.parallel)}
 
 
-STAGE = StageInfo(name="nft_update", code_version="1", config_subset=_config_subset, per_iteration=True)
+STAGE = StageInfo(name="nft_update", code_version="2", config_subset=_config_subset, per_iteration=True)
 
 
 def checkpoint_state_dir(stage_dir: str | Path) -> Path:
@@ -136,7 +146,8 @@ def build_training_state(cfg: RunConfig, dit: torch.nn.Module) -> TrainingState:
     policy_cfg = PolicyConfig(averaging=rl.averaging, ema_start_step=rl.ema_start_step, reference=rl.reference,
                               refresh=rl.reference_refresh)
     policies = PolicySet.build(dit, rl.lora, policy_cfg, generator=torch.Generator().manual_seed(rl.lora_seed))
-    state = TrainingState(policies, rl.optim)
+    controller = FractionController(rl.selective_kl) if rl.selective_kl is not None else None
+    state = TrainingState(policies, rl.optim, controller)
     for i, name in enumerate(GENERATORS):
         state.register_generator(name, torch.Generator().manual_seed(rl.lora_seed + 1 + i))
     return state
@@ -152,6 +163,20 @@ def restore_or_start(cfg: RunConfig, state: TrainingState, checkpoint: Path | No
         log.info("nft_update it%d: fresh LoRA (rank %d, seed %d)", iteration, cfg.rl.lora.rank, cfg.rl.lora_seed)
         return
     state.load(checkpoint_state_dir(checkpoint))
+
+
+def adopt_controller(state: TrainingState, labels: Path) -> None:
+    """Take the KL controller state ``label_uncertainty`` computed for this iteration (saved with the state)."""
+    handed = read_handed_controller(labels)
+    if state.controller is None:
+        if handed is not None:
+            raise CheckpointError(f"{labels} holds a {CONTROLLER_FILE} but rl.selective_kl is off; the labels were "
+                                  "made with another config: rerun label_uncertainty with the current one")
+        return
+    if handed is None:
+        raise CheckpointError(f"{labels}/{CONTROLLER_FILE} is missing: the labels were made without selective KL; "
+                              "rerun label_uncertainty with the current config")
+    state.controller.load_state_dict(handed)
 
 
 def _policies(state: TrainingState, with_ref: bool) -> dict[str, Callable[[], Any]]:
@@ -170,32 +195,32 @@ def _mean(values: list[float]) -> float:
 
 
 def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], contexts: Mapping[str, torch.Tensor],
-                spec_stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:  # fmt: skip
-    """``rl.epochs`` shuffled passes of accumulated window NFT steps; returns averaged metrics."""
+                stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:  # fmt: skip
+    """``rl.epochs`` shuffled passes of sample-weighted accumulated window NFT steps; returns averaged metrics."""
     rl = cfg.rl
     device, dtype = torch.device(cfg.model.device), next(state.policies.model.parameters()).dtype
     batches = plan_micro_batches(cands, rl.micro_batch_size)
     policies = _policies(state, with_ref=rl.nft.kl_weight > 0)
-    model = state.policies.model
+    model = parallelize(state.policies.model, cfg.parallel)
     gens = state.generators
     sums: dict[str, list[float]] = defaultdict(list)
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        batch = make_batch(cands, idx, contexts[cands[idx[0]].prompt], device, dtype)
+        loss, metrics = window_nft_step(policies, model, stream, batch, rl.nft, gens["sigma"], gens["noise"],
+                                        rl.update, shift=shift, group_size=len(idx), backward=False)
+        for k, v in metrics.items():
+            sums[k].append(float(v))
+        return loss
+
     total_steps = rl.epochs * math.ceil(len(batches) / rl.accumulation_steps)
     done = 0
     for _ in range(rl.epochs):
         order = torch.randperm(len(batches), generator=gens["shuffle"]).tolist()
         for start in range(0, len(order), rl.accumulation_steps):
-            chunk = order[start : start + rl.accumulation_steps]
-            for b in chunk:
-                idx = batches[b]
-                batch = make_batch(cands, idx, contexts[cands[idx[0]].prompt], device, dtype)
-                with state.autocast():
-                    loss, metrics = window_nft_step(
-                        policies, model, spec_stream, batch, rl.nft, gens["sigma"], gens["noise"], rl.update,
-                        shift=shift, group_size=len(idx), backward=False,
-                    )
-                state.backward(loss, accumulation_steps=len(chunk))
-                for k, v in metrics.items():
-                    sums[k].append(float(v))
+            chunk = [batches[b] for b in order[start : start + rl.accumulation_steps]]
+            # one rank trains (a "main" stage): no cross-rank reduction even under torchrun
+            accumulate_gradients(state, loss_of, chunk, [len(idx) for idx in chunk], across_ranks=False)
             stats = state.optimizer_step()
             sums["update/grad_norm"].append(stats.grad_norm)
             sums["update/lr"].append(stats.lr)
@@ -208,11 +233,15 @@ def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], co
     return out
 
 
-def end_phase(state: TrainingState, metrics: dict[str, float]) -> None:
-    """Old-policy blend and (lagging) reference refresh after the phase; adds their metrics."""
-    metrics["update/old_decay"] = state.update_old()
+def end_phase(state: TrainingState, metrics: dict[str, float], iteration: int) -> None:
+    """Old-policy blend and (lagging) reference refresh after the phase of ``iteration``; adds their metrics.
+
+    Both schedules run on ``iteration + 1`` completed iterations (the release's epochs), never on optimizer steps.
+    """
+    done = iteration + 1
+    metrics["update/old_decay"] = state.update_old(done)
     kl = metrics.get("loss/kl")
-    refreshed = state.policies.maybe_refresh_ref(state.step, kl if kl is not None and math.isfinite(kl) else None)
+    refreshed = state.policies.maybe_refresh_ref(done, kl if kl is not None and math.isfinite(kl) else None)
     metrics["update/ref_refreshed"] = float(refreshed)
 
 
@@ -231,6 +260,9 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     for name in ("rollout", "labels"):
         if name not in inputs:
             raise KeyError(f"the nft_update stage needs inputs[{name!r}]")
+    if cfg.parallel.strategy != "none":
+        raise ValueError(f"parallel.strategy={cfg.parallel.strategy!r}: nft_update trains on one rank for now "
+                         "(DDP/FSDP across ranks is not wired into the stage yet); set parallel.strategy=none")
     t0 = time.perf_counter()
     cands, skipped = read_candidates(Path(inputs["rollout"]), Path(inputs["labels"]))
     if not cands:
@@ -246,11 +278,12 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     state = build_training_state(cfg, dit)
     ckpt = inputs.get("checkpoint")
     restore_or_start(cfg, state, Path(ckpt) if ckpt is not None else None, iteration)
+    adopt_controller(state, Path(inputs["labels"]))
     t_build = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    metrics = train_phase(cfg, state, cands, contexts, stream_spec(cfg.model, base), base.flow_shift)
-    end_phase(state, metrics)
+    metrics = train_phase(cfg, state, cands, contexts, stream_config(cfg.model, base), base.flow_shift)
+    end_phase(state, metrics, iteration)
     t_train = time.perf_counter() - t1
     state.extra = {"iteration": iteration, "trained_records": len(cands)}
     state.save(checkpoint_state_dir(out_dir))
@@ -262,5 +295,5 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 "optimizer_steps": int(metrics["update/optimizer_steps"]), "step": state.step},
         seeds={"lora_seed": cfg.rl.lora_seed, "from_checkpoint": str(ckpt) if ckpt else None},
         timings={"build": t_build, "train": t_train},
-        extra={"metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}},
+        metrics=finite_metrics(metrics),
     )

@@ -3,15 +3,15 @@
 Inputs: ``prompts`` (the filter_prompts directory, with ``train.txt``: one prompt per line) and
 optionally ``checkpoint`` (the previous iteration's nft_update directory). NFT samples with the *old*
 policy: ``state/adapters/old.safetensors`` of that checkpoint is merged into the DiT
-(:func:`astrolabe.models.factory.attach_lora_for_inference`); without a checkpoint the base model samples.
+(:func:`astrolabe.build.attach_lora_for_inference`); without a checkpoint the base model samples.
 
 Per iteration the plan (prompts, seeds, window starts) is a pure function of the config and the
-iteration (:mod:`astrolabe.rollout`); rank ``r`` of ``W`` (env ``RANK`` / ``WORLD_SIZE``, default 0 / 1)
+iteration (:mod:`astrolabe.sampling.branching`); rank ``r`` of ``W`` (env ``RANK`` / ``WORLD_SIZE``, default 0 / 1)
 generates the contiguous slice :func:`rank_slice` of the groups and writes ``rollout-rNNN-*.tar``.
 
 One record per candidate, key ``it{iteration}-p{slot}-c{j}``: ``latents`` = the window (W, C, h, w)
 float32, extra ``prefix`` = the shared prefix (P, C, h, w) (P may be 0), ``video`` = mp4 of the window's
-pixel frames decoded after the prefix (see :mod:`astrolabe.rollout`), and ``meta``.
+pixel frames decoded after the prefix (see :mod:`astrolabe.sampling.branching`), and ``meta``.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from astrolabe.artifacts import rank_slice
+from astrolabe.artifacts.ranks import rank_slice
+from astrolabe.artifacts.stage import StageInfo, StageResult
+from astrolabe.build import build_generation_stack
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.shards import RolloutShardWriter
 from astrolabe.data.video import encode_mp4
 from astrolabe.distributed import dist_rank_world
-from astrolabe.generate import blocks_for
-from astrolabe.models.factory import build_generation_stack
-from astrolabe.rollout import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
-from stages.base import StageInfo, StageResult
+from astrolabe.sampling.branching import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
+from astrolabe.sampling.generation import blocks_for
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
 # Under torchrun every rank generates its slice of the groups into the same directory (rank-named shards);
 # ``num_blocks_per_video`` is the same on every rank (kept once when the ranks' results are merged).
 STAGE = StageInfo(name="rollout", code_version="1", config_subset=_config_subset, per_iteration=True,
-                  distribution="sliced", rank_invariant_counts=("num_blocks_per_video",))
+                  distribution="sliced", rank_invariant_counts=("num_blocks_per_video",),
+                  rank_summed_metrics=("rollout/candidates",))
 
 
 def read_prompts(prompts_dir: Path) -> list[str]:
@@ -96,9 +97,9 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     lora = inputs.get("checkpoint")
     t0 = time.perf_counter()
     state_dir = Path(lora) / CHECKPOINT_STATE_SUBDIR if lora is not None else None
-    stack, spec = build_generation_stack(cfg, lora=state_dir, policy="old")
+    stack, card = build_generation_stack(cfg, lora=state_dir, policy="old")
     t_build = time.perf_counter() - t0
-    num_blocks = blocks_for(ro.num_latent_frames or spec.latent_frames, stack.spec.block_frames)
+    num_blocks = blocks_for(ro.num_latent_frames or card.latent_frames, stack.stream.block_frames)
 
     chosen = choose_prompts(len(prompts), ro.prompts_per_iteration, ro.seed, iteration)
     mine = rank_slice(len(chosen), rank, world)
@@ -142,6 +143,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 "num_blocks_per_video": num_blocks},
         seeds=seeds,
         timings=timings,
+        metrics={"rollout/candidates": float(n_records)},
         extra={"rank": rank, "world_size": world, "shard_prefix": SHARD_PREFIX,
                "policy": str(lora) if lora else "base"},
     )

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.data.video import decode_mp4
 from astrolabe.rewards import Reward, RewardOutput, RewardSpec, build_rewards, score_all
-from stages.base import StageInfo, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,21 @@ def score_records(
     return keys, columns, counts
 
 
+def column_stats(values: np.ndarray) -> dict[str, float]:
+    """``mean``, ``std`` (over the finite entries; absent when none is) and ``nan_fraction`` of one column."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    stats = {"nan_fraction": float(1.0 - ok.mean()) if v.size else 0.0}
+    if ok.any():
+        stats |= {"mean": float(v[ok].mean()), "std": float(v[ok].std())}
+    return stats
+
+
+def reward_metrics(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, float]:
+    """``reward/<name>/{mean,std,nan_fraction}`` of the reward columns ``names``."""
+    return {f"reward/{name}/{k}": v for name in names if name in columns for k, v in column_stats(columns[name]).items()}
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     rollout = Path(inputs["rollout"])
     paths = list_shards(rollout)
@@ -146,4 +161,5 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     identities = {r.name: r.identity() for r in rewards}
     write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": identities})
     log.info("score: %d records, NaN per reward %s", len(keys), {k: v for k, v in counts.items() if k.startswith("nan/")})
-    return StageResult(counts=counts, extra={"columns": sorted(columns)})
+    metrics = reward_metrics(columns, [r.name for r in rewards])
+    return StageResult(counts=counts, metrics=metrics, extra={"columns": sorted(columns)})

@@ -7,9 +7,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-import astrolabe  # noqa: E402,F401  (installs the torchvision guard before any test imports transformers)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from astrolabe._compat import install_torchvision_guard  # noqa: E402
+
+install_torchvision_guard()  # tests import peft / open_clip / transformers directly
 
 torch.set_num_threads(1)  # tiny models: thread overhead dominates
 

@@ -12,24 +12,21 @@ import socket
 
 import pytest
 
-from astrolabe import artifacts
-from astrolabe.artifacts import (
+from astrolabe.artifacts import atomic
+from astrolabe.artifacts.keys import cache_key
+from astrolabe.artifacts.lock import RunLock, RunLockedError
+from astrolabe.artifacts.manifest import (
     MANIFEST_NAME,
+    OWNER_NAME,
     ArtifactError,
     ArtifactPublishError,
     ArtifactVerificationError,
+    FileEntry,
     Manifest,
-    RunLock,
-    RunLockedError,
-    StageDir,
-    cache_key,
-    clean_stale_tmp_dirs,
-    find_current,
-    list_iterations,
-    rank_filename,
-    rank_slice,
     verify,
 )
+from astrolabe.artifacts.ranks import rank_filename, rank_slice
+from astrolabe.artifacts.stagedir import StageDir, clean_stale_tmp_dirs, find_current, list_iterations
 
 # ----------------------------------------------------------------------------------------------
 # cache keys
@@ -88,7 +85,7 @@ def test_publish_layout_files_and_verify(tmp_path):
     assert sd.is_complete() and not tmp.exists()
     assert sorted(os.listdir(sd.path)) == ["a.bin", MANIFEST_NAME, "rewards-r001.npy", "sub"]
     assert m.files == {
-        rel: artifacts.FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest()) for rel, data in files.items()
+        rel: FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest()) for rel, data in files.items()
     }
     loaded = Manifest.load(sd.path)
     assert loaded == m and loaded.iteration == 3 and loaded.inputs == {"rollout": "aaaa"}
@@ -138,7 +135,7 @@ def test_publish_rejects_wrong_manifest_and_double_publish(tmp_path):
     assert not sd.tmp_path.exists() and sd.is_complete()
 
 
-@pytest.mark.parametrize("target", ["_write_durable", "_rename_dir"])
+@pytest.mark.parametrize("target", ["write_durable", "rename_dir"])
 def test_disk_full_never_leaves_partial_artifact(tmp_path, monkeypatch, target):
     sd = StageDir(tmp_path / "run", "nft_update", "k1", iteration=0)
     write_payload(sd.begin())
@@ -146,7 +143,7 @@ def test_disk_full_never_leaves_partial_artifact(tmp_path, monkeypatch, target):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(artifacts, target, no_space)
+    monkeypatch.setattr(atomic, target, no_space)
     with pytest.raises(ArtifactPublishError) as info:
         sd.publish(sd.manifest())
     msg = str(info.value)
@@ -178,7 +175,7 @@ def test_begin_cleans_stale_tmp_dirs_of_dead_processes(tmp_path):
     live.mkdir()
     other_host = sd.root / f".k0.tmp-{pid + 1}"
     other_host.mkdir()
-    (other_host / artifacts.OWNER_NAME).write_text(json.dumps({"pid": pid, "host": "elsewhere"}))
+    (other_host / OWNER_NAME).write_text(json.dumps({"pid": pid, "host": "elsewhere"}))
     sd.begin()
     assert not stale.exists() and live.exists() and other_host.exists() and sd.tmp_path.exists()
     assert clean_stale_tmp_dirs(sd.root) == []
@@ -198,6 +195,53 @@ def test_find_current_prefers_expected_then_newest(tmp_path):
     assert cur is not None and cur.key == "new" and cur.stale and cur.manifest.config == {"reward": "new"}
     cur = find_current(run, "score", 1)
     assert cur is not None and cur.key == "new" and not cur.stale
+
+
+# ----------------------------------------------------------------------------------------------
+# the atomic writer
+
+
+def test_write_text_and_json_replace_whole_files_and_leave_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    atomic.write_json(path, {"a": 1}, indent=2)
+    assert json.loads(path.read_text()) == {"a": 1} and path.read_text() == json.dumps({"a": 1}, indent=2)
+    atomic.write_text(path, "second")
+    assert path.read_text() == "second" and os.listdir(tmp_path) == ["summary.json"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "publish_file", no_space)  # the data is written, the rename fails
+    with pytest.raises(OSError):
+        atomic.write_text(path, "third")
+    assert path.read_text() == "second" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_publish_dir_replaces_and_restores_on_failure(tmp_path, monkeypatch):
+    final = tmp_path / "store"
+    with atomic.atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with atomic.atomic_dir(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("new")
+    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("*")) == ["sub", "sub/b.txt"]
+    assert os.listdir(tmp_path) == ["store"]  # no .tmp / .old sibling left
+
+    real = atomic.rename_dir
+
+    def fail_into_place(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic, "rename_dir", fail_into_place)
+    with pytest.raises(OSError), atomic.atomic_dir(final) as tmp:
+        (tmp / "c.txt").write_text("lost")
+    assert (final / "sub" / "b.txt").read_text() == "new"  # the old directory was moved back
+    assert os.listdir(tmp_path) == ["store"]
+    with pytest.raises(RuntimeError, match="boom"), atomic.atomic_dir(final):
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == ["store"] and (final / "sub" / "b.txt").is_file()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import astrolabe  # noqa: F401  (torchvision guard before peft)
 from astrolabe.models import checkpoints as ck
 from astrolabe.models.wan.config import WanConfig, tiny, wan21_t2v_14b
 from astrolabe.models.wan.dit import WanDiT

@@ -65,3 +65,30 @@ def test_generate_with_lora_checkpoint(tmp_path):
     assert a.shape == b.shape and (a != b).any()
     res = runner.invoke(app, [*args, "--checkpoint", str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no LoRA adapter" in res.output
+
+
+def test_generate_checks_every_plan_before_generating(tmp_path):
+    """Tiny model: 16 fps, 3-frame blocks. 'a[5s] | b[5s] | c' needs 6 + 6 + 1 = 13 blocks = 39 latent frames
+    = --num-frames 153; with --num-frames 25 nothing is generated, not even the first (fitting) line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\na red ball[5s] | a blue cube[5s] | a green kite\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["generate", "--prompt-file", str(prompts), "--num-frames", "25", "-o", str(out)])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "prompt 2" in text and "--num-frames 153 fits every prompt" in text
+    assert not out.exists()
+
+
+def test_generate_grows_to_fit_scenes_with_cache_relative_rope(tmp_path):
+    """Without --num-frames the video grows from the tiny default (21 latent frames) to the plan's
+    4 + 4 + 1 blocks = 27 latent frames; the release's RoPE variant is accepted through --set."""
+    out = tmp_path / "out"
+    args = ["generate", "--prompt", "a red ball[3s] | a blue cube[3s] | a kite", "-o", str(out)]
+    res = CliRunner().invoke(app, [*args, "--set", "sampling.rope=cache_relative", "--set", "model.sink_frames=3",
+                                   "--set", "model.local_attn_frames=9"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((out / "0000.json").read_text())
+    assert side["num_latent_frames"] == 27 and side["config"]["sampling"]["rope"] == "cache_relative"
+    assert [(s["start_block"], s["end_block"]) for s in side["scenes"]] == [(0, 4), (4, 8), (8, 9)]
+    assert decode_mp4(out / "0000.mp4").shape[0] == 1 + 4 * 26

@@ -21,7 +21,7 @@ def test_defaults_and_tiny_preset_roundtrip(tmp_path):
         (["rl.nft.beta=abc"], "rl.nft.beta", "valid number"),
         (["rl.nft.beta=-1"], "rl.nft.beta", "greater than 0"),
         (["model.dtype=float64"], "model.dtype", "float32"),
-        (["rollout.group_size=1"], "rollout.group_size", "greater than or equal to 2"),
+        (["rollout.group_size=1"], "rollout.group_size", "at least 2 candidates per group"),
     ],
 )
 def test_errors_name_the_path(override, path, hint):

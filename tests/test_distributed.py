@@ -1,8 +1,8 @@
 """The pipeline under torchrun: rank context, merging of rank results, execute() on N gloo ranks, the CLI.
 
 * unit: :class:`DistContext` env parsing, the missing-rendezvous error, no-op collectives at world size 1,
-  :func:`stages.base.merge_results` against hand-merged values.
-* two gloo processes (``torch.multiprocessing`` spawn) calling :func:`stages.base.execute` with fake
+  :func:`astrolabe.artifacts.engine.merge_results` against hand-merged values.
+* two gloo processes (``torch.multiprocessing`` spawn) calling :func:`astrolabe.artifacts.engine.execute` with fake
   stages: a sliced stage writes one file per rank into ONE published directory, a main stage runs on
   rank 0 only, a cached stage is not rerun, a failure on one rank makes every rank raise naming it
   (nothing published, process exits non-zero), and a held run lock stops every rank.
@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -26,8 +24,12 @@ import pytest
 import torch
 
 import pipeline_helpers as ph
+from spawn_helpers import free_port, run_ranks
 from pipeline_helpers import base, ref  # noqa: F401  (shared fixtures)
-from astrolabe.artifacts import MANIFEST_NAME, RunLock, rank_filename, stage_root
+from astrolabe.artifacts.lock import RunLock
+from astrolabe.artifacts.manifest import MANIFEST_NAME
+from astrolabe.artifacts.ranks import rank_filename
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.distributed import (
     DistContext,
     DistributedSetupError,
@@ -40,7 +42,8 @@ from astrolabe.distributed import (
     init_distributed,
     rank0_run_lock,
 )
-from stages.base import StageInfo, StageResult, merge_results, merge_values
+from astrolabe.artifacts.engine import merge_results, merge_values
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 # ----------------------------------------------------------------------------------- DistContext
 
@@ -99,6 +102,7 @@ def _rollout_like(rank: int, groups: dict) -> StageResult:
         counts={"prompts": len(groups), "candidates": 4 * len(groups), "shards": 1, "num_blocks_per_video": 5},
         seeds={"run_seed": 0, "rank": rank, "world_size": 2, "prompt_indices": [7, 3, 9], "groups": groups},
         timings={"total": 2.0 + rank, "build": 0.5 - 0.25 * rank, "peak_rss_mib": 100.0 * (rank + 1)},
+        metrics={"rollout/candidates": 4.0 * len(groups), "rollout/window_blocks": 1.0},
         extra={"rank": rank, "world_size": 2, "shard_prefix": "rollout", "policy": "base"},
     )
 
@@ -106,8 +110,10 @@ def _rollout_like(rank: int, groups: dict) -> StageResult:
 def test_merge_results_of_two_rollout_ranks():
     g0 = {"it0-p0": {"prompt_index": 7, "prefix_seed": 11}, "it0-p1": {"prompt_index": 3, "prefix_seed": 12}}
     g1 = {"it0-p2": {"prompt_index": 9, "prefix_seed": 13}}
-    m = merge_results([_rollout_like(0, g0), _rollout_like(1, g1)], invariant_counts=("num_blocks_per_video",))
+    m = merge_results([_rollout_like(0, g0), _rollout_like(1, g1)], invariant_counts=("num_blocks_per_video",),
+                      summed_metrics=("rollout/candidates",))
     assert m.counts == {"prompts": 3, "candidates": 12, "shards": 2, "num_blocks_per_video": 5}
+    assert m.metrics == {"rollout/candidates": 12.0, "rollout/window_blocks": 1.0}  # summed / equal on every rank
     assert m.timings == {"total": 3.0, "build": 0.5, "peak_rss_mib": 200.0}
     assert m.seeds == {"run_seed": 0, "rank": [0, 1], "world_size": 2, "prompt_indices": [7, 3, 9],
                        "groups": {**g0, **g1}}
@@ -123,7 +129,9 @@ def test_merge_results_edge_cases():
     bad.counts["num_blocks_per_video"] = 6
     with pytest.raises(ValueError, match="'num_blocks_per_video' must be equal on every rank"):
         merge_results([one, bad], invariant_counts=("num_blocks_per_video",))
-    assert merge_results([one, bad]).counts["num_blocks_per_video"] == 11  # not declared invariant: summed
+    assert merge_results([one, bad], summed_metrics=("rollout/candidates",)).counts["num_blocks_per_video"] == 11
+    with pytest.raises(ValueError, match="'rollout/candidates' differs between ranks"):  # not declared summed
+        merge_results([one, bad])
     with pytest.raises(ValueError, match="at least one rank"):
         merge_results([])
     # a key present on one rank only; a nested leaf that differs becomes the per-rank list
@@ -131,7 +139,7 @@ def test_merge_results_edge_cases():
 
 
 def test_stage_distribution_declarations():
-    from stages.pipeline import STAGES
+    from stages import STAGES
 
     assert {n: m.STAGE.distribution for n, m in STAGES.items()} == {
         "filter_prompts": "main", "rollout": "sliced", "score": "main", "label_uncertainty": "main",
@@ -170,7 +178,7 @@ def _worker(rank: int, port: int, root: str, locked_run: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import astrolabe  # noqa: F401
-    from stages.base import StageRankError, execute
+    from astrolabe.artifacts.engine import StageRankError, execute
 
     torch.set_num_threads(1)
     init_distributed("cpu")
@@ -205,31 +213,16 @@ def _worker(rank: int, port: int, root: str, locked_run: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Run :func:`_worker` on 2 spawned gloo processes while this process holds the lock of ``locked``."""
     root = tmp_path_factory.mktemp("ranks")
     locked = root / "locked"
-    ctx = multiprocessing.get_context("spawn")
     with RunLock(locked):
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, str(root), str(locked))) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-    assert not alive, "a rank hung (an error was left to a barrier timeout)"
+        port = free_port()
+        exitcodes = run_ranks(_worker, lambda r: (r, port, str(root), str(locked)), timeout=120)
     results = {r: json.loads((root / f"result-r{r}.json").read_text()) for r in range(2)}
-    return SimpleNamespace(root=root, run=root / "run", results=results, exitcodes=[p.exitcode for p in procs])
+    return SimpleNamespace(root=root, run=root / "run", results=results, exitcodes=exitcodes)
 
 
 def _published(run: Path, stage: str) -> list[Path]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec, plan_attention
+from astrolabe.models.wan.attention import CausalWindow, plan_attention
 from astrolabe.models.wan.config import WanConfig, tiny, wan21_t2v_1_3b, wan21_t2v_14b
 from astrolabe.models.wan.dit import WanDiT, sinusoidal_embedding
 from astrolabe.models.wan.rope import rope_split
@@ -64,7 +64,7 @@ def test_block_causal_vs_bidirectional_differ_exactly_where_mask_says():
     t = torch.tensor([700.0])
     x2 = x.clone()
     x2[:, 4] += 1.0  # perturb a frame of block 1 (frames 3..5)
-    causal = CausalSpec(block_frames=3)
+    causal = CausalWindow(block_frames=3)
     yc, yc2 = m(x, t, ctx, causal=causal), m(x2, t, ctx, causal=causal)
     diff = (yc - yc2).abs().amax(dim=(0, 2, 3, 4))
     assert torch.all(diff[:3] == 0)  # block 0 cannot see block 1
@@ -72,7 +72,7 @@ def test_block_causal_vs_bidirectional_differ_exactly_where_mask_says():
     yb, yb2 = m(x, t, ctx), m(x2, t, ctx)
     assert torch.all((yb - yb2).abs().amax(dim=(0, 2, 3, 4)) > 0)
     # frame-causal (block size 1) is NOT what block-causal means: frame 3 sees frame 4 only with blocks of 3
-    yf, yf2 = m(x, t, ctx, causal=CausalSpec(1)), m(x2, t, ctx, causal=CausalSpec(1))
+    yf, yf2 = m(x, t, ctx, causal=CausalWindow(1)), m(x2, t, ctx, causal=CausalWindow(1))
     assert (yf - yf2)[:, 3].abs().max() == 0 and (yc - yc2)[:, 3].abs().max() > 0
 
 
@@ -80,7 +80,7 @@ def test_per_frame_timesteps_honoured():
     m = make_model()
     x = torch.randn(1, 6, 16, 4, 4, dtype=torch.float64)
     ctx = torch.randn(1, 4, 32, dtype=torch.float64)
-    causal = CausalSpec(3)
+    causal = CausalWindow(3)
     t_a = torch.tensor([[0.0, 0.0, 0.0, 500.0, 500.0, 500.0]])
     t_b = torch.tensor([[0.0, 0.0, 0.0, 900.0, 900.0, 900.0]])
     ya, yb = m(x, t_a, ctx, causal=causal), m(x, t_b, ctx, causal=causal)
@@ -91,8 +91,8 @@ def test_per_frame_timesteps_honoured():
 
 
 def test_window_plan_sink_and_rolling_part():
-    spec = CausalSpec(block_frames=3, window_frames=12, sink_frames=3)
-    plan = plan_attention(list(range(30)), 3, spec, origin=0)  # last block = frames 27..29
+    causal = CausalWindow(block_frames=3, window_frames=12, sink_frames=3)
+    plan = plan_attention(list(range(30)), 3, causal, origin=0)  # last block = frames 27..29
     (blk,) = plan
     assert blk.keys == (0, 1, 2, 21, 22, 23, 24, 25, 26, 27, 28, 29)
 

@@ -73,7 +73,10 @@ def check_summary(summary: dict, run_path: Path) -> None:
     assert set(summary["stage_seconds"]) == EXPECTED_STAGES
     assert all(s > 0 for s in summary["stage_seconds"].values())
     assert set(summary["eval"]) == {"0", "1"}
-    assert all(m["n"] == 1 for m in summary["eval"].values())  # eval_max_prompts=1 x 1 seed
+    assert all("combined/mean" in m for m in summary["eval"].values())  # the evaluate outputs' eval/ metrics
+    evals = [json.loads(p.read_text()) for p in run_path.glob("iter-*/evaluate/*/manifest.json")]
+    assert sorted(m["iteration"] for m in evals) == [0, 1]
+    assert all(m["counts"]["videos"] == 1 for m in evals)  # eval_max_prompts=1 x 1 seed
     on_disk = json.loads((run_path / "run-summary.json").read_text())
     assert on_disk == summary
 

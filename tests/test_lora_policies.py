@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.models.wan.config import tiny
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.rl.lora import (
@@ -113,14 +113,14 @@ def test_forward_kwargs_pass_through_peft():
     ref = merged_copy(plain, pm, "default", LORA.scaling)
     x, t, ctx = inputs(frames=6)
     with torch.no_grad():
-        for kwargs in ({}, {"causal": CausalSpec(3)}, {"causal": CausalSpec(3), "frame_positions": [9, 10, 11, 12, 13, 14]},
-                       {"causal": CausalSpec(3), "start_frame": 3}):
+        for kwargs in ({}, {"causal": CausalWindow(3)}, {"causal": CausalWindow(3), "frame_positions": [9, 10, 11, 12, 13, 14]},
+                       {"causal": CausalWindow(3), "start_frame": 3}):
             y, y_ref = pm(x, t, ctx, **kwargs), ref(x, t, ctx, **kwargs)
             assert torch.allclose(y, y_ref, atol=1e-5), kwargs
             assert not torch.allclose(y, plain(x, t, ctx, **kwargs), atol=1e-3)  # the LoRA really acts
         # cached streaming: write a context block, then a cached forward at start_frame=3
-        spec = CausalSpec(3, window_frames=6, sink_frames=3)
-        caches = [KVCache(num_layers=2, tokens_per_frame=4, causal=spec) for _ in range(2)]
+        causal = CausalWindow(3, window_frames=6, sink_frames=3)
+        caches = [KVCache(num_layers=2, tokens_per_frame=4, causal=causal) for _ in range(2)]
         outs = []
         for model, cache in zip((pm, ref), caches):
             model(x[:, :3], torch.zeros(1), ctx, kv_cache=cache, start_frame=0, cache_write=True)
@@ -221,14 +221,14 @@ def test_lagging_refresh_copies_default():
         assert all(torch.equal(p, ps.parameters_of("default")[k]) for k, p in ps.parameters_of("ref").items())
         with ps.use("ref") as m:
             assert torch.equal(m(x, t, ctx), ps.model(x, t, ctx))
-    assert ps.refresher.last_refresh_step == 5 and ps.refresher.n_refreshes == 1
+    assert ps.refresher.last_refresh_iteration == 5 and ps.refresher.n_refreshes == 1
     randomize_(ps.model, "default", 3)
     assert ps.maybe_refresh_ref(6, kl_value=0.0) is False  # young and KL below threshold 0.15
     assert not torch.equal(ps.parameters_of("ref")["base_model.model.blocks.0.ffn.0.lora_B.weight"],
                            ps.parameters_of("default")["base_model.model.blocks.0.ffn.0.lora_B.weight"])
     assert ps.maybe_refresh_ref(7, kl_value=0.5) is True  # KL above threshold
     assert all(torch.equal(p, ps.parameters_of("default")[k]) for k, p in ps.parameters_of("ref").items())
-    assert ps.refresher.last_refresh_step == 7
+    assert ps.refresher.last_refresh_iteration == 7
 
 
 def test_ema_math_and_swap():

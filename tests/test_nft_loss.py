@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import astrolabe  # noqa: F401  (installs the compat guard first)
 from astrolabe.rl.nft import (
     NFTConfig,
     adaptive_weight,

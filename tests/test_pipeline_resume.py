@@ -16,18 +16,20 @@ import pytest
 
 import pipeline_helpers as ph
 from pipeline_helpers import base, ref  # noqa: F401  (shared fixtures)
-from astrolabe.artifacts import StageDir, stage_root, verify
+from astrolabe.artifacts.manifest import verify
+from astrolabe.artifacts.stagedir import StageDir, stage_root
 from astrolabe.config import load_config
 from flows.run import HISTORY_DIR, load_run_config, record_config, train_run
-from stages.base import stage_key
-from stages.pipeline import STAGES, direct_runner, plan_status, run_stage
+from astrolabe.artifacts.keys import stage_key
+from astrolabe.artifacts.plan import direct_runner, plan_status, run_stage
+from stages import STAGES
 
 ITER1 = [("rollout", 1), ("score", 1), ("label_uncertainty", 1), ("nft_update", 1), ("evaluate", 2)]
 
 
 
 def statuses(run):
-    return {s.node.label: s.status for s in plan_status(load_run_config(run), run)}
+    return {s.node.label: s.status for s in plan_status(load_run_config(run), run, STAGES)}
 
 
 def final_checkpoint(run):
@@ -92,7 +94,7 @@ def test_forced_score_rerun_makes_exactly_its_dependents_stale(ref, base):
     cfg = load_run_config(run)
     old = ph.node_dir(run, "score", 0)
     old_instance = ph.manifests(run)[("score", 0, old.name)].instance
-    res = run_stage(cfg, run, "score", 0, force=True)
+    res = run_stage(cfg, run, STAGES, "score", 0, force=True)
     assert not res.cached and res.manifest.instance not in ("", old_instance)
     assert res.path == old  # same key (same config and inputs), new instance
     st = statuses(run)
@@ -107,7 +109,7 @@ def test_forced_rerun_then_train_recomputes_only_the_dependents(ref, base):
     run = ph.copy_run(ref, "forced1")
     cfg = load_run_config(run)
     before = ph.created(run)
-    run_stage(cfg, run, "score", 1, force=True)
+    run_stage(cfg, run, STAGES, "score", 1, force=True)
     st = statuses(run)
     assert {k for k, v in st.items() if v == "stale"} == {"label_uncertainty[1]", "nft_update[1]", "evaluate[2]"}
     assert all(v == "done" for k, v in st.items() if k not in {"label_uncertainty[1]", "nft_update[1]", "evaluate[2]"})
@@ -127,7 +129,7 @@ def test_forced_rerun_then_train_recomputes_only_the_dependents(ref, base):
 
 
 def plan_key(run, stage, iteration):
-    return next(s.expected_key for s in plan_status(load_run_config(run), run) if s.node.id == (stage, iteration))
+    return next(s.expected_key for s in plan_status(load_run_config(run), run, STAGES) if s.node.id == (stage, iteration))
 
 
 # ----------------------------------------------------------------------------------- lock
@@ -173,7 +175,7 @@ def test_config_change_explains_what_is_recomputed_and_keeps_history(ref, base, 
     first_computed = []
 
     def stop_at_first_compute(cfg, run_path):
-        inner = direct_runner(cfg, run_path)
+        inner = direct_runner(cfg, run_path, STAGES)
 
         def runner(node, inputs, force):
             key, _ = stage_key(STAGES[node.stage], cfg, inputs)

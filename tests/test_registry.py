@@ -1,4 +1,4 @@
-"""Base-model registry: spec validity, the numbers per model, files, warped steps at shift 5."""
+"""Base-model registry: card validity, the numbers per model, files, warped steps at shift 5."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ def test_names_and_lookup_error() -> None:
 
 @pytest.mark.parametrize("name", rg.base_model_names())
 def test_every_spec_is_valid_and_round_trips(name: str) -> None:
-    spec = rg.get_base_model(name)
-    assert rg.BaseModelSpec.model_validate(spec.model_dump()) == spec
-    assert spec.flow_shift == 5.0
-    assert spec.context_noise == 0 and spec.fps == 16
-    assert spec.warp_denoising_steps == (name != "krea_served")
-    assert spec.kv_cache == ("recompute" if name == "krea_served" else "context_pass")
-    assert spec.latent_frames % spec.frames_per_block == 0
-    cfg = spec.wan_config()
+    card = rg.get_base_model(name)
+    assert rg.BaseModelCard.model_validate(card.model_dump()) == card
+    assert card.flow_shift == 5.0
+    assert card.context_noise == 0 and card.fps == 16
+    assert card.warp_denoising_steps == (name != "krea_served")
+    assert card.kv_cache == ("recompute" if name == "krea_served" else "context_pass")
+    assert card.latent_frames % card.frames_per_block == 0
+    cfg = card.wan_config()
     if name not in LOCAL:
-        assert (spec.height, spec.width, spec.num_frames) == (480, 832, 81)
-        assert spec.latent_frames == 21
-        assert cfg.tokens_per_frame(spec.latent_height, spec.latent_width) == 1560
+        assert (card.height, card.width, card.num_frames) == (480, 832, 81)
+        assert card.latent_frames == 21
+        assert cfg.tokens_per_frame(card.latent_height, card.latent_width) == 1560
         assert cfg.text_len == 512 and cfg.text_dim == 4096
 
 
@@ -53,7 +53,7 @@ def test_flow_shift_is_required() -> None:
     data = rg.get_base_model("self_forcing").model_dump()
     del data["flow_shift"]
     with pytest.raises(ValueError, match="flow_shift"):
-        rg.BaseModelSpec.model_validate(data)
+        rg.BaseModelCard.model_validate(data)
 
 
 def test_per_model_numbers() -> None:
@@ -93,8 +93,8 @@ def test_checkpoint_files_and_sources() -> None:
         "krea14b": ("krea/krea-realtime-video", "krea-realtime-video-14b.safetensors", "krea_safetensors", None),
     }
     for name, (repo, filename, fmt, entry) in expected.items():
-        spec = rg.get_base_model(name)
-        assert (spec.checkpoint.repo, spec.checkpoint.filename, spec.checkpoint_format, spec.checkpoint_entry) == (
+        card = rg.get_base_model(name)
+        assert (card.checkpoint.repo, card.checkpoint.filename, card.checkpoint_format, card.checkpoint_entry) == (
             repo, filename, fmt, entry)
     ll = rg.get_base_model("longlive")
     assert (ll.lora.file.filename, ll.lora.entry, ll.lora.rank, ll.lora.alpha) == ("models/lora.pt", "auto", 256, 256.0)
@@ -122,42 +122,42 @@ def test_validators_reject_inconsistent_specs() -> None:
     ]
     for update, msg in bad:
         with pytest.raises(ValueError, match=msg):
-            rg.BaseModelSpec.model_validate({**data, **update})
+            rg.BaseModelCard.model_validate({**data, **update})
 
 
 def test_check_files_lists_missing_with_download_commands(tmp_path) -> None:
-    spec = rg.get_base_model("longlive")
+    card = rg.get_base_model("longlive")
     with pytest.raises(FileNotFoundError, match="(?s)missing 5 file.*huggingface-cli download Efficient-Large-Model"):
-        rg.check_files(spec, tmp_path)
-    for role, path in rg.resolve_files(spec, tmp_path).items():
+        rg.check_files(card, tmp_path)
+    for role, path in rg.resolve_files(card, tmp_path).items():
         if role == "tokenizer":
             path.mkdir(parents=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x")
-    assert rg.check_files(spec, tmp_path)["lora"] == tmp_path / "LongLive-1.3B/models/lora.pt"
+    assert rg.check_files(card, tmp_path)["lora"] == tmp_path / "LongLive-1.3B/models/lora.pt"
 
 
 def test_read_base_model_state_wires_entry_and_lora(tmp_path) -> None:
-    """The spec's format, entry and LoRA (rank = alpha = 256) reach the adapters (tiny tensors, 1.3B names)."""
+    """The card's format, entry and LoRA (rank = alpha = 256) reach the adapters (tiny tensors, 1.3B names)."""
     g = torch.Generator().manual_seed(0)
     ref = {k: torch.randn(v.shape, generator=g) for k, v in WanDiT(tiny()).state_dict().items()}
-    spec = rg.get_base_model("longlive")
-    paths = rg.resolve_files(spec, tmp_path)
+    card = rg.get_base_model("longlive")
+    paths = rg.resolve_files(card, tmp_path)
     paths["dit"].parent.mkdir(parents=True)
     torch.save({"generator": {"model." + k: v for k, v in ref.items()}}, paths["dit"])
     a = torch.randn(256, 64, generator=g) * 0.01
     b = torch.randn(128, 256, generator=g) * 0.01
     torch.save({"generator_lora": {"base_model.model.blocks.1.ffn.0.lora_A.weight": a,
                                    "base_model.model.blocks.1.ffn.0.lora_B.weight": b}}, paths["lora"])
-    sd = rg.read_base_model_state(spec, tmp_path)
+    sd = rg.read_base_model_state(card, tmp_path)
     assert torch.allclose(sd["blocks.1.ffn.0.weight"], ref["blocks.1.ffn.0.weight"] + b @ a, atol=1e-6)
     assert torch.equal(sd["blocks.0.ffn.0.weight"], ref["blocks.0.ffn.0.weight"])
     sf = rg.get_base_model("self_forcing")
     sf_path = rg.resolve_files(sf, tmp_path)["dit"]
     sf_path.parent.mkdir(parents=True)
     torch.save({"generator": {"model." + k: v for k, v in ref.items()}}, sf_path)
-    with pytest.raises(Exception, match="no entry 'generator_ema'"):  # spec default: EMA
+    with pytest.raises(Exception, match="no entry 'generator_ema'"):  # card default: EMA
         rg.read_base_model_state(sf, tmp_path)
     assert torch.equal(rg.read_base_model_state(sf, tmp_path, entry="generator")["head.modulation"],
                        ref["head.modulation"])
@@ -165,29 +165,33 @@ def test_read_base_model_state_wires_entry_and_lora(tmp_path) -> None:
         rg.read_base_model_state(rg.get_base_model("tiny"), tmp_path)
 
 
-def test_krea_served_is_krea_as_served_and_refused_by_the_sampler() -> None:
+def test_krea_served_is_krea_as_served_with_the_recompute_sampler() -> None:
     served, trained = rg.get_base_model("krea_served"), rg.get_base_model("krea14b")
     assert served.denoising_steps == (1000, 937, 833, 625) and not served.warp_denoising_steps
     # unwarped integers vs the training sampler's warped 937.5 / 833.33 (models-reference 4.3)
     np.testing.assert_allclose(warped_steps(trained.denoising_steps, 5.0), [1000, 937.5, 833.33333, 625], atol=1e-3)
     assert served.checkpoint == trained.checkpoint and served.wan_size == trained.wan_size == "wan21_t2v_14b"
     assert (served.kv_cache, served.frames_per_block, served.local_attn_frames) == ("recompute", 3, 6)
-    with pytest.raises(NotImplementedError, match="recompute"):
-        rg.require_sampler_support(served)
-    rg.require_sampler_support(trained)
+    from astrolabe.build import stream_config
+    from astrolabe.config import ModelConfig
+
+    stream = stream_config(ModelConfig(base="krea_served"), served)
+    assert stream.kv_cache == "recompute" and stream.recompute_frames == 3
+    assert (stream.causal.window_frames, stream.causal.sink_frames) == (6, 0)
+    assert stream_config(ModelConfig(base="krea14b"), trained).kv_cache == "context_pass"
 
 
 def test_empty_checkpoint_dir_lists_every_missing_file_in_one_error(tmp_path) -> None:
     from astrolabe.config import ModelConfig
-    from astrolabe.models.factory import build_dit
+    from astrolabe.build import build_dit
 
     for name in REAL:
-        spec = rg.get_base_model(name)
+        card = rg.get_base_model(name)
         with pytest.raises(FileNotFoundError) as info:
-            build_dit(ModelConfig(base=name, checkpoint_dir=tmp_path), spec)
+            build_dit(ModelConfig(base=name, checkpoint_dir=tmp_path), card)
         message = str(info.value)
-        assert f"missing {len(spec.files())} file(s)" in message
-        for f in spec.files().values():
+        assert f"missing {len(card.files())} file(s)" in message
+        for f in card.files().values():
             assert str(f.local_path) in message and f.download_command(tmp_path) in message
     cf = rg.get_base_model("causal_forcing_frame")
     with pytest.raises(FileNotFoundError, match="(?s)missing 5 file.*fill_base.*Wan2.1-T2V-1.3B/diffusion_pytorch_model"):
@@ -197,14 +201,14 @@ def test_empty_checkpoint_dir_lists_every_missing_file_in_one_error(tmp_path) ->
 def _write_tiny_cf(tmp_path, ref, missing: set[str]):
     from safetensors.torch import save_file
 
-    spec = rg.get_base_model("causal_forcing_frame")
-    paths = rg.resolve_files(spec, tmp_path, fill_base=True)
+    card = rg.get_base_model("causal_forcing_frame")
+    paths = rg.resolve_files(card, tmp_path, fill_base=True)
     paths["dit"].parent.mkdir(parents=True)
     ema = {"model._fsdp_wrapped_module." + k: v + 1 for k, v in ref.items() if k not in missing}
     torch.save({"generator": {"model." + k: v for k, v in ref.items()}, "generator_ema": ema}, paths["dit"])
     paths["fill_base"].parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ref.items()}, str(paths["fill_base"]))
-    return spec
+    return card
 
 
 def test_causal_forcing_ema_missing_keys_listed_or_filled_explicitly(tmp_path, caplog) -> None:
@@ -213,13 +217,13 @@ def test_causal_forcing_ema_missing_keys_listed_or_filled_explicitly(tmp_path, c
     g = torch.Generator().manual_seed(0)
     ref = {k: torch.randn(v.shape, generator=g) for k, v in WanDiT(tiny()).state_dict().items()}
     missing = {"blocks.1.norm3.weight", "blocks.1.norm3.bias", "head.modulation"}
-    spec = _write_tiny_cf(tmp_path, ref, missing)
-    sd = rg.read_base_model_state(spec, tmp_path)  # default: nothing filled
+    card = _write_tiny_cf(tmp_path, ref, missing)
+    sd = rg.read_base_model_state(card, tmp_path)  # default: nothing filled
     assert missing.isdisjoint(sd)
     with pytest.raises(CheckpointMismatchError, match="(?s)missing 3:.*blocks.1.norm3.bias.*fill_missing_from_base"):
         load_dit_state(WanDiT(tiny()), sd)
     with caplog.at_level("WARNING", logger="astrolabe.models.checkpoints"):
-        filled = rg.read_base_model_state(spec, tmp_path, fill_missing_from_base=True)
+        filled = rg.read_base_model_state(card, tmp_path, fill_missing_from_base=True)
     assert all(name in caplog.text for name in missing)
     for k in missing:
         assert torch.equal(filled[k], ref[k])  # from the base DiT

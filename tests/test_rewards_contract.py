@@ -11,6 +11,7 @@ import pytest
 import torch
 from pydantic import Field, ValidationError
 
+from astrolabe.artifacts.manifest import sha256_file
 from astrolabe.rewards import (
     Reward,
     RewardOptions,
@@ -26,7 +27,6 @@ from astrolabe.rewards import (
     registered_rewards,
     sample_frame_indices,
     score_all,
-    sha256_file,
 )
 from astrolabe.rewards import registry
 

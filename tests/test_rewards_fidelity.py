@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import astrolabe  # noqa: F401  (torchvision guard before transformers/open_clip)
 from astrolabe.models.checkpoints import CheckpointReadError, CheckpointNotFoundError
 from astrolabe.rewards import RewardSpec, build_reward
 from astrolabe.rewards.models import hpsv2, hpsv3, qwen2vl, videoalign

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import astrolabe  # noqa: F401  (torchvision guard before transformers/open_clip)
 from astrolabe.rewards import RewardSpec, build_reward
 from astrolabe.rewards.models import common, hpsv2, hpsv3, qwen2vl, videoalign
 from astrolabe.rewards.models.common import MissingCheckpointError

@@ -4,7 +4,7 @@ N steps, save, reload into a fresh state, K more steps == N + K uninterrupted (w
 
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.models.wan.config import tiny
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.rl.lora import LoRAConfig, adapter_parameters
@@ -13,9 +13,9 @@ from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.state import OptimConfig, TrainingState
 from astrolabe.rl.streaming_update import WindowBatch, window_nft_step
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
-from astrolabe.sampling.streaming import StreamSpec
+from astrolabe.sampling.streaming import StreamConfig
 
-SPEC = StreamSpec(CausalSpec(3, 6, 3), StepSchedule.from_steps(FlowSchedule(5.0), [1000, 750, 500, 250]), 16, 4, 4)
+SPEC = StreamConfig(CausalWindow(3, 6, 3), StepSchedule.from_steps(FlowSchedule(5.0), [1000, 750, 500, 250]), 16, 4, 4)
 
 
 def fresh_state(lora_seed):
@@ -46,7 +46,7 @@ def step(st, gens):
     policies = {"default": lambda: ps.use("default"), "old": lambda: ps.use("old"), "ref": lambda: ps.use("ref")}
     window_nft_step(policies, ps.model, SPEC, make_batch(), NFTConfig(), gens["sigma"], gens["noise"])
     st.optimizer_step()
-    st.update_old()
+    st.update_old(st.step)  # one phase per step here: iterations completed = steps
 
 
 def test_window_step_changes_every_lora_tensor_and_resume_is_exact(tmp_path):

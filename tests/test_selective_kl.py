@@ -45,27 +45,28 @@ def test_descending_ranks_with_ties() -> None:
 def test_rank_disagreement_constructed_cases() -> None:
     cols = {"hps": [4.0, 3.0, 2.0, 1.0], "mq": [1.0, 2.0, 3.0, 4.0], "ta": [4.0, 3.0, 2.0, 1.0]}
     # main ranks 1..4, mq ranks 4..1: u = rank_main - rank_aux
-    u = rank_disagreement(cols, "hps", ["mq"])
+    u = rank_disagreement(cols, "hps", ["mq"], sign="main_under")
     np.testing.assert_array_equal(u, [-3.0, -1.0, 1.0, 3.0])
     np.testing.assert_array_equal(rank_disagreement(cols, "hps", ["mq"], sign="main_over"), [3.0, 1.0, -1.0, -3.0])
     # two aux: mean of ranks (4,1), (3,2), (2,3), (1,4) = 2.5 everywhere
-    np.testing.assert_array_equal(rank_disagreement(cols, "hps", ["mq", "ta"]), [-1.5, -0.5, 0.5, 1.5])
+    two_aux = rank_disagreement(cols, "hps", ["mq", "ta"], sign="main_under")
+    np.testing.assert_array_equal(two_aux, [-1.5, -0.5, 0.5, 1.5])
     assert u.dtype == np.float32
 
 
 def test_rank_disagreement_within_groups_and_nan() -> None:
     cols = {"hps": [1.0, 2.0, 5.0, 6.0, 7.0], "mq": [2.0, 1.0, 6.0, np.nan, 5.0]}
-    u_group = rank_disagreement(cols, "hps", ["mq"], group_ids=[0, 0, 1, 1, 1])
+    u_group = rank_disagreement(cols, "hps", ["mq"], group_ids=[0, 0, 1, 1, 1], sign="main_under")
     # group 0: main ranks (2, 1), aux (1, 2); group 1 (sample 3 dropped): main (2, 1), aux (1, 2)
     np.testing.assert_array_equal(u_group[[0, 1, 2, 4]], [1.0, -1.0, 1.0, -1.0])
     assert np.isnan(u_group[3])
-    u_global = rank_disagreement(cols, "hps", ["mq"])
+    u_global = rank_disagreement(cols, "hps", ["mq"], sign="main_under")
     # valid samples 0,1,2,4: main ranks (4, 3, 2, 1), aux ranks (3, 4, 1, 2)
     np.testing.assert_array_equal(u_global[[0, 1, 2, 4]], [1.0, -1.0, 1.0, -1.0])
     mask, info = select_kl_mask(u_global, 1.0, "two")
     assert not mask[3] and info["kl/n_nan"] == 1
     with pytest.raises(KeyError, match="no column"):
-        rank_disagreement(cols, "hps", ["vq"])
+        rank_disagreement(cols, "hps", ["vq"], sign="main_under")
 
 
 # ----------------------------------------------------------------------------------- mask
@@ -142,11 +143,12 @@ def test_controller_state_round_trip() -> None:
 def test_compute_kl_mask_end_to_end_and_sign() -> None:
     cols = {"hps": [4.0, 3.0, 2.0, 1.0, 0.0], "mq": [0.0, 1.0, 2.0, 3.0, 4.0]}
     # u (main_under) = (-4, -2, 0, 2, 4): candidates (0, 2, 4); fraction .1 -> 90th pct = 3.6
-    mask, u, info = compute_kl_mask(cols, _cfg(), FractionController(_cfg()))
+    release = _cfg(sign="main_under", scope="global")
+    mask, u, info = compute_kl_mask(cols, release, FractionController(release))
     np.testing.assert_array_equal(u, [-4.0, -2.0, 0.0, 2.0, 4.0])
     np.testing.assert_array_equal(mask, [False, False, False, False, True])
     assert info["kl/threshold"] == pytest.approx(3.6)
-    mask_over, _, _ = compute_kl_mask(cols, _cfg(sign="main_over"), FractionController(_cfg()))
+    mask_over, _, _ = compute_kl_mask(cols, _cfg(scope="global"), FractionController(_cfg()))
     np.testing.assert_array_equal(mask_over, [True, False, False, False, False])
     with pytest.raises(ValueError, match="group_ids"):
         compute_kl_mask(cols, _cfg(scope="group"), FractionController(_cfg()))
@@ -236,6 +238,6 @@ def test_reference_refresher_state_round_trip() -> None:
     for step, kl in [(21, 0.0), (25, 0.2), (40, None)]:
         assert a.should_refresh(step, kl) == b.should_refresh(step, kl)
     with pytest.raises(KeyError, match="missing"):
-        b.load_state_dict({"threshold": 0.1, "last_refresh_step": 3})
+        b.load_state_dict({"threshold": 0.1, "last_refresh_iteration": 3})
     with pytest.raises(ValueError):
         a.mark_refreshed(5)  # before the last refresh

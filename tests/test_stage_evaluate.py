@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from astrolabe.artifacts import stage_root
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.stage import StageInfo, StageResult
+from astrolabe.artifacts.stagedir import stage_root
+from astrolabe.build import build_generation_stack
 from astrolabe.config import config_from_dict
 from astrolabe.data.arrays import read_columns
 from astrolabe.data.grid import SEPARATOR_VALUE, GridLayout, background, compose_frame, header_height
 from astrolabe.data.video import decode_mp4
-from astrolabe.generate import generate_video
-from astrolabe.models.factory import build_generation_stack
 from astrolabe.rewards import build_rewards, score_all
+from astrolabe.sampling.generation import generate_video
 from stages import evaluate
-from stages.base import StageInfo, StageResult, execute
 
 HELDOUT = ["a red fox runs in snow", "a boat on a calm lake"]
 SEEDS = (1000, 1001)
@@ -58,7 +59,7 @@ def _write_heldout(out: Path) -> None:
 
 def _write_checkpoint(out: Path) -> None:
     """A fake nft_update output: ``state/lora/`` holds a non-identity PEFT adapter of the tiny DiT."""
-    from astrolabe.models.factory import build_dit
+    from astrolabe.build import build_dit
     from astrolabe.models.registry import get_base_model
     from astrolabe.rl.lora import LoRAConfig, adapter_parameters, apply_lora, save_adapter
 
@@ -92,16 +93,20 @@ def _reference_metrics(cols: dict[str, np.ndarray]) -> dict:
     """Independent recomputation of metrics.json from the stored columns."""
     ref: dict = {"n": len(cols["motion"])}
     combined = np.zeros(ref["n"])
-    for spec in EVAL_REWARDS:
-        x = cols[spec["name"]].astype(np.float64)
-        ref[f"reward/{spec['name']}/mean"] = float(np.nanmean(x))
-        ref[f"reward/{spec['name']}/std"] = float(np.nanstd(x))
-        ref[f"reward/{spec['name']}/nan"] = int(np.isnan(x).sum())
-        if spec["weight"]:
-            combined += spec["weight"] * x
+    for reward in EVAL_REWARDS:
+        x = cols[reward["name"]].astype(np.float64)
+        ref[f"reward/{reward['name']}/mean"] = float(np.nanmean(x))
+        ref[f"reward/{reward['name']}/std"] = float(np.nanstd(x))
+        ref[f"reward/{reward['name']}/nan"] = int(np.isnan(x).sum())
+        if reward["weight"]:
+            combined += reward["weight"] * x
     ref["combined/mean"] = sum(s["weight"] * ref[f"reward/{s['name']}/mean"] for s in EVAL_REWARDS)
     ref["combined/std"] = float(np.std(combined))
     return ref
+
+
+def _eval_metrics(m) -> dict[str, float]:
+    return {k: v for k, v in m.metrics.items() if k.startswith("eval/")}
 
 
 def test_scores_and_metrics(runs):
@@ -119,7 +124,10 @@ def test_scores_and_metrics(runs):
     for name in ("motion", "smoothness", "sharpness"):
         np.testing.assert_allclose(cols[name], ref[name].scores, rtol=1e-6)
     metrics = json.loads((d / evaluate.METRICS_FILE).read_text())
-    assert metrics == m.extra["metrics"]
+    # the manifest's typed metrics: metrics.json under eval/, without the count n and the null means
+    assert _eval_metrics(m) == {f"eval/{k}": float(v) for k, v in metrics.items() if k != "n" and v is not None}
+    assert {"time/evaluate", "memory/evaluate_peak_rss_mib"} <= set(m.metrics)  # added by the engine
+    assert m.reports == {name: "eval/iter-0000" for name in ("grid.mp4", "grid.png", evaluate.METRICS_FILE)}
     expected = _reference_metrics(cols)
     assert set(metrics) == set(expected)
     for k, v in expected.items():
@@ -138,7 +146,7 @@ def test_deterministic_and_cached(runs, tmp_path, monkeypatch):
     prompts_b = _publish(b, "filter_prompts", _write_heldout)
     mb = execute(evaluate, runs.cfg, b, {"prompts": prompts_b}, iteration=0)
     assert mb.key == runs.m0.key
-    assert mb.extra["metrics"] == runs.m0.extra["metrics"]
+    assert _eval_metrics(mb) == _eval_metrics(runs.m0)
     _, cols_a, _ = read_columns(runs.d0 / evaluate.REWARDS_FILE)
     _, cols_b, _ = read_columns(_out(b, 0, mb.key) / evaluate.REWARDS_FILE)
     for c in cols_a:

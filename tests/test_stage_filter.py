@@ -11,7 +11,7 @@ import pytest
 from astrolabe.config import RunConfig
 from astrolabe.data import prompts as P
 from stages import filter_prompts
-from stages.base import execute
+from astrolabe.artifacts.engine import execute
 
 # (text, expected rule or None=kept)
 CASES = [
@@ -147,3 +147,19 @@ def test_jaccard_and_near_duplicate_index_match_bruteforce():
             assert (hit is not None) == bool(brute)
             idx.add(s)
     assert P.jaccard(sets[3], sets[4]) == pytest.approx(0.75)
+
+
+def test_length_rule_applies_per_scene(tmp_path):
+    """max_tokens 12: a three-scene line of 9-word scenes (27 tokens in all) is kept, as the release's
+    six-scene benchmark lines must be; a single over-long scene or a one-word scene still drops the line."""
+    scene = "a young wizard waves a wand in a {} [10s]"
+    ok = " | ".join(scene.format(w) for w in ("chamber", "tower", "garden"))
+    long_scene = "a young wizard waves a wand in a chamber full of floating books [10s] | a dragon lands nearby"
+    short_scene = "a young wizard waves a wand [5s] | dragon"
+    path = _write(tmp_path, "txt", [ok, long_scene, short_scene])
+    m = execute(filter_prompts, _cfg(tmp_path, path), tmp_path / "runs" / "r", {})
+    out = tmp_path / "runs" / "r" / "filter_prompts" / m.key
+    assert (out / "train.txt").read_text().splitlines() == [ok]
+    assert m.counts["train/too_long"] == 1 and m.counts["train/too_short"] == 1
+    assert P.scene_token_counts(ok) == [9, 9, 9]
+    assert P.scene_token_counts("a [broken | line") == [4]  # not a scene prompt: counted whole

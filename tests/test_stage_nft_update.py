@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from astrolabe.artifacts import stage_root
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import load_config
 from astrolabe.data.arrays import read_columns, write_columns
+from astrolabe.models.wan import dit as dit_module
+from astrolabe.models.wan.config import tiny
+from astrolabe.parallel import ParallelConfig, parallelize
+from astrolabe.rl.accumulation import accumulate_gradients
+from astrolabe.rl.rng import CheckpointError
+from astrolabe.rl.state import read_controller_state
 from stages import filter_prompts, label_uncertainty, nft_update, rollout, score
-from stages.base import StageInfo, StageResult, execute
-from stages.pipeline import build_plan, eval_points, plan_status
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.plan import build_plan, eval_points, plan_status
+from astrolabe.artifacts.stage import StageInfo, StageResult
+from stages import STAGES
 
 OVERRIDES = [
     "rollout.prompts_per_iteration=2", "rollout.group_size=2", "rl.optim.precision=fp32", "rl.optim.lr=1e-3",
@@ -49,7 +60,9 @@ def test_update_writes_a_complete_checkpoint_that_moved_the_lora(chain):
     assert set(old) == set(lora)  # same layout: the next rollout can sample with it
     assert m.counts["trained"] == 4 and m.counts["skipped_nan_r"] == 0
     assert m.counts["optimizer_steps"] == 2  # 2 groups x (2 candidates / micro-batch 2), accumulation 1
-    assert math.isfinite(m.extra["metrics"]["loss/total"])
+    # the old-policy decay counts iterations (1 completed), not the 2 optimizer steps: min(0.001 * 1, 0.5)
+    assert m.metrics["update/old_decay"] == pytest.approx(0.001)
+    assert math.isfinite(m.metrics["loss/total"])
     assert m.timings["peak_rss_mib"] > 0
 
 
@@ -65,6 +78,50 @@ def test_update_is_deterministic_and_next_iteration_needs_the_checkpoint(chain, 
         nft_update.run(cfg, {"rollout": r, "labels": lab}, tmp_path / "x", 1)
 
 
+def test_checkpoint_holds_the_controller_the_labels_handed_on(chain, tmp_path):
+    cfg, run, r, lab, m = chain
+    handed = json.loads((lab / "controller.json").read_text())["state"]
+    assert handed["buffer"]  # iteration 0's labelling fed the controller
+    assert read_controller_state(nft_update.checkpoint_state_dir(_out(run, m))) == handed
+    fake = tmp_path / "labels"
+    shutil.copytree(lab, fake)
+    (fake / "controller.json").unlink()
+    with pytest.raises(CheckpointError, match="controller.json is missing"):
+        nft_update.run(cfg, {"rollout": r, "labels": fake}, tmp_path / "o", 0)
+
+
+def test_update_runs_through_parallelize_and_the_one_accumulation(chain, tmp_path, monkeypatch):
+    """Production calls parallelize(cfg.parallel) and accumulate_gradients with the micro-batch sample counts,
+    and activation checkpointing really engages in the update (the DiT checkpoints its blocks)."""
+    cfg, run, r, lab, _ = chain
+    cfg = cfg.model_copy(update={"parallel": ParallelConfig(activation_checkpointing=True),
+                                 "rl": cfg.rl.model_copy(update={"micro_batch_size": 1, "accumulation_steps": 3})})
+    seen = {"parallelize": [], "sizes": [], "checkpointed": 0}
+
+    def spy_parallelize(model, pcfg, mesh=None):
+        seen["parallelize"].append(pcfg)
+        return parallelize(model, pcfg, mesh)
+
+    def spy_accumulate(state, loss_fn, micro_batches, sizes, **kw):
+        seen["sizes"].append(list(sizes))
+        return accumulate_gradients(state, loss_fn, micro_batches, sizes, **kw)
+
+    def spy_checkpoint(fn, *args, **kw):
+        seen["checkpointed"] += 1
+        return torch_checkpoint(fn, *args, **kw)
+
+    monkeypatch.setattr(nft_update, "parallelize", spy_parallelize)
+    monkeypatch.setattr(nft_update, "accumulate_gradients", spy_accumulate)
+    monkeypatch.setattr(dit_module, "checkpoint", spy_checkpoint)
+    res = nft_update.run(cfg, {"rollout": r, "labels": lab}, tmp_path / "o", 0)
+    assert seen["parallelize"] == [cfg.parallel]
+    assert seen["sizes"] == [[1, 1, 1], [1]] and res.counts["optimizer_steps"] == 2  # 4 micro-batches of 1
+    assert seen["checkpointed"] == 4 * len(dit_module.WanDiT(tiny()).blocks)  # each trained forward, each block
+    with pytest.raises(ValueError, match="parallel.strategy='ddp'"):
+        nft_update.run(cfg.model_copy(update={"parallel": ParallelConfig(strategy="ddp")}),
+                       {"rollout": r, "labels": lab}, tmp_path / "o2", 0)
+
+
 def test_nan_group_is_skipped_and_all_nan_is_an_error(chain, tmp_path):
     cfg, run, r, lab, _ = chain
     keys, cols, attrs = read_columns(lab / "labels.zarr")
@@ -72,6 +129,7 @@ def test_nan_group_is_skipped_and_all_nan_is_an_error(chain, tmp_path):
     rr[:2] = np.nan  # the first group
     fake = tmp_path / "labels"
     fake.mkdir()
+    shutil.copy(lab / "controller.json", fake / "controller.json")
     write_columns(fake / "labels.zarr", keys, {**cols, "r": rr}, attrs=attrs)
     res = nft_update.run(cfg, {"rollout": r, "labels": fake}, tmp_path / "o1", 0)
     assert res.counts["skipped_nan_r"] == 2 and res.counts["trained"] == 2
@@ -93,7 +151,11 @@ def test_plan_wiring_and_status():
     plan = {n.id: dict(n.inputs) for n in build_plan(cfg)}
     assert plan[("rollout", 0)] == {"prompts": ("filter_prompts", None)}
     assert plan[("rollout", 2)]["checkpoint"] == ("nft_update", 1)
-    assert plan[("label_uncertainty", 1)]["labels_prev"] == ("label_uncertainty", 0)  # selective KL on in tiny
+    # selective KL on in tiny: the KL controller is read from the previous training checkpoint
+    assert plan[("label_uncertainty", 1)]["checkpoint"] == ("nft_update", 0)
+    assert "checkpoint" not in plan[("label_uncertainty", 0)]
+    off = load_config("configs/tiny.yaml", ["pipeline.iterations=2", "rl.selective_kl=null"])
+    assert "checkpoint" not in dict(next(n for n in build_plan(off) if n.id == ("label_uncertainty", 1)).inputs)
     assert plan[("nft_update", 1)] == {"rollout": ("rollout", 1), "labels": ("label_uncertainty", 1),
                                        "checkpoint": ("nft_update", 0)}
     assert plan[("evaluate", 2)]["checkpoint"] == ("nft_update", 1) and ("evaluate", 1) not in plan
@@ -124,4 +186,4 @@ def test_status_done_stale_missing_and_forced_instance(tmp_path):
     assert mb2.key != mb.key  # the consumer of the forced output is recomputed
     assert calls == ["a", "b", "a", "b"]
     # the real plan on an empty run: everything missing
-    assert {s.status for s in plan_status(cfg, tmp_path / "empty")} == {"missing"}
+    assert {s.status for s in plan_status(cfg, tmp_path / "empty", STAGES)} == {"missing"}

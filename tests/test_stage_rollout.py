@@ -9,14 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from astrolabe.build import build_generation_stack
 from astrolabe.config import config_from_dict
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.data.video import decode_mp4, to_uint8_frames
-from astrolabe.models.factory import build_generation_stack
-from astrolabe.rollout import choose_prompts, decode_window_pixels, group_seeds, rollout_group, window_start_block
+from astrolabe.sampling.branching import (
+    choose_prompts,
+    decode_window_pixels,
+    group_seeds,
+    rollout_group,
+    window_start_block,
+)
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise
 from stages import rollout as rollout_stage
-from stages.base import StageInfo, StageResult, execute
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 PROMPTS = ["a red fox runs in snow", "a boat on a calm lake", "city lights at night", "a cat sleeps on a sofa",
            "waves crash on rocks"]
@@ -68,6 +75,7 @@ def test_shards_groups_and_meta(stage_runs):
     recs = _records(out)
     assert len(recs) == 2 * K
     assert m.counts["prompts"] == 2 and m.counts["candidates"] == 2 * K
+    assert m.metrics["rollout/candidates"] == 2 * K and m.metrics["time/rollout"] == m.timings["total"]
     # 3 blocks per video, window = last block: prefix of 2 blocks once + K windows of 1 block per prompt
     assert m.counts["blocks"] == 2 * (2 + K * 1)
     chosen = choose_prompts(len(PROMPTS), 2, cfg.rollout.seed, 1)
@@ -121,7 +129,7 @@ def test_candidate_equals_fresh_unforked_run(stage_runs):
     rec = next(r for r in _records(out) if r["meta"]["group"] == "it1-p1" and r["meta"]["candidate"] == 2)
     meta = rec["meta"]
     ctx = stack.encode_text([meta["prompt"]])
-    streamer = BlockStreamer(stack.dit, stack.spec, ctx, SampleNoise([meta["prefix_seed"]]))
+    streamer = BlockStreamer(stack.dit, stack.stream, ctx, SampleNoise([meta["prefix_seed"]]))
     prefix = torch.cat([streamer.step() for _ in range(2)], dim=1)[0]
     streamer.noise = SampleNoise([meta["candidate_seed"]])  # continue the same stream with the candidate's seed
     window = streamer.step()[0]
@@ -135,7 +143,7 @@ def test_first_window_no_prefix_and_pixels_match_full_decode():
     g = rollout_group(stack, "a boat", prefix_seed=5, cand_seeds=[11, 12], window_start_block=0, window_blocks=1)
     assert g.prefix_latents.shape == (0, 16, 8, 8) and g.window_latents.shape == (2, 3, 16, 8, 8)
     assert g.window_pixels.shape == (2, 9, 64, 64, 3) and g.window_start_frame == 0
-    fresh = BlockStreamer(stack.dit, stack.spec, stack.encode_text(["a boat"]), SampleNoise([12])).step()[0]
+    fresh = BlockStreamer(stack.dit, stack.stream, stack.encode_text(["a boat"]), SampleNoise([12])).step()[0]
     np.testing.assert_allclose(g.window_latents[1].numpy(), fresh.numpy(), atol=1e-5)
 
     # with a prefix: the window pixels are the tail of the full-video decode (independent reference)
@@ -193,7 +201,7 @@ def test_rank_slices_partition_groups(tmp_path, monkeypatch):
 def _checkpoint_stage(cfg) -> types.SimpleNamespace:
     """A fake nft_update output: state/lora (trained) and state/adapters/old.safetensors (sampling policy)
     holding two different non-identity adapters."""
-    from astrolabe.models.factory import build_dit
+    from astrolabe.build import build_dit
     from astrolabe.models.registry import get_base_model
     from safetensors.torch import save_file
 

@@ -9,16 +9,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from astrolabe.artifacts import stage_root
+from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import read_columns, write_columns
 from astrolabe.data.shards import RolloutShardWriter, ShardWriterConfig
 from astrolabe.data.video import decode_mp4, encode_mp4
 from astrolabe.rewards import build_rewards, score_all
+from astrolabe.models.wan.config import tiny
+from astrolabe.models.wan.dit import WanDiT
+from astrolabe.rl.lora import LoRAConfig
+from astrolabe.rl.optim import OptimConfig
+from astrolabe.rl.policies import PolicyConfig, PolicySet
+from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController, compute_kl_mask
+from astrolabe.rl.state import TrainingState
 from stages import label_uncertainty, score
-from stages.base import StageInfo, StageResult, execute, stage_key
+from stages.nft_update import checkpoint_state_dir
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.keys import stage_key
+from astrolabe.artifacts.stage import StageInfo, StageResult
 
 GROUPS = [0, 0, 1, 1, 2, 2]
 
@@ -76,6 +87,10 @@ def test_score_columns_match_direct_scoring_and_cache(tmp_path, rollout):
         np.testing.assert_allclose(cols[name], ref[name].scores, rtol=1e-6)
         assert attrs["rewards"][name]["name"] == name
     assert any(c.startswith("motion.") for c in cols)
+    # typed metrics: reward/<name>/{mean,std,nan_fraction} of the configured rewards only (not sub-columns)
+    rewards = {k: v for k, v in m.metrics.items() if k.startswith("reward/")}
+    assert rewards == pytest.approx({f"reward/{n}/{s}": f(cols[n].astype(np.float64)) for n in ("motion", "smoothness")
+                                     for s, f in (("mean", np.mean), ("std", np.std), ("nan_fraction", lambda x: 0.0))})
     # second call: cached
     assert execute(score, cfg, tmp_path / "r", {"rollout": rollout_dir}, iteration=0).created == m.created
     # changing a reward option changes the score key; changing a weight does not
@@ -124,7 +139,7 @@ def test_selective_kl_mask_and_controller_carried(tmp_path, rollout):
     smooth = [0.8, 0.2, 0.4, 0.9, 0.1, 0.6]  # u = [4, -4, -1, 3, -4, 2]: flags sample 0
     score_dir = _score_artifact(tmp_path / "r", {"motion": motion, "smoothness": smooth}, "kl")
     kl = {"main_reward": "motion", "auxiliary_rewards": ["smoothness"], "fraction_bounds": [0.1, 0.5],
-          "initial_fraction": 0.4}
+          "initial_fraction": 0.4, "sign": "main_under", "scope": "global"}  # the release's u, worked by hand
     cfg = _cfg(tmp_path, rl={"selective_kl": kl})
     run = tmp_path / "r"
     inputs = {"rollout": rollout_dir, "score": score_dir}
@@ -137,15 +152,31 @@ def test_selective_kl_mask_and_controller_carried(tmp_path, rollout):
     np.testing.assert_array_equal(cols["kl_mask"], mask.astype(np.float32))
     np.testing.assert_allclose(cols["u"], u)
     assert m0.counts["flagged"] == int(mask.sum()) == 1 and cols["kl_mask"][0] == 1
+    assert m0.metrics["labels/flagged_fraction"] == pytest.approx(1 / 6)
+    assert (m0.metrics["labels/nan_groups"], m0.metrics["labels/zero_std_groups"]) == (0.0, 0.0)
     assert json.loads((d0 / "controller.json").read_text())["state"] == ctrl.state_dict()
-    # iteration 1 resumes the controller from iteration 0's labels
-    m1 = execute(label_uncertainty, cfg, run, {**inputs, "labels_prev": d0}, iteration=1)
+    # iteration 1 resumes the controller from the training checkpoint of iteration 0 (nft_update's output)
+    ckpt = _publish(run, "fake_nft_update", lambda out: _checkpoint(out, ctrl))
+    m1 = execute(label_uncertainty, cfg, run, {**inputs, "checkpoint": ckpt}, iteration=1)
     state1 = json.loads((stage_root(run, "label_uncertainty", 1) / m1.key / "controller.json").read_text())["state"]
     assert len(state1["buffer"]) == 2 and state1["buffer"][0] == ctrl.state_dict()["buffer"][0]
-    # labels_prev without controller.json is an error
-    no_ctrl = _publish(run, "fake_labels", lambda out: None)
-    with pytest.raises(FileNotFoundError, match="controller.json"):
-        execute(label_uncertainty, cfg, run, {**inputs, "labels_prev": no_ctrl}, iteration=2)
+    # a missing piece is an error, never a fresh controller: no checkpoint after iteration 0, or one without it
+    with pytest.raises(FileNotFoundError, match="needs inputs\\['checkpoint'\\]"):
+        execute(label_uncertainty, cfg, run, inputs, iteration=2)
+    with pytest.raises(CheckpointError, match="no selective-KL controller"):
+        execute(label_uncertainty, cfg, run,
+                {**inputs, "checkpoint": _publish(run, "fake_no_kl", lambda out: _checkpoint(out, None))}, 2)
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        execute(label_uncertainty, cfg, run, {**inputs, "checkpoint": _publish(run, "fake_empty", lambda out: None)}, 2)
+
+
+def _checkpoint(out: Path, controller: FractionController | None) -> None:
+    """Write into ``out`` what nft_update writes: a tiny TrainingState checkpoint, here with ``controller``."""
+    dit = WanDiT(tiny())
+    dit.init_weights(torch.Generator().manual_seed(0))
+    policies = PolicySet.build(dit.requires_grad_(False), LoRAConfig(rank=2, alpha=2.0), PolicyConfig(),
+                               generator=torch.Generator().manual_seed(0))
+    TrainingState(policies, OptimConfig(precision="fp32"), controller).save(checkpoint_state_dir(out))
 
 
 def test_all_nan_rewards_is_a_clear_error(tmp_path, rollout):

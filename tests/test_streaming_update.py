@@ -4,15 +4,16 @@ import copy
 import pytest
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.models.wan.config import tiny
 from astrolabe.models.wan.dit import WanDiT
+from astrolabe.parallel import ParallelConfig, parallelize
 from astrolabe.rl.nft import NFTConfig, nft_loss
 from astrolabe.rl.streaming_update import (
     StreamingUpdateConfig,
     WindowBatch,
     build_prefix_cache,
-    clip_causal_spec,
+    clip_causal_window,
     clip_predictions,
     draw_training_noise,
     window_nft_loss,
@@ -20,7 +21,7 @@ from astrolabe.rl.streaming_update import (
     window_predictions,
 )
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
-from astrolabe.sampling.streaming import StreamSpec
+from astrolabe.sampling.streaming import StreamConfig
 
 DT = torch.float64
 NFT = NFTConfig(kl_weight=0.5)
@@ -43,9 +44,9 @@ def perturbed(model, seed):
     return m.requires_grad_(False)
 
 
-def make_spec(window=None, sink=0, block=3):
+def make_stream(window=None, sink=0, block=3):
     steps = StepSchedule.from_steps(FlowSchedule(5.0), [1000, 750, 500, 250])
-    return StreamSpec(CausalSpec(block, window, sink), steps, 16, 4, 4)
+    return StreamConfig(CausalWindow(block, window, sink), steps, 16, 4, 4)
 
 
 def make_batch(b=2, p=9, w=6, seed=1, prefix_grad=False):
@@ -64,30 +65,30 @@ def gens(seed=0):
     return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 100)
 
 
-def full_forward_x0(model, spec, batch, x_t, sigma):
+def full_forward_x0(model, stream, batch, x_t, sigma):
     """Independent reference: non-cached block-causal forward over [prefix at t=0, window at t]."""
     p = batch.window_start
     x = torch.cat([batch.prefix_latents.detach(), x_t], dim=1)
     b, f = x.shape[:2]
     t = torch.zeros(b, f, dtype=DT)
     t[:, p:] = (sigma * 1000)[:, None]
-    v = model(x, t, batch.context, causal=spec.causal)[:, p:]
+    v = model(x, t, batch.context, causal=stream.causal)[:, p:]
     return x_t - sigma.view(-1, 1, 1, 1, 1) * v
 
 
 @pytest.mark.parametrize("window,sink", [(None, 0), (6, 3)])
 def test_window_loss_equals_full_block_causal_forward(window, sink):
-    spec = make_spec(window, sink)
+    stream = make_stream(window, sink)
     cur = make_model()
     old, ref = perturbed(cur, 1), perturbed(cur, 2)
     batch = make_batch()
     sig_g, eps_g = gens()
     loss, metrics = window_nft_step(
-        {"default": contextlib.nullcontext, "old": old, "ref": ref}, cur, spec, batch, NFT, sig_g, eps_g, backward=False
+        {"default": contextlib.nullcontext, "old": old, "ref": ref}, cur, stream, batch, NFT, sig_g, eps_g, backward=False
     )
-    sigma, eps = draw_training_noise(batch.window_x0, spec, NFT, *gens())
+    sigma, eps = draw_training_noise(batch.window_x0, stream, NFT, *gens())
     x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * batch.window_x0 + sigma.view(-1, 1, 1, 1, 1) * eps
-    f, o, g = (full_forward_x0(m, spec, batch, x_t, sigma) for m in (cur, old, ref))
+    f, o, g = (full_forward_x0(m, stream, batch, x_t, sigma) for m in (cur, old, ref))
     assert not torch.allclose(f, o) and not torch.allclose(f, g)
     want, _ = nft_loss(f, o, batch.window_x0, batch.r, sigma, x_t, cfg=NFT, kl_ref=g, kl_mask=batch.kl_mask)
     assert metrics["loss/kl"] > 0
@@ -96,29 +97,29 @@ def test_window_loss_equals_full_block_causal_forward(window, sink):
 
 @pytest.mark.parametrize("window,sink", [(None, 0), (6, 3)])
 def test_window_predictions_match_reference_per_frame(window, sink):
-    spec, m = make_spec(window, sink), make_model()
+    stream, m = make_stream(window, sink), make_model()
     batch = make_batch(p=12, w=9)
     sigma = torch.tensor([0.9375, 0.625], dtype=DT)
     x_t = torch.randn_like(batch.window_x0)
     with torch.no_grad():
-        cache = build_prefix_cache(m, spec, batch.context, batch.prefix_latents)
+        cache = build_prefix_cache(m, stream, batch.context, batch.prefix_latents)
         got = window_predictions(m, cache, x_t, sigma, batch.context, batch.window_start)
-        want = full_forward_x0(m, spec, batch, x_t, sigma)
+        want = full_forward_x0(m, stream, batch, x_t, sigma)
     assert torch.allclose(got, want, atol=1e-10)
 
 
 def test_no_gradient_reaches_prefix():
-    spec, m = make_spec(6, 3), make_model()
+    stream, m = make_stream(6, 3), make_model()
     batch = make_batch(prefix_grad=True)
     fired = []
     batch.prefix_latents.register_hook(lambda grad: fired.append(grad))
-    cache = build_prefix_cache(m, spec, batch.context, batch.prefix_latents)
+    cache = build_prefix_cache(m, stream, batch.context, batch.prefix_latents)
     for kv in cache.self_kv:
         for t in (kv.k, kv.v):
             assert t.grad_fn is None and not t.requires_grad
     for kv in cache.cross_kv:
         assert all(t.grad_fn is None and not t.requires_grad for t in kv)
-    sigma, eps = draw_training_noise(batch.window_x0, spec, NFT, *gens())
+    sigma, eps = draw_training_noise(batch.window_x0, stream, NFT, *gens())
     same = {"default": contextlib.nullcontext, "old": contextlib.nullcontext}
     loss, _ = window_nft_loss(same, m, cache, batch, sigma, eps, NFT)
     loss.backward()
@@ -126,19 +127,19 @@ def test_no_gradient_reaches_prefix():
     assert m.head.head.weight.grad is not None  # the window itself did get gradients
     # also through the full step (cache built inside)
     m.zero_grad()
-    window_nft_step(same, m, spec, batch, NFT, *gens())
+    window_nft_step(same, m, stream, batch, NFT, *gens())
     assert not fired and batch.prefix_latents.grad is None
 
 
 def test_cache_unchanged_by_window_forwards():
-    spec, m = make_spec(6, 3), make_model()
+    stream, m = make_stream(6, 3), make_model()
     batch = make_batch()
-    cache = build_prefix_cache(m, spec, batch.context, batch.prefix_latents)
+    cache = build_prefix_cache(m, stream, batch.context, batch.prefix_latents)
     positions, origin = list(cache.positions), cache.origin
     kv_ids = [id(kv) for kv in cache.self_kv]
     snap = [(kv.k.clone(), kv.v.clone()) for kv in cache.self_kv]
     cross = [(k.clone(), v.clone()) for k, v in cache.cross_kv]
-    sigma, eps = draw_training_noise(batch.window_x0, spec, NFT, *gens())
+    sigma, eps = draw_training_noise(batch.window_x0, stream, NFT, *gens())
     pol = {"default": contextlib.nullcontext, "old": perturbed(m, 1), "ref": perturbed(m, 2)}
     for _ in range(2):
         loss, _ = window_nft_loss(pol, m, cache, batch, sigma, eps, NFT)
@@ -155,18 +156,36 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _count_block_forwards(model):
+    """A counter of DiT block forwards (every block, every call, recomputations in backward included; a pre-hook,
+    as checkpoint's recomputation stops early, before the block's forward returns)."""
+    calls = [0]
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["window", "clip"])
-def test_gradient_checkpointing_same_gradients(mode):
-    spec, m = make_spec(6, 3), make_model().train()
+def test_activation_checkpointing_engages_on_an_eval_model_with_same_gradients(mode):
+    """The model comes in eval mode (as built for the rollout): with parallelize(activation_checkpointing) the
+    update's backward re-runs every block of the trained policy's forward once; without it, none."""
+    stream, m = make_stream(6, 3), make_model().eval()
+    calls = _count_block_forwards(m)
     batch = make_batch()
     pol = {"default": contextlib.nullcontext, "old": perturbed(m, 1), "ref": perturbed(m, 2)}
-    out = []
+    out, recomputed = [], []
     for ckpt in (False, True):
+        assert parallelize(m, ParallelConfig(activation_checkpointing=ckpt)) is m
         m.zero_grad(set_to_none=True)
-        cfg = StreamingUpdateConfig(mode=mode, gradient_checkpointing=ckpt)
-        loss, _ = window_nft_step(pol, m, spec, batch, NFT, *gens(), cfg=cfg)
+        calls[0] = 0
+        loss, _ = window_nft_step(pol, m, stream, batch, NFT, *gens(), cfg=StreamingUpdateConfig(mode=mode),
+                                  backward=False)
+        forward_calls = calls[0]
+        loss.backward()
+        recomputed.append(calls[0] - forward_calls)
         out.append((float(loss), _grads(m)))
-    assert not m.gradient_checkpointing  # restored
+        assert not m.training  # the mode is restored after the update
+    assert recomputed == [0, len(m.blocks)]
     (l0, g0), (l1, g1) = out
     assert l0 == pytest.approx(l1, abs=1e-12)
     assert g0.keys() == g1.keys() and "blocks.0.cross_attn.k.weight" in g0
@@ -174,9 +193,19 @@ def test_gradient_checkpointing_same_gradients(mode):
         assert torch.allclose(g0[n], g1[n], atol=1e-12, rtol=1e-9), n
 
 
+def test_trained_forward_in_train_mode_no_grad_forwards_in_eval():
+    stream, m = make_stream(6, 3), make_model().eval()
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, _: seen.append((torch.is_grad_enabled(), mod.training)))
+    window_nft_step({"default": contextlib.nullcontext, "old": contextlib.nullcontext}, m, stream, make_batch(), NFT,
+                    *gens())
+    assert (True, True) in seen and (False, False) in seen
+    assert all(grad == training for grad, training in seen)  # no-grad passes in eval, the trained one in train
+
+
 def test_context_manager_policies_equal_module_policies():
     """A context manager that swaps weights in place (as adapters do) gives the module-policy loss and grads."""
-    spec, m = make_spec(6, 3), make_model()
+    stream, m = make_stream(6, 3), make_model()
     old = perturbed(m, 1)
     batch = make_batch()
 
@@ -192,7 +221,7 @@ def test_context_manager_policies_equal_module_policies():
     res = []
     for pol in ({"default": contextlib.nullcontext, "old": old}, {"default": contextlib.nullcontext, "old": use_old}):
         m.zero_grad(set_to_none=True)
-        loss, _ = window_nft_step(pol, m, spec, batch, NFT, *gens())
+        loss, _ = window_nft_step(pol, m, stream, batch, NFT, *gens())
         res.append((float(loss), _grads(m)))
     assert res[0][0] == pytest.approx(res[1][0], abs=1e-12)
     for n in res[0][1]:
@@ -200,22 +229,22 @@ def test_context_manager_policies_equal_module_policies():
 
 
 def test_grouped_cache_fork_equals_per_sample_cache():
-    spec, m = make_spec(6, 3), make_model()
+    stream, m = make_stream(6, 3), make_model()
     batch = make_batch(b=2)
     prefix = batch.prefix_latents[:1].expand(2, -1, -1, -1, -1)
     context = batch.context[:1].expand(2, -1, -1)
     with torch.no_grad():
-        a = build_prefix_cache(m, spec, context, prefix, group_size=2)
-        b = build_prefix_cache(m, spec, context, prefix)
+        a = build_prefix_cache(m, stream, context, prefix, group_size=2)
+        b = build_prefix_cache(m, stream, context, prefix)
     assert a.positions == b.positions
     for x, y in zip(a.self_kv, b.self_kv):
         assert torch.allclose(x.k, y.k, atol=1e-12) and torch.allclose(x.v, y.v, atol=1e-12)
     with pytest.raises(ValueError, match="share prefix"):
-        build_prefix_cache(m, spec, batch.context, batch.prefix_latents, group_size=2)
+        build_prefix_cache(m, stream, batch.context, batch.prefix_latents, group_size=2)
 
 
 def test_clip_predictions_block_causal_not_frame_causal():
-    spec, m = make_spec(), make_model()
+    stream, m = make_stream(), make_model()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 6, 16, 4, 4, generator=g, dtype=DT)
     c = torch.randn(1, 4, 32, generator=g, dtype=DT)
@@ -223,30 +252,30 @@ def test_clip_predictions_block_causal_not_frame_causal():
     x2[:, 1] += 1.0  # frame 1: same block as frame 0
     x3 = x.clone()
     x3[:, 3] += 1.0  # frame 3: next block
-    causal = clip_causal_spec(spec.causal)
+    causal = clip_causal_window(stream.causal)
     with torch.no_grad():
         base, same_blk, next_blk = (clip_predictions(m, causal, z, 0.625, c) for z in (x, x2, x3))
-        frame_causal = clip_predictions(m, clip_causal_spec(spec.causal, "release_frame_causal"), x2, 0.625, c)
-        frame_base = clip_predictions(m, CausalSpec(1), x, 0.625, c)
+        frame_causal = clip_predictions(m, clip_causal_window(stream.causal, "release_frame_causal"), x2, 0.625, c)
+        frame_base = clip_predictions(m, CausalWindow(1), x, 0.625, c)
     assert not torch.allclose(base[:, 0], same_blk[:, 0])  # full attention inside a 3-frame block
     assert torch.equal(base[:, :3], next_blk[:, :3])  # no attention to the future block
     assert torch.allclose(frame_causal[:, 0], frame_base[:, 0], atol=1e-12)  # the release bug: frame 0 blind to 1
     # whole clip from frame 0 == window prediction with an empty prefix cache
     empty = WindowBatch(c, x[:, :0], x, torch.tensor([0.5], dtype=DT))
     with torch.no_grad():
-        cache = build_prefix_cache(m, spec, c, empty.prefix_latents)
+        cache = build_prefix_cache(m, stream, c, empty.prefix_latents)
         win = window_predictions(m, cache, x, 0.625, c, 0)
     assert torch.allclose(win, base, atol=1e-10)
 
 
 def test_sigma_per_micro_batch_and_validation():
-    spec = make_spec()
+    stream = make_stream()
     batch = make_batch(b=2)
-    sig, eps = draw_training_noise(batch.window_x0, spec, NFT, *gens(3))
-    assert sig[0] == sig[1] and float(sig[0]) in [pytest.approx(s) for s in spec.steps.sigmas]
-    sig2, eps2 = draw_training_noise(batch.window_x0, spec, NFT, *gens(3))
+    sig, eps = draw_training_noise(batch.window_x0, stream, NFT, *gens(3))
+    assert sig[0] == sig[1] and float(sig[0]) in [pytest.approx(s) for s in stream.steps.sigmas]
+    sig2, eps2 = draw_training_noise(batch.window_x0, stream, NFT, *gens(3))
     assert torch.equal(eps, eps2) and torch.equal(sig, sig2)
     with pytest.raises(ValueError, match="lack"):
-        window_nft_step({"default": contextlib.nullcontext}, make_model(), spec, batch, NFT, *gens())
+        window_nft_step({"default": contextlib.nullcontext}, make_model(), stream, batch, NFT, *gens())
     with pytest.raises(ValueError, match="r must be"):
         WindowBatch(batch.context, batch.prefix_latents, batch.window_x0, torch.ones(3, dtype=DT))

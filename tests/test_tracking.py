@@ -129,3 +129,36 @@ def test_resume_with_unknown_run_id_is_an_error(tmp_path, tracking_uri):
     tracker = Tracker(TrackingConfig(tracking_uri=tracking_uri), tmp_path)
     with pytest.raises(RuntimeError, match="delete .*mlflow_run_id.txt"):
         tracker.start_or_resume("r", run_dir)
+
+
+class _RecordingTracker:
+    def __init__(self) -> None:
+        self.metrics: list[tuple[dict, int]] = []
+        self.artifacts: list[tuple[Path, str]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def log_artifact(self, path: Path, where: str) -> None:
+        self.artifacts.append((path, where))
+
+
+def test_run_logger_logs_what_the_manifest_carries_whatever_the_stage(tmp_path):
+    """flows.run.RunLogger knows no stage: a made-up one gets its typed metrics and reports logged, once."""
+    from astrolabe.artifacts.manifest import Manifest
+    from astrolabe.artifacts.plan import Node, NodeResult, RunResults
+    from flows.run import LOGGED_FILE, RunLogger, eval_summary
+
+    metrics = {"time/made_up": 2.5, "reward/x/mean": 0.25, "eval/combined/mean": 1.5}
+    m = Manifest(stage="made_up", key="k1", iteration=3, timings={"total": 2.5}, metrics=metrics,
+                 reports={"plot.png": "made_up/iter-0003"})
+    res = NodeResult(Node("made_up", 3), m, tmp_path / "out", cached=False)
+    tracker = _RecordingTracker()
+    logger = RunLogger(tracker, None, tmp_path)  # type: ignore[arg-type]
+    logger(res, RunResults())
+    logger(res, RunResults())  # already logged: not again
+    assert tracker.metrics == [(metrics, 3)]
+    assert tracker.artifacts == [(tmp_path / "out" / "plot.png", "made_up/iter-0003")]
+    assert (tmp_path / LOGGED_FILE).is_file()
+    assert dict(logger.history) == {"reward/x/mean": [(3, 0.25), (3, 0.25)], "eval/combined/mean": [(3, 1.5), (3, 1.5)]}
+    assert eval_summary(RunResults({res.node.id: res})) == {3: {"combined/mean": 1.5}}

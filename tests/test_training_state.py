@@ -15,14 +15,8 @@ from astrolabe.rl.lora import LoRAConfig, LoraMismatchError, adapter_parameters,
 from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.schedules import PolicyAveragingConfig
 from astrolabe.rl.selective_kl import FractionController, SelectiveKLConfig
-from astrolabe.rl.state import (
-    CheckpointError,
-    OptimConfig,
-    TrainingState,
-    accumulate_gradients,
-    accumulate_step,
-    lr_factor,
-)
+from astrolabe.rl.accumulation import accumulate_gradients, accumulate_step
+from astrolabe.rl.state import CheckpointError, OptimConfig, TrainingState, lr_factor, read_controller_state
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
 OPTIM = OptimConfig(lr=1e-3, precision="fp32")
@@ -73,7 +67,7 @@ def snap(model, adapter):
 
 def train_steps(state, n, seed=1):
     for i in range(n):
-        accumulate_step(state, loss_fn(state.policies.model), [batch(2, seed + i)])
+        accumulate_step(state, loss_fn(state.policies.model), [batch(2, seed + i)], [2])
 
 
 def test_step_changes_every_default_lora_tensor_and_nothing_else():
@@ -82,7 +76,7 @@ def test_step_changes_every_default_lora_tensor_and_nothing_else():
     randomize_(model, "default", 3)  # B != 0 so every A also gets a gradient
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema_before = {k: v.clone() for k, v in st.policies.ema.items()}
-    loss, stats = accumulate_step(st, loss_fn(model), [batch()])
+    loss, stats = accumulate_step(st, loss_fn(model), [batch()], [4])
     assert stats.step == 1 and st.step == 1 and stats.lr == pytest.approx(1e-3) and stats.grad_norm > 0
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     default = {n for n in before if ".lora_A.default." in n or ".lora_B.default." in n}
@@ -117,8 +111,8 @@ def test_gradient_accumulation_equivalence():
     for st in (a, b):
         randomize_(st.policies.model, "default", 3)
     data = batch(4)
-    la = accumulate_gradients(a, loss_fn(a.policies.model), split(data))
-    lb = accumulate_gradients(b, loss_fn(b.policies.model), [data])
+    la = accumulate_gradients(a, loss_fn(a.policies.model), split(data), [1, 1, 1, 1])
+    lb = accumulate_gradients(b, loss_fn(b.policies.model), [data], [4])
     assert la == pytest.approx(lb, rel=1e-5)
     ga = {k: p.grad.clone() for k, p in a.policies.parameters_of("default").items()}
     for k, p in b.policies.parameters_of("default").items():
@@ -128,6 +122,42 @@ def test_gradient_accumulation_equivalence():
     a.optimizer_step(), b.optimizer_step()
     for k, p in b.policies.parameters_of("default").items():
         assert torch.allclose(a.policies.parameters_of("default")[k], p, atol=1e-6), k
+
+
+def test_unequal_micro_batches_give_the_mean_loss_gradient():
+    """Micro-batches of 1 and 3 samples: sample weighting gives the gradient of the mean over the 4 samples
+    (weights 1/4 and 3/4); the old equal weighting (1/2 each) would not."""
+    a, b = make_state(), make_state()
+    for st in (a, b):
+        randomize_(st.policies.model, "default", 3)
+    data = batch(4)
+    parts = [tuple(v[:1] for v in data), tuple(v[1:] for v in data)]
+    la = accumulate_gradients(a, loss_fn(a.policies.model), parts, [1, 3])
+    lb = accumulate_gradients(b, loss_fn(b.policies.model), [data], [4])
+    assert la == pytest.approx(lb, rel=1e-5)
+    ga = {k: p.grad.clone() for k, p in a.policies.parameters_of("default").items()}
+    for k, p in b.policies.parameters_of("default").items():
+        assert torch.allclose(ga[k], p.grad, rtol=1e-4, atol=1e-7), k
+    c = make_state()
+    randomize_(c.policies.model, "default", 3)
+    f = loss_fn(c.policies.model)
+    (0.5 * f(parts[0]) + 0.5 * f(parts[1])).backward()  # equal weighting of unequal micro-batches
+    assert any(not torch.allclose(ga[k], p.grad, rtol=1e-3) for k, p in c.policies.parameters_of("default").items())
+    with pytest.raises(ValueError, match="sizes"):
+        accumulate_gradients(a, f, parts, [4])
+
+
+def test_controller_piece_read_alone_and_missing_is_an_error(tmp_path):
+    st = make_state()
+    st.controller.update([0.5, 1.0])
+    path = st.save(tmp_path / "c")
+    assert read_controller_state(path) == st.controller.state_dict()
+    assert read_controller_state(make_state(controller=False).save(tmp_path / "n")) is None
+    (path / "state.json").write_text("{}")  # size differs from the manifest
+    with pytest.raises(CheckpointError, match="state.json"):
+        read_controller_state(path)
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        read_controller_state(tmp_path / "nothing")
 
 
 def test_grad_clip_and_warmup():
@@ -163,8 +193,8 @@ def trained_state(tmp_path):
     st.register_generator("noise", g_torch)
     st.register_generator("prompts", g_np)
     train_steps(st, 2)
-    st.update_old()
-    st.policies.refresh_ref(st.step)
+    st.update_old(1)  # end of iteration 0
+    st.policies.refresh_ref(2)
     train_steps(st, 1, seed=5)
     st.controller.update([0.5, 1.0, 2.0])
     st.controller.update([3.0, 4.0])
@@ -213,8 +243,8 @@ def test_save_load_round_trip_restores_everything(tmp_path):
     assert fresh.controller.state_dict() == st.controller.state_dict()
     ref_state = fresh.policies.refresher.state_dict()
     assert ref_state == st.policies.refresher.state_dict()
-    # refreshed at step 2, 2 steps after the start (< quick_refresh_steps): threshold raised 0.15 -> 0.16
-    assert ref_state == {"threshold": pytest.approx(0.16), "last_refresh_step": 2, "n_refreshes": 1}
+    # refreshed at iteration 2, 2 after the start (< quick_refresh_iterations): threshold raised 0.15 -> 0.16
+    assert ref_state == {"threshold": pytest.approx(0.16), "last_refresh_iteration": 2, "n_refreshes": 1}
     assert fresh.scheduler.state_dict()["last_epoch"] == st.scheduler.state_dict()["last_epoch"] == 3
     assert fresh.optimizer.state_dict()["param_groups"] == st.optimizer.state_dict()["param_groups"]
 
@@ -326,7 +356,7 @@ def test_grad_scaler_only_for_fp16_and_resumed(tmp_path):
     fp16 = OptimConfig(lr=1e-3, precision="fp16")
     st = make_state(optim=fp16)
     assert st.scaler.is_enabled()
-    _, stats = accumulate_step(st, loss_fn(st.policies.model), [batch(2)])
+    _, stats = accumulate_step(st, loss_fn(st.policies.model), [batch(2)], [2])
     assert not stats.skipped and st.scaler.state_dict()["_growth_tracker"] == 1
     path = st.save(tmp_path / "c")
     fresh = make_state(optim=fp16)

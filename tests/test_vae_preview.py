@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from astrolabe.build import build_vae
 from astrolabe.config import ModelConfig
-from astrolabe.models.factory import build_vae
 from astrolabe.models.registry import get_base_model
 from astrolabe.models.wan.vae import StreamingDecoder, WanVAE, WanVAEConfig, tiny_vae
 from astrolabe.models.wan.vae_preview import (
@@ -85,10 +85,10 @@ def test_too_narrow_vae_is_refused() -> None:
 
 
 def test_build_vae_init_knob() -> None:
-    spec = get_base_model("tiny")
+    card = get_base_model("tiny")
     z = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        preview = build_vae(ModelConfig(), spec).decode(z)
-        random = build_vae(ModelConfig(tiny_vae_init="random"), spec).decode(z)
+        preview = build_vae(ModelConfig(), card).decode(z)
+        random = build_vae(ModelConfig(tiny_vae_init="random"), card).decode(z)
     torch.testing.assert_close(preview, _expected_video(z), atol=1e-5, rtol=0)
     assert (preview - random).abs().max() > 0.1

@@ -12,11 +12,11 @@ import torch
 
 import astrolabe.world.pretrain as pretrain
 from astrolabe.config import ModelConfig
-from astrolabe.models.factory import build_dit, build_text, build_vae
+from astrolabe.build import build_dit, build_text, build_vae
 from astrolabe.models.registry import get_base_model
 from astrolabe.models.wan.vae import WanVAE, tiny_vae
 from astrolabe.models.wan.vae_preview import init_preview_decoder_, preview_latents, preview_video
-from astrolabe.world.evaluate import generation_accuracy, roundtrip_accuracy, world_stream_spec
+from astrolabe.world.evaluate import generation_accuracy, roundtrip_accuracy, world_stream_config
 from astrolabe.world.grammar import heldout_captions
 from astrolabe.world.pretrain import (
     WorldModelMissingError,
@@ -55,7 +55,7 @@ def test_fresh_dit_passes_the_noise_through() -> None:
     dit, text = pretrain._fresh_modules(QUICK.model_copy(update={"identity_init": True}))
     x_t = torch.randn(2, 3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        v = dit(x_t, torch.full((2,), 1000.0), text.encode(["a red circle", "a blue square"]), causal=world_stream_spec().causal)
+        v = dit(x_t, torch.full((2,), 1000.0), text.encode(["a red circle", "a blue square"]), causal=world_stream_config().causal)
     assert float((v - x_t).square().mean() / x_t.square().mean()) < 0.05
 
 
@@ -91,16 +91,16 @@ def test_world_text_encoder_sees_every_word() -> None:
 
 
 def test_world_base_model_needs_the_build_and_loads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = get_base_model("world")
+    card = get_base_model("world")
     mc = ModelConfig(base="world", checkpoint_dir=tmp_path)
     with pytest.raises(WorldModelMissingError, match="astrolabe world build"):
-        build_dit(mc, spec)
+        build_dit(mc, card)
     path = build_world_model(tmp_path, QUICK)
     monkeypatch.setattr(pretrain, "world_model_root", lambda checkpoint_dir: path)
-    dit, text, vae = build_dit(mc, spec), build_text(mc, spec), build_vae(mc, spec)
+    dit, text, vae = build_dit(mc, card), build_text(mc, card), build_vae(mc, card)
     assert dit.config.text_len == text.text_len == 64
     model = pretrain.WorldModel(dit, text)
-    acc = generation_accuracy(model, count=3, spec=world_stream_spec())
+    acc = generation_accuracy(model, count=3, stream=world_stream_config())
     assert set(acc) >= {"color", "shape", "direction", "background"} and all(0 <= v <= 1 for v in acc.values())
     assert vae.decode(torch.zeros(1, 16, 1, 8, 8)).shape == (1, 3, 1, 64, 64)
 

@@ -28,34 +28,34 @@ from typing import Any
 import torch
 
 from astrolabe.bench import GPU_SETUP, StreamSetup, build_model, call, measure, mib, peak_key, ratio, set_threads, sync
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule, add_noise, flow_to_x0
-from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec
+from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig
 
 log = logging.getLogger(__name__)
 
 STEPS = (1000.0, 750.0, 500.0, 250.0)  # raw 4-step list of the distilled models, shift 5
 
 
-def make_spec(latent_hw: tuple[int, int], window: int | None, sink: int, block: int, channels: int = 16) -> StreamSpec:
+def make_stream(latent_hw: tuple[int, int], window: int | None, sink: int, block: int, channels: int = 16) -> StreamConfig:
     steps = StepSchedule.from_steps(FlowSchedule(5.0), STEPS)
-    return StreamSpec(CausalSpec(block, window, sink), steps, channels, latent_hw[0], latent_hw[1])
+    return StreamConfig(CausalWindow(block, window, sink), steps, channels, latent_hw[0], latent_hw[1])
 
 
 def _setup(size: str, device: str, dtype: str, latent_hw, window, sink, block, batch: int = 1):
     model = build_model(size, device, dtype).eval().requires_grad_(False)
-    spec = make_spec(tuple(latent_hw), window, sink, block, model.config.in_dim)
+    stream = make_stream(tuple(latent_hw), window, sink, block, model.config.in_dim)
     g = torch.Generator().manual_seed(1)
     context = torch.randn(batch, 16, model.config.text_dim, generator=g).to(device=device, dtype=getattr(torch, dtype))
-    return model, spec, context
+    return model, stream, context
 
 
-def _stream(model, spec, context, frames: int, seed: int = 0) -> list[float]:
+def _stream(model, stream, context, frames: int, seed: int = 0) -> list[float]:
     """Generate ``frames`` frames block by block (outputs discarded); returns the time of each block."""
     dev = context.device
-    streamer = BlockStreamer(model, spec, context, SampleNoise([seed + i for i in range(context.shape[0])], dev))
+    streamer = BlockStreamer(model, stream, context, SampleNoise([seed + i for i in range(context.shape[0])], dev))
     times = []
-    for _ in range(frames // spec.block_frames):
+    for _ in range(frames // stream.block_frames):
         t0 = time.perf_counter()
         streamer.step()
         sync(dev)
@@ -63,7 +63,7 @@ def _stream(model, spec, context, frames: int, seed: int = 0) -> list[float]:
     return times
 
 
-def visible_positions(causal: CausalSpec, start: int) -> list[int]:
+def visible_positions(causal: CausalWindow, start: int) -> list[int]:
     """Context frames (< start) the block starting at ``start`` attends to: sink + the rolling window."""
     end = start + causal.block_frames
     if causal.window_frames is None:
@@ -73,31 +73,31 @@ def visible_positions(causal: CausalSpec, start: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_no_cache(model, spec: StreamSpec, context: torch.Tensor, noise: SampleNoise, frames: int) -> None:
+def generate_no_cache(model, stream: StreamConfig, context: torch.Tensor, noise: SampleNoise, frames: int) -> None:
     """The no-cache baseline: each denoising step reruns the model over [visible clean frames, noisy block]."""
-    f, dtype = spec.block_frames, context.dtype
+    f, dtype = stream.block_frames, context.dtype
     b = context.shape[0]
     clean: dict[int, torch.Tensor] = {}  # position -> (B, C, h, w), only what can still be seen
     for start in range(0, frames, f):
-        vis = visible_positions(spec.causal, start)
+        vis = visible_positions(stream.causal, start)
         past = [clean[p] for p in vis]
-        x = noise.randn(spec.block_shape(b)[1:], dtype)  # (B, f, C, h, w)
+        x = noise.randn(stream.block_shape(b)[1:], dtype)  # (B, f, C, h, w)
         x0 = x
-        for k, (t, sigma) in enumerate(zip(spec.steps.timesteps, spec.steps.sigmas)):
+        for k, (t, sigma) in enumerate(zip(stream.steps.timesteps, stream.steps.sigmas)):
             inp = torch.cat([torch.stack(past, dim=1), x], dim=1) if past else x  # (B, n + f, C, h, w)
             tt = torch.zeros(b, inp.shape[1], device=x.device)
             tt[:, len(past) :] = t
-            v = model(inp, tt, context, causal=spec.causal, frame_positions=vis + list(range(start, start + f)))
+            v = model(inp, tt, context, causal=stream.causal, frame_positions=vis + list(range(start, start + f)))
             x0 = flow_to_x0(x, v[:, len(past) :], sigma)
-            if k + 1 < len(spec.steps.timesteps):
-                x = add_noise(x0, noise.randn(x.shape[1:], dtype), spec.steps.sigmas[k + 1])
+            if k + 1 < len(stream.steps.timesteps):
+                x = add_noise(x0, noise.randn(x.shape[1:], dtype), stream.steps.sigmas[k + 1])
         for i in range(f):
             clean[start + i] = x0[:, i]
-        keep = set(visible_positions(spec.causal, start + f))
+        keep = set(visible_positions(stream.causal, start + f))
         clean = {p: v for p, v in clean.items() if p in keep}
 
 
-def query_frames(causal: CausalSpec, frames: int, steps: int, cached: bool) -> int:
+def query_frames(causal: CausalWindow, frames: int, steps: int, cached: bool) -> int:
     """Frames the model processes (a FLOP proxy) for ``frames`` frames: cached = (steps + 1 context pass) x block;
     no cache = steps x (visible context + block) per block."""
     f = causal.block_frames
@@ -115,14 +115,14 @@ def memory_worker(
 ) -> dict[str, Any]:  # fmt: skip
     """Peak memory of streaming ``frames`` frames (run in a fresh process)."""
     set_threads(threads)
-    model, spec, context = _setup(size, device, dtype, latent_hw, window, sink, block)
+    model, stream, context = _setup(size, device, dtype, latent_hw, window, sink, block)
     dev = torch.device(device)
     with measure(dev, track_tensors=False) as m:
-        _stream(model, spec, context, frames)
+        _stream(model, stream, context, frames)
     out = {"frames": frames, **{k: m.get(k, 0.0) for k in ("rss_peak_bytes", "cuda_peak_bytes")}}
     if dev.type == "cpu":
         with measure(dev, track_tensors=True) as mt:
-            _stream(model, spec, context, frames)
+            _stream(model, stream, context, frames)
         out["tensor_peak_bytes"] = mt["tensor_peak_bytes"]
     return out
 
@@ -134,24 +134,24 @@ def timing_worker(
 ) -> dict[str, Any]:  # fmt: skip
     """All timing ratios, measured in one process."""
     set_threads(threads)
-    model, spec, context = _setup(size, device, dtype, latent_hw, window, sink, block)
+    model, stream, context = _setup(size, device, dtype, latent_hw, window, sink, block)
     dev = torch.device(device)
-    _stream(model, spec, context, 2 * block)  # warm-up
-    block_times = _stream(model, spec, context, long_frames)
+    _stream(model, stream, context, 2 * block)  # warm-up
+    block_times = _stream(model, stream, context, long_frames)
     first_idx = short_frames // block
     first = block_times[first_idx : first_idx + edge_blocks]
     last = block_times[-edge_blocks:]
 
-    cached = sum(_stream(model, spec, context, baseline_frames))
+    cached = sum(_stream(model, stream, context, baseline_frames))
     sync(dev)
     t0 = time.perf_counter()
-    generate_no_cache(model, spec, context, SampleNoise([0], dev), baseline_frames)
+    generate_no_cache(model, stream, context, SampleNoise([0], dev), baseline_frames)
     sync(dev)
     no_cache = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        root = BlockStreamer(model, spec, context, SampleNoise([0], dev))
+        root = BlockStreamer(model, stream, context, SampleNoise([0], dev))
         for _ in range(branch_prefix_frames // block):
             root.step()
         group = root.fork(branch_k, [[100 + j for j in range(branch_k)]])
@@ -161,7 +161,7 @@ def timing_worker(
     forked = time.perf_counter() - t0
     t0 = time.perf_counter()
     for j in range(branch_k):
-        _stream(model, spec, context, branch_prefix_frames + branch_frames, seed=j)
+        _stream(model, stream, context, branch_prefix_frames + branch_frames, seed=j)
     separate = time.perf_counter() - t0
     return {
         "block_times_s": block_times,
@@ -214,7 +214,7 @@ def run(
         "peak_memory_ratio": ratio(long[key], short[key]),
         "time_ratio_last_first": ratio(timing["last_blocks_s"], timing["first_blocks_s"]),
         "kv_cache_speedup": ratio(timing["no_cache_time_s"], timing["cached_time_s"]),
-        "kv_cache_frame_ratio": ratio(*(query_frames(CausalSpec(block, setup.window, setup.sink), baseline_frames, len(STEPS), c)
+        "kv_cache_frame_ratio": ratio(*(query_frames(CausalWindow(block, setup.window, setup.sink), baseline_frames, len(STEPS), c)
                                         for c in (False, True))),  # fmt: skip
         "branch_speedup": ratio(timing["separate_time_s"], timing["fork_time_s"]),
     }

@@ -26,16 +26,10 @@ from typing import Any
 import torch
 
 from astrolabe.bench import GPU_SETUP, StreamSetup, build_model, call, measure, mib, peak_key, ratio, set_threads
-from astrolabe.bench.rollout import make_spec
+from astrolabe.bench.rollout import make_stream
+from astrolabe.parallel import set_activation_checkpointing
 from astrolabe.rl.nft import NFTConfig
-from astrolabe.rl.streaming_update import (
-    StreamingUpdateConfig,
-    WindowBatch,
-    clip_nft_loss,
-    draw_training_noise,
-    gradient_checkpointing,
-    window_nft_step,
-)
+from astrolabe.rl.streaming_update import WindowBatch, clip_nft_loss, draw_training_noise, window_nft_step
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +49,18 @@ def _batch(model, prefix: int, window: int, latent_hw, batch: int, device: str, 
     )
 
 
-def _step(mode: str, model, spec, batch: WindowBatch, nft: NFTConfig, ckpt: bool) -> float:
+def _step(mode: str, model, stream, batch: WindowBatch, nft: NFTConfig) -> float:
     """One update step (forward + backward) of ``mode``; returns the loss."""
     policies = {"default": contextlib.nullcontext, "old": contextlib.nullcontext, "ref": contextlib.nullcontext}
     gens = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
     model.zero_grad(set_to_none=False)
     if mode == "window":
-        cfg = StreamingUpdateConfig(gradient_checkpointing=ckpt)
-        loss, _ = window_nft_step(policies, model, spec, batch, nft, *gens, cfg=cfg)
+        loss, _ = window_nft_step(policies, model, stream, batch, nft, *gens)
         return float(loss.detach())
     x0 = torch.cat([batch.prefix_latents, batch.window_x0], dim=1)  # (B, P + W, C, h, w)
-    sigma, eps = draw_training_noise(x0, spec, nft, *gens)
-    with gradient_checkpointing(model, ckpt):
-        loss, _ = clip_nft_loss(
-            policies, model, spec.causal, batch.context, x0, batch.r, sigma, eps, nft, batch.kl_mask
-        )
-        loss.backward()
+    sigma, eps = draw_training_noise(x0, stream, nft, *gens)
+    loss, _ = clip_nft_loss(policies, model, stream.causal, batch.context, x0, batch.r, sigma, eps, nft, batch.kl_mask)
+    loss.backward()
     return float(loss.detach())
 
 
@@ -83,24 +73,25 @@ def step_worker(
     set_threads(threads)
     dev = torch.device(device)
     model = build_model(size, device, dtype).train()
-    spec = make_spec(tuple(latent_hw), window, sink, block, model.config.in_dim)
+    set_activation_checkpointing(model, gradient_checkpointing)
+    stream = make_stream(tuple(latent_hw), window, sink, block, model.config.in_dim)
     data = _batch(model, prefix_frames, window_frames, latent_hw, batch, device, dtype)
     nft = NFTConfig()
     out: dict[str, Any] = {"mode": mode, "prefix_frames": prefix_frames, "oom": False}
     try:
-        _step(mode, model, spec, data, nft, gradient_checkpointing)  # warm-up; gradients allocated
+        _step(mode, model, stream, data, nft)  # warm-up; gradients allocated
         with measure(dev, track_tensors=False) as m:
-            out["loss"] = _step(mode, model, spec, data, nft, gradient_checkpointing)
+            out["loss"] = _step(mode, model, stream, data, nft)
         out.update(m)
         times = []
         for _ in range(repeats - 1):
             with measure(dev, track_tensors=False) as mr:
-                _step(mode, model, spec, data, nft, gradient_checkpointing)
+                _step(mode, model, stream, data, nft)
             times.append(mr["time_s"])
         out["time_s"] = statistics.median([m["time_s"], *times])
         if dev.type == "cpu":
             with measure(dev, track_tensors=True) as mt:
-                _step(mode, model, spec, data, nft, gradient_checkpointing)
+                _step(mode, model, stream, data, nft)
             out["tensor_peak_bytes"] = mt["tensor_peak_bytes"]
     except torch.cuda.OutOfMemoryError:
         out["oom"] = True
@@ -166,13 +157,14 @@ def format_table(result: dict[str, Any]):
     for col in cols:
         table.add_column(col)
 
-    def fmt(row: dict[str, Any], k: str, scale=mib, spec: str = ".2f") -> str:
-        return "oom" if row["oom"] else format(scale(row[k]), spec)
+    def fmt(row: dict[str, Any], k: str, scale=mib, number_format: str = ".2f") -> str:
+        return "oom" if row["oom"] else format(scale(row[k]), number_format)
 
     for w, h in zip(result["rows"]["window"], result["rows"]["whole"]):
         cells = [str(w["prefix_frames"]), fmt(w, key), fmt(h, key)]
         if cpu:
-            cells += [fmt(w, "tensor_peak_bytes", spec=".3f"), fmt(h, "tensor_peak_bytes", spec=".3f")]
+            cells += [fmt(w, "tensor_peak_bytes", number_format=".3f"),
+                      fmt(h, "tensor_peak_bytes", number_format=".3f")]
         cells += [fmt(w, "time_s", float, ".3f"), fmt(h, "time_s", float, ".3f")]
         table.add_row(*cells)
     return table

@@ -6,8 +6,8 @@ Layout of ``<name>.zarr``::
     _keys/             (N,) str     record keys, in shard read order (see shards.index_shards)
     <column>/          (N,) float32 one per reward / label; NaN marks a failed or missing value
 
-Every write goes to a hidden sibling directory that is renamed into place when complete, so a crash
-never leaves a half store under the final name. :func:`add_columns` (rescoring) rewrites the store
+Every write goes to a hidden sibling directory published by :func:`astrolabe.artifacts.atomic.atomic_dir`,
+so a crash never leaves a half store under the final name. :func:`add_columns` (rescoring) rewrites the store
 with the old columns plus the new ones and swaps it in: the old store is moved aside, the new one
 renamed into place, then the old one deleted (if the process dies between the two renames, the old
 store survives as ``.<name>.old-<pid>``).
@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from astrolabe.artifacts.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,39 +81,9 @@ def _write_store(path: Path, keys: list[str], columns: Mapping[str, np.ndarray],
     root.attrs.update({_META: {"columns": list(columns), "n": n}, _USER: dict(attrs)})
 
 
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` onto ``final``; an existing ``final`` is moved aside first and deleted after."""
-    _fsync_tree(tmp)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    had_old = final.exists()
-    if had_old:
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if had_old:
-        shutil.rmtree(old)
-
-
 def _atomic_write(path: Path, keys: list[str], columns: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_dir(path) as tmp:
         _write_store(tmp, keys, columns, attrs)
-        _publish_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_columns(

@@ -21,7 +21,10 @@ Rules, applied in this order (the first rule that matches names the drop):
 ``wrong_language``  ASCII letters make up less than ``min_ascii_letter_fraction`` of all letters
                     (a script heuristic: Latin-script English passes, CJK / Cyrillic / Arabic fail).
 ``blocklist``       a blocklist term occurs as a whole word (or word sequence), case-insensitive.
-``too_short`` / ``too_long``  fewer than ``min_tokens`` / more than ``max_tokens`` whitespace tokens.
+``too_short`` / ``too_long``  fewer than ``min_tokens`` / more than ``max_tokens`` whitespace tokens, counted
+                    per scene of a scene prompt (``a [10s] | b [10s]``: each scene is encoded on its own, so
+                    each must fit; the release's six-scene benchmark lines pass). A line that does not
+                    parse as a scene prompt is counted whole.
 ``duplicate``       the same normalised prompt, case-insensitive, was kept before.
 ``near_duplicate``  Jaccard similarity ``|A & B| / |A | B|`` with an earlier kept prompt is at least
                     ``near_duplicate_threshold``, where A, B are the sets of word 3-grams; prompts with
@@ -281,12 +284,25 @@ def content_rule(text: str, cfg: PromptFilterConfig, blocked: re.Pattern[str] | 
         return "wrong_language"
     if blocked is not None and blocked.search(text):
         return "blocklist"
-    n = len(tokenize(text))
-    if n < cfg.min_tokens:
+    counts = scene_token_counts(text)
+    if min(counts) < cfg.min_tokens:
         return "too_short"
-    if n > cfg.max_tokens:
+    if max(counts) > cfg.max_tokens:
         return "too_long"
     return None
+
+
+def scene_token_counts(text: str) -> list[int]:
+    """Whitespace tokens of each scene of a scene prompt (duration tags excluded); ``[n]`` for a plain line."""
+    from astrolabe.sampling.scenes import ScenePromptError, parse_scene_prompt
+
+    if "|" not in text and "[" not in text:
+        return [len(tokenize(text))]
+    try:
+        scenes = parse_scene_prompt(text)
+    except ScenePromptError:
+        return [len(tokenize(text))]
+    return [len(tokenize(s.prompt)) for s in scenes]
 
 
 def filter_prompts(

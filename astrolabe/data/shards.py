@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import Field
 
 from astrolabe.configbase import Frozen
-from astrolabe.data.atomic import AtomicWriter, close_quietly, publish_file
+from astrolabe.artifacts.atomic import AtomicWriter, close_quietly, publish_file
 
 log = logging.getLogger(__name__)
 

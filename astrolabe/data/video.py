@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from astrolabe.configbase import Frozen
-from astrolabe.data.atomic import AtomicWriter, close_quietly, publish_file, tmp_sibling
+from astrolabe.artifacts.atomic import AtomicWriter, close_quietly, publish_file, tmp_sibling
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""Registry of the distilled base models: one frozen :class:`BaseModelSpec` per name.
+"""Registry of the distilled base models: one frozen :class:`BaseModelCard` per name.
 
 Numbers come from ``shared/reference/models-reference.md`` sections 4.2-4.3, 6 and 7. Every field is
-required (no defaults), so no spec silently inherits a wrong value; in particular ``flow_shift`` is 5.0
+required (no defaults), so no card silently inherits a wrong value; in particular ``flow_shift`` is 5.0
 for every released model (the upstream wrapper's default 8.0 would warp [1000, 750, 500, 250] to
 [1000, 960, 888.9, 727.3] instead of [1000, 937.5, 833.3, 625]).
 
@@ -30,9 +30,11 @@ zeroed and rebuilt by one t = 0 pass over the first latent frame + the 2 newest,
 and the new block is denoised at positions 3..5). ``krea_served`` is Krea Realtime 14B as Krea serves it:
 steps ``[1000, 937, 833, 625]`` used as they are (Krea's ``self_forcing_server_14b.yaml`` lists
 ``[1000, 937, 833, 625, 0]`` with ``warp_denoising_step: false``; the trailing 0 is the clean output), i.e.
-integer timesteps where the training sampler feeds the warped 937.5 and 833.33. The streaming sampler does
-not implement ``recompute`` yet: :func:`require_sampler_support` refuses the spec instead of sampling it
-another way. ``krea14b`` stays the spec Astrolabe trains with.
+integer timesteps where the training sampler feeds the warped 937.5 and 833.33. The streaming sampler runs
+``recompute`` as :mod:`astrolabe.sampling.recompute` describes (what equals ``release_server.py`` and what is
+assumed); it is a generation mode (``astrolabe generate``, evaluation): rollouts and the RL update refuse it,
+so ``krea14b`` stays the card Astrolabe trains with. ``sampling.kv_cache`` overrides a card's mode (e.g. the
+recompute loop on the tiny model).
 
 ``pretrained="world"``: the DiT and text-encoder weights are the world model's
 (:mod:`astrolabe.world.pretrain`), built locally under ``<model.checkpoint_dir or runs>/world/<key>/``; the VAE is
@@ -82,7 +84,7 @@ class HubFile(Frozen):
         return f"huggingface-cli download {self.repo} {what} --local-dir {Path(root) / self.repo.split('/')[1]}"
 
 
-class LoraSpec(Frozen):
+class LoraCard(Frozen):
     """A PEFT LoRA merged into the DiT at load: ``W <- W + (alpha / rank) B A``. ``entry``: the sub-dict
     (``"generator_lora"``), ``None`` for a bare adapter, ``"auto"`` for whichever the file is."""
 
@@ -98,10 +100,9 @@ WAN_T5 = HubFile(repo=_WAN_1_3B, filename="models_t5_umt5-xxl-enc-bf16.pth")
 WAN_T5_TOKENIZER = HubFile(repo=_WAN_1_3B, filename="google/umt5-xxl", is_dir=True)
 WAN_DIT_1_3B = HubFile(repo=_WAN_1_3B, filename="diffusion_pytorch_model.safetensors")
 KVCacheMode = Literal["context_pass", "recompute"]
-SUPPORTED_KV_CACHE: tuple[str, ...] = ("context_pass",)
 
 
-class BaseModelSpec(Frozen):
+class BaseModelCard(Frozen):
     """Everything that identifies a base model: architecture, schedule, attention window, files.
 
     ``denoising_steps`` is the raw config list; with ``warp_denoising_steps`` the sampler maps each S_k to
@@ -131,7 +132,7 @@ class BaseModelSpec(Frozen):
     checkpoint_format: CheckpointFormat | None
     checkpoint_entry: str | None
     checkpoint: HubFile | None
-    lora: LoraSpec | None
+    lora: LoraCard | None
     vae: HubFile | None
     text_encoder: HubFile | None
     tokenizer: HubFile | None
@@ -139,7 +140,7 @@ class BaseModelSpec(Frozen):
     pretrained: Literal["world"] | None
 
     @model_validator(mode="after")
-    def _check(self) -> BaseModelSpec:
+    def _check(self) -> BaseModelCard:
         if self.wan_size not in BUILDERS:
             raise ValueError(f"wan_size {self.wan_size!r} is not a size builder; known: {sorted(BUILDERS)}")
         for steps in (self.denoising_steps, self.first_block_denoising_steps or (1000,)):
@@ -168,7 +169,7 @@ class BaseModelSpec(Frozen):
             raise ValueError(f"pretrained={self.pretrained!r} takes no checkpoint_format and a tiny text encoder")
         if self.checkpoint_format is None:
             if self.checkpoint is not None or self.checkpoint_entry is not None or self.lora is not None:
-                raise ValueError("a spec without checkpoint_format takes no checkpoint, entry or lora")
+                raise ValueError("a card without checkpoint_format takes no checkpoint, entry or lora")
             return
         if self.checkpoint is None:
             raise ValueError(f"checkpoint_format {self.checkpoint_format!r} needs a checkpoint file")
@@ -214,7 +215,7 @@ class BaseModelSpec(Frozen):
         return {role: f for role, f in roles.items() if f is not None}
 
 
-# ------------------------------------------------------------------------------------------------ specs
+# ------------------------------------------------------------------------------------------------ cards
 
 _STEPS_4 = (1000, 750, 500, 250)
 _SHARED_WAN_FILES = {"vae": WAN_VAE, "text_encoder": WAN_T5, "tokenizer": WAN_T5_TOKENIZER}
@@ -239,8 +240,8 @@ _LONGLIVE = "Efficient-Large-Model/LongLive-1.3B"
 
 
 def _causal_forcing(name: str, description: str, filename: str, entry: str, frames_per_block: int,
-                    steps: tuple[int, ...], first_block: tuple[int, ...] | None) -> BaseModelSpec:
-    return BaseModelSpec(
+                    steps: tuple[int, ...], first_block: tuple[int, ...] | None) -> BaseModelCard:
+    return BaseModelCard(
         name=name, description=description, **_VIDEO_1_3B, denoising_steps=steps,
         first_block_denoising_steps=first_block, frames_per_block=frames_per_block, local_attn_frames=None,
         sink_frames=0, checkpoint_format="causal_forcing_pt", checkpoint_entry=entry,
@@ -248,8 +249,8 @@ def _causal_forcing(name: str, description: str, filename: str, entry: str, fram
     )
 
 
-def _longlive(name: str, description: str, lora: LoraSpec | None) -> BaseModelSpec:
-    return BaseModelSpec(
+def _longlive(name: str, description: str, lora: LoraCard | None) -> BaseModelCard:
+    return BaseModelCard(
         name=name, description=description, **_VIDEO_1_3B, denoising_steps=_STEPS_4,
         first_block_denoising_steps=None, frames_per_block=3, local_attn_frames=12, sink_frames=3,
         checkpoint_format="longlive_pt", checkpoint_entry="generator",
@@ -257,9 +258,9 @@ def _longlive(name: str, description: str, lora: LoraSpec | None) -> BaseModelSp
     )
 
 
-def _build_registry() -> dict[str, BaseModelSpec]:
-    specs = [
-        BaseModelSpec(
+def _build_registry() -> dict[str, BaseModelCard]:
+    cards = [
+        BaseModelCard(
             name="self_forcing", description="Self-Forcing DMD (Wan2.1-T2V-1.3B), chunk-wise, global causal",
             **_VIDEO_1_3B, denoising_steps=_STEPS_4, first_block_denoising_steps=None, frames_per_block=3,
             local_attn_frames=None, sink_frames=0, checkpoint_format="self_forcing_pt",
@@ -269,7 +270,7 @@ def _build_registry() -> dict[str, BaseModelSpec]:
         ),
         _longlive(
             "longlive", "LongLive 1.0 (1.3B): base + its r256 LoRA merged (the released model); 12-frame window, 3 sinks",
-            LoraSpec(file=HubFile(repo=_LONGLIVE, filename="models/lora.pt"), entry=LORA_ENTRY_AUTO, rank=256,
+            LoraCard(file=HubFile(repo=_LONGLIVE, filename="models/lora.pt"), entry=LORA_ENTRY_AUTO, rank=256,
                      alpha=256.0),
         ),
         _longlive("longlive_base", "LongLive 1.0 stage-1 base without the LoRA (Astrolabe's default RL start)", None),
@@ -281,22 +282,26 @@ def _build_registry() -> dict[str, BaseModelSpec]:
                         "causal-forcing++/framewise-2step.pt", "generator_ema", 1, (1000, 500), _STEPS_4),
         _causal_forcing("causal_forcing_frame_1step", "Causal Forcing++ frame-wise, 1 step (first frame 4 steps)",
                         "causal-forcing++/framewise-1step.pt", "generator_ema", 1, (1000,), _STEPS_4),
-        BaseModelSpec(
+        BaseModelCard(
             name="krea14b", description="Krea Realtime 14B (Wan2.1-T2V-14B), global causal as Astrolabe trains it",
             **{**_VIDEO_1_3B, "wan_size": "wan21_t2v_14b"}, denoising_steps=_STEPS_4,
             first_block_denoising_steps=None, frames_per_block=3, local_attn_frames=None, sink_frames=0,
             checkpoint_format="krea_safetensors", checkpoint_entry=None, checkpoint=_KREA_FILE, lora=None,
             fill_base=None,
         ),
-        BaseModelSpec(
-            name="krea_served", description="Krea Realtime 14B as Krea serves it: steps 1000 937 833 625 unwarped, "
-            "KV recompute (3 context frames: first + 2 newest, then the 3 new ones)",
+        BaseModelCard(
+            name="krea_served", description="Krea Realtime 14B as Krea serves it (release_server.py): steps 1000 937 833 625 "
+            "unwarped; KV recompute before every block: cache zeroed and rebuilt at t=0 from 3 context frames "
+            "(the first latent frame, VAE re-encoded from the oldest of the last 9 decoded pixel frames once it "
+            "leaves the window, + the 2 newest) at RoPE positions 0..2, new block denoised at 3..5, no context "
+            "pass, unbounded length; noise streams and the blog's KV-cache attention bias (not in Krea's code) "
+            "differ: see astrolabe.sampling.recompute",
             **{**_VIDEO_1_3B, "wan_size": "wan21_t2v_14b", "warp_denoising_steps": False, "kv_cache": "recompute"},
             denoising_steps=_KREA_SERVED_STEPS, first_block_denoising_steps=None, frames_per_block=3,
             local_attn_frames=6, sink_frames=0, checkpoint_format="krea_safetensors", checkpoint_entry=None,
             checkpoint=_KREA_FILE, lora=None, fill_base=None,
         ),
-        BaseModelSpec(
+        BaseModelCard(
             name="tiny", description="CPU test model: tiny DiT and tiny text encoder, random init, no files",
             wan_size="tiny", text_encoder_kind="tiny", flow_shift=5.0, denoising_steps=_STEPS_4,
             first_block_denoising_steps=None, warp_denoising_steps=True, frames_per_block=3, local_attn_frames=None,
@@ -304,7 +309,7 @@ def _build_registry() -> dict[str, BaseModelSpec]:
             checkpoint_entry=None, checkpoint=None, lora=None, vae=None, text_encoder=None, tokenizer=None,
             kv_cache="context_pass", fill_base=None, pretrained=None,
         ),
-        BaseModelSpec(
+        BaseModelCard(
             name="world", description="The tiny world model: tiny_world DiT + byte-level tiny UMT5 (text_len 64) "
             "pretrained on the procedural world (astrolabe world build), preview VAE",
             wan_size="tiny_world", text_encoder_kind="tiny", flow_shift=5.0, denoising_steps=_STEPS_4,
@@ -314,18 +319,18 @@ def _build_registry() -> dict[str, BaseModelSpec]:
             kv_cache="context_pass", fill_base=None, pretrained="world",
         ),
     ]
-    return {s.name: s for s in specs}
+    return {s.name: s for s in cards}
 
 
-BASE_MODELS: dict[str, BaseModelSpec] = _build_registry()
+BASE_MODELS: dict[str, BaseModelCard] = _build_registry()
 
 
 def base_model_names() -> list[str]:
     return sorted(BASE_MODELS)
 
 
-def get_base_model(name: str) -> BaseModelSpec:
-    """The spec called ``name``; unknown names list the known ones."""
+def get_base_model(name: str) -> BaseModelCard:
+    """The card called ``name``; unknown names list the known ones."""
     try:
         return BASE_MODELS[name]
     except KeyError:
@@ -335,17 +340,17 @@ def get_base_model(name: str) -> BaseModelSpec:
 # ------------------------------------------------------------------------------------------------ files
 
 
-def resolve_files(spec: BaseModelSpec, root: Path, *, fill_base: bool = False) -> dict[str, Path]:
-    """Local paths of every file of ``spec`` under ``root`` (whether or not they exist)."""
-    return {role: Path(root) / f.local_path for role, f in spec.files(fill_base=fill_base).items()}
+def resolve_files(card: BaseModelCard, root: Path, *, fill_base: bool = False) -> dict[str, Path]:
+    """Local paths of every file of ``card`` under ``root`` (whether or not they exist)."""
+    return {role: Path(root) / f.local_path for role, f in card.files(fill_base=fill_base).items()}
 
 
 def check_files(
-    spec: BaseModelSpec, root: Path, roles: Iterable[str] | None = None, *, fill_base: bool = False
+    card: BaseModelCard, root: Path, roles: Iterable[str] | None = None, *, fill_base: bool = False
 ) -> dict[str, Path]:
     """:func:`resolve_files` (restricted to ``roles`` if given), raising ``FileNotFoundError`` that lists every
     missing file and its download command in one message (an empty directory: all of them)."""
-    files = spec.files(fill_base=fill_base)
+    files = card.files(fill_base=fill_base)
     if roles is not None:
         files = {r: f for r, f in files.items() if r in set(roles)}
     paths = {role: Path(root) / f.local_path for role, f in files.items()}
@@ -355,58 +360,48 @@ def check_files(
         if not (paths[role].is_dir() if files[role].is_dir else paths[role].is_file())
     ]
     if missing:
-        raise FileNotFoundError(f"base model {spec.name!r} is missing {len(missing)} file(s):\n" + "\n".join(missing))
+        raise FileNotFoundError(f"base model {card.name!r} is missing {len(missing)} file(s):\n" + "\n".join(missing))
     return paths
 
 
-def text_encoder_directory(spec: BaseModelSpec, root: Path) -> Path | None:
-    """The ``TextEncoderConfig.directory`` for ``spec`` (the folder holding the T5 file and ``google/umt5-xxl/``)."""
-    if spec.text_encoder is None:
+def text_encoder_directory(card: BaseModelCard, root: Path) -> Path | None:
+    """The ``TextEncoderConfig.directory`` for ``card`` (the folder holding the T5 file and ``google/umt5-xxl/``)."""
+    if card.text_encoder is None:
         return None
-    return Path(root) / spec.text_encoder.local_path.parent
-
-
-def require_sampler_support(spec: BaseModelSpec) -> None:
-    """Raise ``NotImplementedError`` if the streaming sampler cannot sample ``spec`` as specified (``recompute``)."""
-    if spec.kv_cache not in SUPPORTED_KV_CACHE:
-        raise NotImplementedError(
-            f"base model {spec.name!r} uses kv_cache={spec.kv_cache!r} (Krea's served KV recompute), which the "
-            f"streaming sampler does not implement (it supports {list(SUPPORTED_KV_CACHE)}); use 'krea14b' (the "
-            "spec Astrolabe trains with) to sample Krea's weights with the training sampler"
-        )
+    return Path(root) / card.text_encoder.local_path.parent
 
 
 def read_base_model_state(
-    spec: BaseModelSpec,
+    card: BaseModelCard,
     root: Path,
     *,
     entry: str | None = None,
     lora_entry: str | None = None,
     fill_missing_from_base: bool = False,
 ) -> StateDict:
-    """Wan-named DiT state dict of ``spec`` from the files under ``root`` (LoRA merged for ``longlive``).
+    """Wan-named DiT state dict of ``card`` from the files under ``root`` (LoRA merged for ``longlive``).
 
-    ``entry`` overrides the spec's default sub-dict (e.g. ``generator`` instead of ``generator_ema``);
+    ``entry`` overrides the card's default sub-dict (e.g. ``generator`` instead of ``generator_ema``);
     ``lora_entry`` the LoRA's (``"generator_lora"``, ``"bare"`` for a bare adapter, ``"auto"``); with
-    ``fill_missing_from_base`` keys the checkpoint lacks are filled from ``spec.fill_base`` (logged).
+    ``fill_missing_from_base`` keys the checkpoint lacks are filled from ``card.fill_base`` (logged).
     """
-    if spec.checkpoint_format is None or spec.checkpoint is None:
-        raise ValueError(f"base model {spec.name!r} has no checkpoint (it is randomly initialised)")
-    if fill_missing_from_base and spec.fill_base is None:
-        raise ValueError(f"fill_missing_from_base: base model {spec.name!r} has no base DiT to fill from")
-    paths = check_files(spec, root, roles=("dit", "lora", "fill_base"), fill_base=fill_missing_from_base)
-    lora = spec.lora
+    if card.checkpoint_format is None or card.checkpoint is None:
+        raise ValueError(f"base model {card.name!r} has no checkpoint (it is randomly initialised)")
+    if fill_missing_from_base and card.fill_base is None:
+        raise ValueError(f"fill_missing_from_base: base model {card.name!r} has no base DiT to fill from")
+    paths = check_files(card, root, roles=("dit", "lora", "fill_base"), fill_base=fill_missing_from_base)
+    lora = card.lora
     if lora_entry is None:
         lora_entry = lora.entry if lora else LORA_ENTRY_AUTO
     sd = read_dit_checkpoint(
-        spec.checkpoint_format,
+        card.checkpoint_format,
         paths["dit"],
-        entry=entry if entry is not None else spec.checkpoint_entry,
+        entry=entry if entry is not None else card.checkpoint_entry,
         lora_path=paths.get("lora"),
         lora_entry=None if lora_entry == "bare" else lora_entry,
         lora_rank=lora.rank if lora else 256,
         lora_alpha=lora.alpha if lora else 256.0,
     )
     if fill_missing_from_base:
-        sd = fill_missing_keys(sd, read_wan_base(paths["fill_base"]), f"{spec.name} {paths['dit'].name}")
+        sd = fill_missing_keys(sd, read_wan_base(paths["fill_base"]), f"{card.name} {paths['dit'].name}")
     return sd

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from astrolabe.rewards import models, signal
 from astrolabe.rewards.combine import Normalization, combine_rewards, normalize_column
-from astrolabe.rewards.contract import Reward, RewardOptions, RewardOutput, score_all, sha256_file
+from astrolabe.rewards.contract import Reward, RewardOptions, RewardOutput, score_all
 from astrolabe.rewards.registry import build_reward, build_rewards, register_reward, registered_rewards
 from astrolabe.rewards.spec import RewardSpec, RewardsConfig
 from astrolabe.rewards.video import VideoBatch, as_video_array, check_prompts, sample_frame_indices
@@ -55,6 +55,5 @@ __all__ = [
     "registered_rewards",
     "sample_frame_indices",
     "score_all",
-    "sha256_file",
     "signal",
 ]

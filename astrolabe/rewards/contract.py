@@ -12,8 +12,8 @@ Writing a reward (e.g. a model reward in ``astrolabe/rewards/models/``):
 1. Subclass :class:`Reward`; set the class attributes ``name`` (the registry key), ``version`` (bump it
    whenever the scoring code changes the numbers) and ``Options`` (a :class:`RewardOptions` subclass:
    frozen pydantic, unknown keys are errors). Override :meth:`Reward.checkpoint_hash` (use
-   :func:`sha256_file` on the weights), :meth:`Reward.frame_sampling` and :meth:`Reward.resolution` so
-   that :meth:`Reward.identity_hash` changes whenever the judge changes.
+   :func:`astrolabe.artifacts.manifest.sha256_file` on the weights), :meth:`Reward.frame_sampling` and
+   :meth:`Reward.resolution` so that :meth:`Reward.identity_hash` changes whenever the judge changes.
 2. Implement :meth:`Reward.score_batch` ``(batch: VideoBatch, prompts) -> RewardOutput`` on the shared
    views of :class:`VideoBatch` (``float01``, ``uint8``, ``gray``; each is computed at most once per
    batch and shared by every reward of the stage). It may raise: :meth:`Reward.score` then rescores
@@ -47,7 +47,6 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,7 +57,7 @@ from astrolabe.rewards.video import VideoBatch, as_video_array, check_prompts, s
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reward", "RewardOptions", "RewardOutput", "score_all", "sha256_file"]
+__all__ = ["Reward", "RewardOptions", "RewardOutput", "score_all"]
 
 
 class RewardOptions(Frozen):
@@ -131,15 +130,6 @@ class RewardOutput:
         return cls(scores, details, errors)
 
 
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
-    """Hex SHA-256 of a file's bytes (streamed): the checkpoint hash of a model reward's identity."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 
 # --------------------------------------------------------------------------------------------------
 # The contract
@@ -181,7 +171,7 @@ class Reward:
         return 1
 
     def checkpoint_hash(self) -> str | None:
-        """SHA-256 of the judge's weights (see :func:`sha256_file`); None for weight-free rewards."""
+        """SHA-256 of the judge's weights (:func:`astrolabe.artifacts.manifest.sha256_file`); None if weight-free."""
         return None
 
     def frame_sampling(self) -> dict[str, Any]:

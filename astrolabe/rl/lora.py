@@ -38,6 +38,7 @@ from pydantic import Field, field_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.configbase import Frozen
 
 if TYPE_CHECKING:  # peft (and transformers behind it) takes seconds to import: only where LoRA is applied
@@ -102,6 +103,7 @@ class LoRAConfig(Frozen):
 
 def peft_lora_config(cfg: LoRAConfig) -> LoraConfig:
     """The peft ``LoraConfig`` of ``cfg`` (no task type, no bias, plain LoRA)."""
+    install_torchvision_guard()
     from peft import LoraConfig
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     return LoraConfig(
@@ -242,6 +244,7 @@ def apply_lora(
     they keep peft's init (meant for adapters whose weights are loaded right after). Either way the
     caller's global RNG state is left unchanged.
     """
+    install_torchvision_guard()
     from peft import get_peft_model
 
     with _global_rng_untouched():

@@ -4,9 +4,10 @@ Adapters held by one :class:`peft.PeftModel` (same LoRA layout, see :mod:`astrol
 
 - ``default``: the trained policy theta; the only parameters that ever require grad.
 - ``old``: the sampling policy. After a training phase ``theta_old <- d * theta_old + (1 - d) * theta``
-  with ``d = old_policy_decay(step, kind)`` (:mod:`astrolabe.rl.schedules`, reference 5.2(G)).
+  with ``d = old_policy_decay(n, kind)``, ``n`` = completed iterations (:mod:`astrolabe.rl.schedules`, reference
+  5.2(G)).
 - ``ref``: the KL reference, only for ``reference="lagging"``: a snapshot of ``default`` refreshed by
-  :class:`ReferenceRefresher` (KL above a threshold or older than N steps; reference 5.5). With
+  :class:`ReferenceRefresher` (KL above a threshold or older than N iterations; reference 5.5). With
   ``reference="base"`` there is no ``ref`` adapter: the reference is the base model, i.e. every adapter
   disabled (``PeftModel.disable_adapter()``).
 - EMA: a float32 shadow of ``default`` kept as plain tensors (not an adapter). From ``ema_start_step`` on,
@@ -82,7 +83,7 @@ class PolicySet:
     reference, ``ref``) adapters are added here as exact copies of ``default``, so all policies start equal.
     """
 
-    def __init__(self, model: PeftModel, lora: LoRAConfig, cfg: PolicyConfig, start_step: int = 0) -> None:
+    def __init__(self, model: PeftModel, lora: LoRAConfig, cfg: PolicyConfig, start_iteration: int = 0) -> None:
         if TRAINED not in model.peft_config:
             raise ValueError(f"the peft model has no {TRAINED!r} adapter; build it with apply_lora(model, cfg)")
         check_lora_compatible(lora, lora_config_of(model, TRAINED), "the 'default' adapter")
@@ -99,7 +100,7 @@ class PolicySet:
             raise ValueError(f"the peft model holds unexpected adapters {extra}; PolicySet manages {self._adapters}")
         self._params = {name: adapter_parameters(model, name) for name in self._adapters}
         self.refresher: ReferenceRefresher | None = (
-            ReferenceRefresher(cfg.refresh, start_step) if cfg.reference == "lagging" else None
+            ReferenceRefresher(cfg.refresh, start_iteration) if cfg.reference == "lagging" else None
         )
         self.ema: dict[str, torch.Tensor] | None = (
             {k: p.detach().float().clone() for k, p in self._params[TRAINED].items()} if cfg.averaging.ema else None
@@ -111,10 +112,10 @@ class PolicySet:
 
     @classmethod
     def build(
-        cls, base: nn.Module, lora: LoRAConfig, cfg: PolicyConfig, generator: torch.Generator, start_step: int = 0
+        cls, base: nn.Module, lora: LoRAConfig, cfg: PolicyConfig, generator: torch.Generator, start_iteration: int = 0
     ) -> PolicySet:
         """Wrap ``base`` (a WanDiT, modified in place) with LoRA and create every policy."""
-        return cls(apply_lora(base, lora, generator=generator), lora, cfg, start_step)
+        return cls(apply_lora(base, lora, generator=generator), lora, cfg, start_iteration)
 
     # ------------------------------------------------------------------ access
     @property
@@ -191,28 +192,29 @@ class PolicySet:
         """``theta_old <- theta``."""
         copy_adapter_(self.model, TRAINED, OLD)
 
-    def update_old(self, step: int) -> float:
-        """``theta_old <- d * theta_old + (1 - d) * theta`` with ``d = old_policy_decay(step, kind)``.
+    def update_old(self, iterations: int) -> float:
+        """``theta_old <- d * theta_old + (1 - d) * theta`` with ``d = old_policy_decay(iterations, kind)``.
 
-        Call it once after each training phase with ``step`` = optimizer steps taken so far (the release
-        calls it after ``global_step += 1``). Returns ``d``.
+        Call it once after each training phase with ``iterations`` = training phases completed, this one
+        included (the release calls it after ``global_step += 1``, one optimizer step per epoch). Returns ``d``.
         """
-        d = old_policy_decay(step, self.cfg.averaging.old_policy_decay)
+        d = old_policy_decay(iterations, self.cfg.averaging.old_policy_decay)
         blend_into_(self._params[OLD].values(), self._params[TRAINED].values(), d)
         return d
 
-    def refresh_ref(self, step: int) -> None:
-        """``theta_ref <- theta`` and record the refresh (lagging reference only)."""
+    def refresh_ref(self, iteration: int) -> None:
+        """``theta_ref <- theta`` and record the refresh at ``iteration`` (lagging reference only)."""
         if self.refresher is None:
             raise ValueError("reference='base' has no snapshot to refresh; set reference='lagging'")
         copy_adapter_(self.model, TRAINED, REF)
-        self.refresher.mark_refreshed(step)
+        self.refresher.mark_refreshed(iteration)
 
-    def maybe_refresh_ref(self, step: int, kl_value: float | None) -> bool:
-        """Refresh the lagging reference when :class:`ReferenceRefresher` says so; False for 'base'."""
-        if self.refresher is None or not self.refresher.should_refresh(step, kl_value):
+    def maybe_refresh_ref(self, iteration: int, kl_value: float | None) -> bool:
+        """Refresh the lagging reference at the start of ``iteration`` (= completed iterations) when
+        :class:`ReferenceRefresher` says so; False for 'base'."""
+        if self.refresher is None or not self.refresher.should_refresh(iteration, kl_value):
             return False
-        self.refresh_ref(step)
+        self.refresh_ref(iteration)
         return True
 
     def update_ema(self, step: int) -> float | None:

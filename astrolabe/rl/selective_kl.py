@@ -11,6 +11,20 @@ and every auxiliary reward are ranked). With ``a_i`` the mean of the auxiliary r
 others); the release uses ``main_under`` (reference 10.8: its sign is questionable, so it is a knob).
 A sample with any NaN reward gets ``u = NaN`` and is never flagged.
 
+Defaults (a decision, not the release; ``sign="main_under", scope="global"`` reproduce it):
+
+- ``sign="main_over"``. NFT moves the policy toward high-``r`` samples, and ``r`` is driven by the main
+  reward. A sample the main reward ranks *above* where the auxiliary rewards put it is the one reward
+  hacking produces (e.g. HPSv3 pleased by a frozen, over-sharpened frame that VideoAlign MQ marks down), and
+  the KL term ``kl_weight * mean_flagged ||f - g||^2`` is what holds the policy near the reference exactly
+  there. With the release's ``main_under`` the KL lands on samples the main reward *under*-rates, which
+  already get a low ``r`` (the policy is pushed away from them), so it restrains the update where there is
+  nothing to hack.
+- ``scope="group"``. The advantage compares a candidate with the other candidates of its group (same prompt
+  and prefix); disagreement is measured on the same comparison. Global ranks mix prompts: a prompt that the
+  main reward scores high across the board (prompt-dependent offsets are large for HPSv3) flags all its
+  candidates, whatever they look like, and the flags then follow the prompts, not the samples.
+
 Candidates and mask. One-sided: ``P = {u_i : u_i >= 0}``; two-sided: ``P = {|u_i|}``. With the current
 fraction ``phi``, ``threshold = percentile(P, 100 - 100*phi)`` (numpy's linear interpolation, as in the
 release) and ``mask_i = u_i > threshold`` (one-sided) or ``|u_i| > threshold`` (two-sided), a strict
@@ -44,8 +58,9 @@ Sign = Literal["main_under", "main_over"]
 class SelectiveKLConfig(Frozen):
     """Rank-disagreement KL mask. Rewards are named explicitly (never by position).
 
-    Defaults reproduce the release (one-sided, ``main_under``, ranks over all samples). The reward
-    names have no default: they must match the run's reward specs.
+    Defaults: one-sided like the release, but ``sign="main_over"`` and ``scope="group"`` (the module docstring
+    says why; ``sign="main_under", scope="global"`` reproduce the release, bug 10.8). The reward names have no
+    default: they must match the run's reward specs.
     """
 
     enabled: bool = Field(True, description="Use the selective mask; off = KL on every sample.")
@@ -54,8 +69,16 @@ class SelectiveKLConfig(Frozen):
         ..., description="Names of the auxiliary rewards (release: VideoAlign MQ); at least one."
     )
     sided: Sided = Field("one", description="'one': only u >= 0 candidates (release); 'two': |u|.")
-    sign: Sign = Field("main_under", description="'main_under' = release; 'main_over' = reward-hacking side.")
-    scope: Literal["group", "global"] = Field("global", description="Rank within each group or over all samples.")
+    sign: Sign = Field(
+        "main_over",
+        description="'main_over': flag samples the main reward over-rates relative to the auxiliary ones (the "
+        "reward-hacking side, where NFT pushes toward); 'main_under' = the release (bug 10.8).",
+    )
+    scope: Literal["group", "global"] = Field(
+        "group",
+        description="Rank within each group (the candidates the advantage compares) or over all samples "
+        "('global' = the release, which mixes prompt-level reward offsets into the ranks).",
+    )
     fraction_bounds: tuple[float, float] = Field((0.02, 0.2), description="(lo, hi) clip of the flagged fraction.")
     initial_fraction: float = Field(0.1, description="Fraction at the first update.")
     buffer_size: int = Field(20, ge=1, description="How many past mean(P) values the controller keeps.")
@@ -96,7 +119,7 @@ def rank_disagreement(
     aux: Sequence[str],
     group_ids: Sequence[Hashable] | np.ndarray | None = None,
     *,
-    sign: Sign = "main_under",
+    sign: Sign,
 ) -> np.ndarray:
     """``u (N,)`` float32 (module docstring); ranks within groups when ``group_ids`` is given."""
     if not aux:

@@ -20,9 +20,12 @@ checks every piece before changing anything; a missing piece is an error naming 
 
 Optimization (reference 5.4): AdamW over the ``default`` LoRA parameters; a step is
 ``unscale -> clip_grad_norm_(grad_clip) -> optimizer.step -> scaler.update -> scheduler.step ->
-zero_grad -> EMA update -> step += 1``. Gradient accumulation: every micro-batch loss is divided by
-the number of micro-batches, so for equal micro-batches of a mean loss the accumulated gradient equals
-the gradient of the mean over all samples.
+zero_grad -> EMA update -> step += 1``. Gradient accumulation (micro-batches weighted by their sample
+counts, on one rank or across ranks) is :mod:`astrolabe.rl.accumulation`.
+
+The selective-KL controller is a piece of this state (``state.json``): the ``label_uncertainty`` stage of
+iteration k + 1 reads it from checkpoint k with :func:`read_controller_state`, updates it with its rewards
+and hands the updated state to ``nft_update``, which saves it in checkpoint k + 1.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from astrolabe.artifacts import fsync_path, sha256_file
+from astrolabe.artifacts.atomic import atomic_dir
+from astrolabe.artifacts.manifest import sha256_file
 from astrolabe.rl.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -76,19 +79,36 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a complete ``tmp`` directory to ``final``, replacing an older ``final`` without a half state."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            fsync_path(f)
-    fsync_path(tmp)
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_path(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+def _load_manifest(d: Path) -> dict[str, Any]:
+    """The checkpoint manifest of ``d``, checked for format; an error when there is none (incomplete save)."""
+    path = d / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: {d} is not a complete training checkpoint (an interrupted save never "
+            "leaves one under its final name); point to a checkpoint directory written by TrainingState.save"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
+                              f"is not {FORMAT!r} v{FORMAT_VERSION}")
+    return manifest
+
+
+def read_controller_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The selective-KL controller piece of the checkpoint ``directory``, read without building a model.
+
+    None when the checkpoint was saved without selective KL. The checkpoint must be complete (manifest, and
+    a ``state.json`` matching its manifest entry); otherwise :class:`CheckpointError` names what is missing.
+    """
+    d = Path(directory)
+    entry = _load_manifest(d)["files"].get(STATE_JSON)
+    path = d / STATE_JSON
+    if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]:
+        raise CheckpointError(f"checkpoint {d}: {STATE_JSON} is missing or does not match its manifest entry")
+    state = json.loads(path.read_text())
+    if "controller" not in state:
+        raise CheckpointError(f"checkpoint {d}: {STATE_JSON} has no 'controller' piece; the checkpoint is foreign")
+    return state["controller"]
 
 
 class TrainingState:
@@ -131,13 +151,11 @@ class TrainingState:
             yield
 
     # ------------------------------------------------------------------ optimization
-    def backward(self, loss: torch.Tensor, accumulation_steps: int = 1) -> None:
-        """Backward of ``loss / accumulation_steps`` (scaled by the GradScaler when fp16)."""
-        if accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps={accumulation_steps} must be >= 1")
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` (scaled by the GradScaler when fp16); weight it first when accumulating."""
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}; reduce it (mean) first")
-        self.scaler.scale(loss / accumulation_steps).backward()
+        self.scaler.scale(loss).backward()
 
     def optimizer_step(self) -> StepStats:
         """Unscale, clip, step, update scaler and scheduler, zero grads, update the EMA, ``step += 1``."""
@@ -156,9 +174,10 @@ class TrainingState:
         self.step += 1
         return StepStats(step=self.step, grad_norm=grad_norm, lr=lr, ema_decay=d, skipped=skipped)
 
-    def update_old(self) -> float:
-        """End of a training phase: blend the old policy toward the trained one (decay at ``self.step``)."""
-        return self.policies.update_old(self.step)
+    def update_old(self, iterations: int) -> float:
+        """End of a training phase: blend the old policy toward the trained one, with the decay after
+        ``iterations`` completed iterations (not optimizer steps; :mod:`astrolabe.rl.schedules`)."""
+        return self.policies.update_old(iterations)
 
     # ------------------------------------------------------------------ save
     def _configs(self) -> dict[str, Any]:
@@ -197,17 +216,8 @@ class TrainingState:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Atomically write the whole state to ``directory`` (module docstring); returns it."""
         final = Path(directory)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with atomic_dir(final) as tmp:
             self._write_pieces(tmp)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         logger.info("saved training state at step %d to %s", self.step, final)
         return final
 
@@ -281,16 +291,7 @@ class TrainingState:
         logger.info("loaded training state at step %d from %s (%d files)", self.step, d, len(manifest["files"]))
 
     def _read_manifest(self, d: Path, verify_checksums: bool) -> dict[str, Any]:
-        path = d / MANIFEST
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path} is missing: {d} is not a complete training checkpoint (an interrupted save never "
-                "leaves one under its final name); point to a checkpoint directory written by TrainingState.save"
-            )
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
-                                  f"is not {FORMAT!r} v{FORMAT_VERSION}")
+        manifest = _load_manifest(d)
         for piece, files in self.expected_pieces().items():
             if piece not in manifest["pieces"]:
                 raise CheckpointError(f"checkpoint {d} has no {piece!r} piece (needed by the current config); "
@@ -347,33 +348,3 @@ class TrainingState:
             raise CheckpointError(
                 "the checkpoint and the current run disagree on the lagging KL reference (refresher state)"
             )
-
-
-# ----------------------------------------------------------------------------------- accumulation
-
-
-def accumulate_gradients(
-    state: TrainingState, loss_fn: Callable[[Any], torch.Tensor], micro_batches: Sequence[Any]
-) -> float:
-    """Backward every micro-batch's mean loss divided by ``len(micro_batches)``; returns the mean loss.
-
-    For equal-sized micro-batches of a mean loss: sum_m (1/M) * mean_{i in m} l_i = mean_i l_i, so the
-    accumulated gradient equals that of one batch holding every sample.
-    """
-    if not micro_batches:
-        raise ValueError("no micro-batches to accumulate")
-    total = 0.0
-    for mb in micro_batches:
-        with state.autocast():
-            loss = loss_fn(mb)
-        state.backward(loss, accumulation_steps=len(micro_batches))
-        total += float(loss.detach())
-    return total / len(micro_batches)
-
-
-def accumulate_step(
-    state: TrainingState, loss_fn: Callable[[Any], torch.Tensor], micro_batches: Sequence[Any]
-) -> tuple[float, StepStats]:
-    """:func:`accumulate_gradients` followed by one :meth:`TrainingState.optimizer_step`."""
-    loss = accumulate_gradients(state, loss_fn, micro_batches)
-    return loss, state.optimizer_step()

@@ -48,12 +48,12 @@ import torch.nn as nn
 from pydantic import Field
 
 from astrolabe.configbase import Frozen
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.rl.nft import NFTConfig, nft_loss, sample_train_sigmas
 from astrolabe.sampling.kv_cache import KVCache
 from astrolabe.sampling.schedule import add_noise, flow_to_x0
-from astrolabe.sampling.streaming import StreamSpec, make_cache, rebuild_context
+from astrolabe.sampling.streaming import StreamConfig, make_cache, rebuild_context
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class StreamingUpdateConfig(Frozen):
         "block_causal",
         description="Whole-clip attention mask; 'release_frame_causal' reproduces the release's bug 10.2.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute each DiT block in backward (saves memory).")
 
 
 @dataclass
@@ -144,14 +143,19 @@ def _under(policy: PolicySwitch, model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Set ``model.gradient_checkpointing`` for the duration of the block (restored afterwards)."""
-    before = getattr(model, "gradient_checkpointing", False)
-    model.gradient_checkpointing = enabled
+def train_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """``model.train(enabled)`` for the duration of the block (the previous mode restored afterwards).
+
+    The trained policy's forward runs in train mode, so that per-block activation checkpointing
+    (:func:`astrolabe.parallel.parallelize`) and LoRA dropout take effect; every no-grad forward (prefix
+    cache, old and reference policies) runs in eval mode, as in the rollout.
+    """
+    before = model.training
+    model.train(enabled)
     try:
         yield
     finally:
-        model.gradient_checkpointing = before
+        model.train(before)
 
 
 # ----------------------------------------------------------------------------------- prefix cache
@@ -160,7 +164,7 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
 @torch.no_grad()
 def build_prefix_cache(
     model: WanDiT,
-    spec: StreamSpec,
+    stream: StreamConfig,
     context: torch.Tensor,  # (B, L, text_dim)
     prefix_latents: torch.Tensor,  # (B, P, C, h, w) clean
     group_size: int = 1,
@@ -181,36 +185,10 @@ def build_prefix_cache(
             raise ValueError(
                 f"rows of a group of {group_size} must share prefix latents and prompt; use group_size=1 otherwise"
             )
-        return build_prefix_cache(model, spec, heads_c, heads_p).fork(group_size)
+        return build_prefix_cache(model, stream, heads_c, heads_p).fork(group_size)
     if prefix_latents.shape[1] == 0:
-        return make_cache(model, spec)
-    return rebuild_context(model, spec, context, prefix_latents)
-
-
-class _DroppedWrites(list):
-    """A list of ``None`` that ignores item assignment (the text cache of a read view: never reused)."""
-
-    def __setitem__(self, index, value) -> None:  # noqa: ANN001
-        return None
-
-
-def read_view(cache: KVCache) -> KVCache:
-    """A read-only view sharing ``cache``'s self-attention tensors (no copy), without the text cache.
-
-    Each forward through the view recomputes the text keys/values with the running policy's weights (with
-    gradient for the current policy), and nothing is ever written back: the original cache is untouched,
-    and gradient-checkpoint recomputation sees the same graph as the forward.
-    """
-    return KVCache(
-        num_layers=cache.num_layers,
-        tokens_per_frame=cache.tokens_per_frame,
-        causal=cache.causal,
-        max_frames=cache.max_frames,
-        positions=list(cache.positions),
-        origin=cache.origin,
-        self_kv=list(cache.self_kv),
-        cross_kv=_DroppedWrites([None] * cache.num_layers),
-    )
+        return make_cache(model, stream)
+    return rebuild_context(model, stream, context, prefix_latents)
 
 
 # ----------------------------------------------------------------------------------- predictions
@@ -242,7 +220,8 @@ def window_predictions(
     """x0 prediction (B, W, C, h, w) of the window frames attending to the detached prefix cache.
 
     All W frames go through one forward at ``t = 1000 sigma``; attention is block-causal inside the window
-    (and windowed/sinked as the cache's spec says). The cache is only read (see :func:`read_view`).
+    (and windowed/sinked as the cache's causal window says). The cache is only read, through
+    :meth:`KVCache.read_only`.
     """
     b, w = x_t.shape[:2]
     if w % cache.causal.block_frames:
@@ -251,26 +230,26 @@ def window_predictions(
         last = max(cache.positions)
         raise ValueError(f"window_start={window_start} must follow the cached prefix (last cached frame {last})")
     s = _sigma_column(sigma, b, x_t)  # (B,)
-    v = model(x_t, s * NUM_TRAIN_TIMESTEPS, context, kv_cache=read_view(cache), start_frame=window_start)
+    v = model(x_t, s * NUM_TRAIN_TIMESTEPS, context, kv_cache=cache.read_only(), start_frame=window_start)
     return _flow_to_x0(x_t, v, s)
 
 
-def clip_causal_spec(causal: CausalSpec, clip_mask: str = "block_causal") -> CausalSpec:
+def clip_causal_window(causal: CausalWindow, clip_mask: str = "block_causal") -> CausalWindow:
     """Attention mask of the whole-clip forward.
 
-    ``"block_causal"``: the rollout's spec (3-frame blocks, full attention inside a block). ``"release_frame_
+    ``"block_causal"``: the rollout's mask (3-frame blocks, full attention inside a block). ``"release_frame_
     causal"``: the release's accidental mask (reference 10.2): 1-frame blocks, same window, no sink frames.
     """
     if clip_mask == "block_causal":
         return causal
     if clip_mask == "release_frame_causal":
-        return CausalSpec(block_frames=1, window_frames=causal.window_frames, sink_frames=0)
+        return CausalWindow(block_frames=1, window_frames=causal.window_frames, sink_frames=0)
     raise ValueError(f"clip_mask={clip_mask!r}; use 'block_causal' or 'release_frame_causal'")
 
 
 def clip_predictions(
     model: nn.Module,
-    causal: CausalSpec,
+    causal: CausalWindow,
     x_t: torch.Tensor,  # (B, F, C, h, w) the whole noised clip
     sigma: float | torch.Tensor,  # scalar or (B,)
     context: torch.Tensor,  # (B, L, text_dim)
@@ -287,7 +266,7 @@ def clip_predictions(
 
 def draw_training_noise(
     x0: torch.Tensor,  # (B, W, C, h, w)
-    spec: StreamSpec,
+    stream: StreamConfig,
     nft_cfg: NFTConfig,
     sigma_generator: torch.Generator,
     noise_generator: torch.Generator,
@@ -301,9 +280,9 @@ def draw_training_noise(
     """
     b = x0.shape[0]
     if sigma_per == "micro_batch":
-        sig = sample_train_sigmas(nft_cfg, spec.steps.sigmas, sigma_generator, 1, shift=shift).expand(b)
+        sig = sample_train_sigmas(nft_cfg, stream.steps.sigmas, sigma_generator, 1, shift=shift).expand(b)
     elif sigma_per == "sample":
-        sig = sample_train_sigmas(nft_cfg, spec.steps.sigmas, sigma_generator, b, shift=shift)
+        sig = sample_train_sigmas(nft_cfg, stream.steps.sigmas, sigma_generator, b, shift=shift)
     else:
         raise ValueError(f"sigma_per={sigma_per!r}; use 'micro_batch' or 'sample'")
     eps = torch.randn(x0.shape, generator=noise_generator, device=noise_generator.device, dtype=x0.dtype)
@@ -318,14 +297,15 @@ def policy_predictions(
     model: nn.Module,
     predict: Callable[[nn.Module], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Run ``predict`` under each policy: ``old`` / ``ref`` first without grad, then ``default`` with grad."""
+    """Run ``predict`` under each policy: ``old`` / ``ref`` first without grad (eval mode), then ``default`` with
+    grad (train mode: activation checkpointing and LoRA dropout engage, see :func:`train_mode`)."""
     _check_policies(policies)
     out: dict[str, torch.Tensor] = {}
     for name in ("old", "ref"):
         if name in policies:
-            with torch.no_grad(), _under(policies[name], model) as m:
+            with torch.no_grad(), _under(policies[name], model) as m, train_mode(m, False):
                 out[name] = predict(m)
-    with _under(policies["default"], model) as m:
+    with _under(policies["default"], model) as m, train_mode(m, True):
         out["default"] = predict(m)
     return out
 
@@ -368,7 +348,7 @@ def window_nft_loss(
 def clip_nft_loss(
     policies: Mapping[str, PolicySwitch],
     model: nn.Module,
-    causal: CausalSpec,
+    causal: CausalWindow,
     context: torch.Tensor,  # (B, L, text_dim)
     x0: torch.Tensor,  # (B, F, C, h, w) the whole clean clip
     r: torch.Tensor,  # (B,)
@@ -390,7 +370,7 @@ def clip_nft_loss(
 def window_nft_step(
     policies: Mapping[str, PolicySwitch],
     model: nn.Module,
-    spec: StreamSpec,
+    stream: StreamConfig,
     batch: WindowBatch,
     nft_cfg: NFTConfig,
     sigma_generator: torch.Generator,
@@ -408,25 +388,26 @@ def window_nft_step(
     video trained whole, e.g. 21 frames from frame 0), with the ``cfg.clip_mask`` attention mask.
     Calls ``loss.backward()`` when ``backward`` (divide the loss yourself for gradient accumulation by
     passing ``backward=False``). Returns the loss and metrics (``loss/...``, ``kl/...``, ``nft/...``,
-    ``update/...``).
+    ``update/...``). Whatever mode ``model`` is in, the trained forward runs in train mode and the no-grad
+    forwards in eval mode (:func:`train_mode`); activation checkpointing is set on the module once, by
+    :func:`astrolabe.parallel.parallelize`.
     """
     cfg = cfg or StreamingUpdateConfig()
     _check_policies(policies)
     sigma, eps = draw_training_noise(
-        batch.window_x0, spec, nft_cfg, sigma_generator, noise_generator, cfg.sigma_per, shift
+        batch.window_x0, stream, nft_cfg, sigma_generator, noise_generator, cfg.sigma_per, shift
     )
-    with gradient_checkpointing(model, cfg.gradient_checkpointing):
-        if cfg.mode == "window":
-            with _under(policies[cfg.cache_policy], model) as m:
-                cache = build_prefix_cache(m, spec, batch.context, batch.prefix_latents, group_size)
-            loss, metrics = window_nft_loss(policies, model, cache, batch, sigma, eps, nft_cfg)
-        else:
-            causal = clip_causal_spec(spec.causal, cfg.clip_mask)
-            loss, metrics = clip_nft_loss(
-                policies, model, causal, batch.context, batch.window_x0, batch.r, sigma, eps, nft_cfg, batch.kl_mask
-            )
-        if backward:
-            loss.backward()
+    if cfg.mode == "window":
+        with _under(policies[cfg.cache_policy], model) as m, train_mode(m, False):
+            cache = build_prefix_cache(m, stream, batch.context, batch.prefix_latents, group_size)
+        loss, metrics = window_nft_loss(policies, model, cache, batch, sigma, eps, nft_cfg)
+    else:
+        causal = clip_causal_window(stream.causal, cfg.clip_mask)
+        loss, metrics = clip_nft_loss(
+            policies, model, causal, batch.context, batch.window_x0, batch.r, sigma, eps, nft_cfg, batch.kl_mask
+        )
+    if backward:
+        loss.backward()
     metrics["update/sigma_mean"] = float(sigma.mean())
     metrics["update/window_start"] = float(batch.window_start if cfg.mode == "window" else 0)
     metrics["update/window_frames"] = float(batch.window_x0.shape[1])

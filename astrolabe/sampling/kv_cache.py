@@ -1,7 +1,8 @@
 """Typed KV cache for streaming block-autoregressive generation (rolling window + attention sink).
 
-Per layer the cache holds self-attention keys (after RoPE, rotated with their absolute frame index)
-and values of the committed (clean) frames, plus the cross-attention keys/values of the text context.
+Per layer the cache holds self-attention keys (after RoPE, rotated with their absolute frame index;
+un-rotated when ``rope="cache_relative"``, the release's inference numerics, see
+:mod:`astrolabe.models.wan.attention`) and values of the committed (clean) frames, plus the cross-attention keys/values of the text context.
 All layers share one list of absolute frame positions. The cache is always detached: no gradient
 flows through history.
 
@@ -10,6 +11,10 @@ Protocol with :class:`astrolabe.models.wan.dit.WanDiT`:
   * a *write* forward (the t = 0 context pass after a block) stages each layer's new keys/values with
     :meth:`stage`; the model then calls :meth:`commit`, which appends them and evicts frames outside
     the window, keeping the first ``sink_frames`` frames since the last reset.
+
+A :class:`ReadOnlyKVCache` (:meth:`KVCache.read_only`) shares a cache's self-attention tensors without its
+text cache: every forward through it recomputes the text keys/values with the running weights, stores
+nothing (:attr:`KVCache.keeps_text_kv` is False), and any write (stage, commit, reset) raises.
 
 With ``window_frames = W`` and ``sink_frames = s`` the cache keeps at most ``W`` frames: the sink and
 the ``W - s`` most recent frames, which is everything any later block can see (see
@@ -20,15 +25,19 @@ the ``W - s`` most recent frames, which is everything any later block can see (s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
 
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow, RopeMode
+
+
+_C = TypeVar("_C", bound="KVCache")
 
 
 @dataclass
 class LayerKV:
-    k: torch.Tensor  # (B, T, n, d) post-RoPE keys of the cached frames, T = frames * S
+    k: torch.Tensor  # (B, T, n, d) keys of the cached frames (post-RoPE unless cache_relative), T = frames * S
     v: torch.Tensor  # (B, T, n, d)
 
 
@@ -38,13 +47,15 @@ class KVCache:
 
     num_layers: int
     tokens_per_frame: int
-    causal: CausalSpec
+    causal: CausalWindow
     max_frames: int | None = None  # capacity for global attention; None = RoPE limit only
+    rope: RopeMode = "absolute"  # how the model rotates keys: absolute (cached post-RoPE) or cache_relative
     positions: list[int] = field(default_factory=list)  # absolute frame positions of cached frames
     origin: int | None = None  # first frame position since the last reset (defines the sink)
     self_kv: list[LayerKV | None] = field(default_factory=list)
     cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     _staged: dict[int, LayerKV] = field(default_factory=dict)
+    keeps_text_kv: ClassVar[bool] = True  # no-grad forwards store the text keys/values (a read view: False)
 
     def __post_init__(self) -> None:
         if not self.self_kv:
@@ -65,6 +76,10 @@ class KVCache:
     def layer(self, i: int) -> LayerKV | None:
         return self.self_kv[i]
 
+    def text_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer ``i``'s cached text (cross-attention) keys/values (B, text_len, n, d), if stored."""
+        return self.cross_kv[i]
+
     def nbytes(self) -> int:
         total = 0
         for kv in self.self_kv:
@@ -82,6 +97,10 @@ class KVCache:
         return min(new_positions)
 
     # ------------------------------------------------------------------ writes
+    def store_text_kv(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep layer ``i``'s text keys/values (B, text_len, n, d), detached, for later forwards."""
+        self.cross_kv[i] = (k.detach(), v.detach())
+
     def stage(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Hold layer ``i``'s new keys/values (B, N, n, d) until :meth:`commit`."""
         self._staged[i] = LayerKV(k.detach(), v.detach())
@@ -134,10 +153,14 @@ class KVCache:
 
     def reset(self) -> None:
         """Drop every cached frame and the text cache (hard cut or new video)."""
+        self.clear_frames()
+        self.cross_kv = [None] * self.num_layers
+
+    def clear_frames(self) -> None:
+        """Drop every cached frame but keep the text cache (Krea's per-block KV recompute)."""
         self.positions = []
         self.origin = None
         self.self_kv = [None] * self.num_layers
-        self.cross_kv = [None] * self.num_layers
         self._staged.clear()
 
     def reset_cross(self) -> None:
@@ -152,16 +175,62 @@ class KVCache:
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(k, dim=0)
 
-        return KVCache(
+        return self._with_tensors(
+            KVCache,
+            self_kv=[None if kv is None else LayerKV(rep(kv.k), rep(kv.v)) for kv in self.self_kv],
+            cross_kv=[None if c is None else (rep(c[0]), rep(c[1])) for c in self.cross_kv],
+        )
+
+    def read_only(self) -> ReadOnlyKVCache:
+        """A read-only view sharing this cache's self-attention tensors (no copy), without the text cache."""
+        return self._with_tensors(ReadOnlyKVCache, self_kv=list(self.self_kv), cross_kv=[])
+
+    def _with_tensors(self, cls: type[_C], self_kv: list[LayerKV | None], cross_kv: list) -> _C:
+        """A ``cls`` cache with this cache's sizes, positions and origin, holding the given tensors."""
+        return cls(
             num_layers=self.num_layers,
             tokens_per_frame=self.tokens_per_frame,
             causal=self.causal,
             max_frames=self.max_frames,
+            rope=self.rope,
             positions=list(self.positions),
             origin=self.origin,
-            self_kv=[None if kv is None else LayerKV(rep(kv.k), rep(kv.v)) for kv in self.self_kv],
-            cross_kv=[None if c is None else (rep(c[0]), rep(c[1])) for c in self.cross_kv],
+            self_kv=self_kv,
+            cross_kv=cross_kv,
         )
+
+
+@dataclass
+class ReadOnlyKVCache(KVCache):
+    """A read view of a :class:`KVCache`: reads its frames, never writes (see :meth:`KVCache.read_only`).
+
+    The text keys/values are not kept (:attr:`keeps_text_kv` is False): each forward recomputes them with
+    the running policy's weights (with gradient for the current policy), so the original cache is
+    untouched and gradient-checkpoint recomputation sees the same graph as the forward. Every write raises.
+    """
+
+    keeps_text_kv: ClassVar[bool] = False
+
+    def _refuse(self, what: str) -> None:
+        raise RuntimeError(f"{what} on a read-only KV cache view; write to the KVCache it was made from")
+
+    def store_text_kv(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._refuse("store_text_kv")
+
+    def stage(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._refuse("stage (cache_write=True)")
+
+    def commit(self, new_positions: list[int]) -> None:
+        self._refuse("commit")
+
+    def reset(self) -> None:
+        self._refuse("reset")
+
+    def clear_frames(self) -> None:
+        self._refuse("clear_frames")
+
+    def reset_cross(self) -> None:
+        self._refuse("reset_cross")
 
 
 def _select_frames(x: torch.Tensor, frames: list[int], tokens_per_frame: int) -> torch.Tensor:

@@ -6,9 +6,14 @@ flushed), otherwise the switch is soft (history kept, cached frames re-encoded u
 A bare ``#`` without a duration is written ``[#]``. ``#`` elsewhere in the text is plain text (the
 authors' release turned any ``#`` into a cut).
 
-Durations map to blocks: latent frames = seconds * fps / 4 (the VAE's temporal stride), rounded to
-whole blocks. Scenes without a duration share the remaining blocks equally (earlier scenes get the
-remainder). Malformed syntax raises :class:`ScenePromptError` pointing at the offending character.
+Durations map to blocks as the authors' release does (``SceneCausalInferencePipeline``):
+``blocks = max(1, int(seconds * fps / (4 * block_frames)))`` (4 = the VAE's temporal stride; at 16 fps
+with 3-frame blocks ``[10s]`` -> 13 blocks). A scene without a duration lasts the release's default,
+:data:`DEFAULT_SCENE_BLOCKS` = 14 blocks (10.5 s at 16 fps with 3-frame blocks). Scenes follow each other
+at these cumulative block counts and the last scene runs to the end of the video. A video must hold every
+scene in full (:func:`required_blocks`): generation grows to fit or refuses a too-short ``--num-frames``
+before generating anything (the release silently dropped scenes past the end). Malformed syntax raises
+:class:`ScenePromptError` pointing at the offending character.
 """
 
 from __future__ import annotations
@@ -78,35 +83,61 @@ def parse_scene_prompt(text: str) -> list[Scene]:
     return scenes
 
 
-def latent_frames_for_seconds(seconds: float, fps: float, temporal_stride: int = 4) -> float:
+DEFAULT_SCENE_BLOCKS = 14  # the release's default_blocks_per_scene ("14 blocks = 10.5s at 16 fps")
+VAE_TEMPORAL_STRIDE = 4
+
+
+class ScenePlanError(ValueError):
+    """The video is too short for a prompt's scenes; ``blocks_needed`` is the shortest plan that fits."""
+
+    def __init__(self, message: str, blocks_needed: int) -> None:
+        self.blocks_needed = blocks_needed
+        super().__init__(message)
+
+
+def latent_frames_for_seconds(seconds: float, fps: float, temporal_stride: int = VAE_TEMPORAL_STRIDE) -> float:
     return seconds * fps / temporal_stride
 
 
+def pixel_frames_for_latent(latent_frames: int, temporal_stride: int = VAE_TEMPORAL_STRIDE) -> int:
+    """Pixel frames whose every latent frame is shown: ``1 + stride * (latent - 1)`` (21 -> 81, 234 -> 933)."""
+    return 1 + temporal_stride * (latent_frames - 1)
+
+
+def blocks_for_seconds(seconds: float, fps: float, block_frames: int) -> int:
+    """The release's conversion: ``max(1, int(seconds * fps / (4 * block_frames)))`` (floor, not round)."""
+    return max(1, int(latent_frames_for_seconds(seconds, fps) / block_frames))
+
+
+def scene_blocks(scene: Scene, fps: float, block_frames: int) -> int:
+    """Blocks of one scene: its duration, or :data:`DEFAULT_SCENE_BLOCKS` without one."""
+    if scene.seconds is None:
+        return DEFAULT_SCENE_BLOCKS
+    return blocks_for_seconds(scene.seconds, fps, block_frames)
+
+
+def required_blocks(scenes: list[Scene], fps: float, block_frames: int) -> int:
+    """Blocks a video needs to show every scene in full: the sum of the scenes' blocks, except that a last
+    scene without a duration needs one block (it simply runs to the end, as a plain prompt does)."""
+    counts = [scene_blocks(s, fps, block_frames) for s in scenes]
+    if scenes[-1].seconds is None:
+        counts[-1] = 1
+    return sum(counts)
+
+
 def plan_scenes(scenes: list[Scene], num_blocks: int, fps: float, block_frames: int) -> list[SceneSegment]:
-    """Assign whole blocks to scenes; every scene gets at least one block."""
-    if num_blocks < len(scenes):
-        raise ValueError(f"{len(scenes)} scenes need at least {len(scenes)} blocks, the video has {num_blocks}")
-    fixed = {
-        i: max(1, round(latent_frames_for_seconds(s.seconds, fps) / block_frames))
-        for i, s in enumerate(scenes)
-        if s.seconds is not None
-    }
-    free = [i for i, s in enumerate(scenes) if s.seconds is None]
-    remaining = num_blocks - sum(fixed.values())
-    if remaining < len(free):
-        raise ValueError(
-            f"scene durations need {sum(fixed.values())} blocks but the video has {num_blocks} "
-            f"({num_blocks * block_frames} latent frames); lengthen the video (--num-frames) or shorten the scenes"
+    """Whole blocks per scene (see the module docstring); the last scene runs to ``num_blocks``."""
+    need = required_blocks(scenes, fps, block_frames)
+    if num_blocks < need:
+        latent = need * block_frames
+        raise ScenePlanError(
+            f"the scenes need {need} blocks ({latent} latent frames) but the video has {num_blocks}; lengthen the "
+            f"video (--num-frames {pixel_frames_for_latent(latent)} or more) or shorten the scenes",
+            need,
         )
-    blocks = dict(fixed)
-    for j, i in enumerate(free):
-        blocks[i] = remaining // len(free) + (1 if j < remaining % len(free) else 0)
     segments, cursor = [], 0
     for i, s in enumerate(scenes):
-        end = cursor + blocks[i]
+        end = num_blocks if i == len(scenes) - 1 else cursor + scene_blocks(s, fps, block_frames)
         segments.append(SceneSegment(s.prompt, cursor, end, i > 0 and scenes[i - 1].hard_cut_after))
         cursor = end
-    if cursor < num_blocks:  # all scenes had durations: the last scene runs to the end
-        last = segments[-1]
-        segments[-1] = SceneSegment(last.prompt, last.start_block, num_blocks, last.hard_cut_before)
     return segments

@@ -14,6 +14,13 @@ prompt and the model, never on the batch it ran in, so any sample can be regener
 Group branching: a prefix is generated once per prompt, the cache is forked K ways along the batch
 (:meth:`KVCache.fork`), and each candidate continues with its own seed. :func:`rebuild_context`
 replays the context passes over stored prefix latents to rebuild the same cache for the RL update.
+
+``StreamConfig.kv_cache`` chooses how the cache evolves between blocks: ``context_pass`` (above: SF,
+LongLive, CF, Astrolabe's training sampler) or ``recompute`` (Krea's served loop, ``release_server.py``:
+before each block the cache is zeroed and rebuilt by one t = 0 pass over the first latent frame + the
+newest two, at RoPE positions 0..2, and the block is denoised at positions 3..5, with no context pass;
+see :mod:`astrolabe.sampling.recompute`). Recompute is a generation mode: group branching and the RL
+update's :func:`rebuild_context` refuse it.
 """
 
 from __future__ import annotations
@@ -24,25 +31,44 @@ from dataclasses import dataclass, field
 
 import torch
 
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.registry import KVCacheMode
+from astrolabe.models.wan.attention import CausalWindow, RopeMode
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.sampling.kv_cache import KVCache
+from astrolabe.sampling.recompute import KREA_CONTEXT_FRAMES, FirstFrameReencoder, RecomputeHistory
 from astrolabe.sampling.schedule import StepSchedule, add_noise, flow_to_x0
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StreamSpec:
+class StreamConfig:
     """Everything the sampler needs that depends on the base model and the latent size."""
 
-    causal: CausalSpec
+    causal: CausalWindow
     steps: StepSchedule
     latent_channels: int
     latent_height: int
     latent_width: int
     max_cache_frames: int | None = None  # global attention capacity (None = RoPE limit)
     first_block_steps: StepSchedule | None = None  # Causal Forcing++: the first frame uses the 4-step list
+    rope: RopeMode = "absolute"  # cache_relative = the release's inference_wan.py numerics (generate only)
+    kv_cache: KVCacheMode = "context_pass"  # recompute = Krea's served loop (generate only)
+    recompute_frames: int = KREA_CONTEXT_FRAMES  # K context frames of the recompute (Krea's kv_cache_num_frames)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache != "recompute":
+            return
+        w, need = self.causal.window_frames, self.recompute_frames + self.block_frames
+        if self.recompute_frames < 1 or (w is not None and w < need) or self.causal.sink_frames:
+            raise ValueError(
+                f"kv_cache='recompute' needs >= 1 context frame, no sink and a window of at least {need} frames "
+                f"(context {self.recompute_frames} + block {self.block_frames}), got {self.causal}"
+            )
+        if self.rope != "absolute":
+            raise ValueError(
+                "kv_cache='recompute' already uses window-relative RoPE positions (0..K+f-1): use sampling.rope=absolute"
+            )
 
     def steps_for(self, start_frame: int) -> StepSchedule:
         """The denoising schedule of the block starting at ``start_frame``."""
@@ -80,14 +106,15 @@ class SampleNoise:
         return [g.get_state() for g in self.generators]
 
 
-def make_cache(model: WanDiT, spec: StreamSpec) -> KVCache:
+def make_cache(model: WanDiT, stream: StreamConfig) -> KVCache:
     """Empty cache sized from the model config and the latent grid."""
-    s = model.config.tokens_per_frame(spec.latent_height, spec.latent_width)
+    s = model.config.tokens_per_frame(stream.latent_height, stream.latent_width)
     return KVCache(
         num_layers=model.config.num_layers,
         tokens_per_frame=s,
-        causal=spec.causal,
-        max_frames=spec.max_cache_frames,
+        causal=stream.causal,
+        max_frames=stream.max_cache_frames,
+        rope=stream.rope,
     )
 
 
@@ -97,16 +124,16 @@ def denoise_block(
     context: torch.Tensor,  # (B, L, text_dim)
     noise: SampleNoise,
     start_frame: int,
-    spec: StreamSpec,
+    stream: StreamConfig,
     frames: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Few-step denoising of one block against the cache (read-only). Returns x0 (B, f, C, h, w)."""
     b = context.shape[0]
-    shape = spec.block_shape(b, frames)[1:]
+    shape = stream.block_shape(b, frames)[1:]
     x = noise.randn(shape, dtype)
     x0 = x
-    steps = spec.steps_for(start_frame)
+    steps = stream.steps_for(start_frame)
     for k, (t, sigma) in enumerate(zip(steps.timesteps, steps.sigmas)):
         tt = torch.full((b,), t, device=x.device)
         v = model(x, tt, context, kv_cache=cache, start_frame=start_frame)
@@ -121,13 +148,13 @@ def write_context(
     cache: KVCache,
     context: torch.Tensor,
     x0: torch.Tensor,  # (B, f, C, h, w) clean latents
-    spec: StreamSpec,
+    stream: StreamConfig,
     start_frame: int | None = None,
     frame_positions: Sequence[int] | None = None,
 ) -> None:
     """Context pass: run the model on clean frames at the context timestep and commit their keys/values."""
     b = x0.shape[0]
-    tt = torch.full((b,), spec.steps.context_timestep, device=x0.device)
+    tt = torch.full((b,), stream.steps.context_timestep, device=x0.device)
     model(
         x0,
         tt,
@@ -139,37 +166,78 @@ def write_context(
     )
 
 
+def recompute_cache(
+    model: WanDiT,
+    cache: KVCache,
+    context: torch.Tensor,  # (B, L, text_dim)
+    latents: torch.Tensor,  # (B, n, C, h, w) clean context latents
+    stream: StreamConfig,
+) -> int:
+    """Krea's KV recompute: forget the cached frames (the text cache stays), then one forward at the context
+    timestep (0) over ``latents`` at RoPE positions ``0 .. n-1`` (block-causal in blocks of ``f``: full
+    attention inside one block) writes their keys/values. Returns ``n``, the position of the next block."""
+    cache.clear_frames()
+    write_context(model, cache, context, latents, stream, start_frame=0)
+    return latents.shape[1]
+
+
 @dataclass
 class BlockStreamer:
     """Stateful generation of one batch of streams, block by block.
 
     Keeps the KV cache and, for the prompt-switch re-cache, the clean latents of the frames the cache
     currently holds (bounded by the window). Nothing else of the past is retained.
+
+    With ``stream.kv_cache == "recompute"`` (Krea's served loop) it keeps a :class:`RecomputeHistory`
+    instead and needs ``reencoder`` (the VAE hook) once the first frame leaves the recent window.
     """
 
     model: WanDiT
-    spec: StreamSpec
+    stream: StreamConfig
     context: torch.Tensor  # (B, L, text_dim)
     noise: SampleNoise
     cache: KVCache | None = None
     next_frame: int = 0
     retained: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (B, C, h, w)
+    reencoder: FirstFrameReencoder | None = None  # recompute only: the VAE re-encode of the first frame
+    history: RecomputeHistory | None = None  # recompute only: first latent + newest K-1
 
     def __post_init__(self) -> None:
         if self.cache is None:
-            self.cache = make_cache(self.model, self.spec)
+            self.cache = make_cache(self.model, self.stream)
+        if self.recomputes and self.history is None:
+            self.history = RecomputeHistory(self.stream.recompute_frames, origin=self.next_frame)
         if len(self.noise) != self.context.shape[0]:
             raise ValueError(f"{len(self.noise)} seeds for a batch of {self.context.shape[0]} prompts")
 
     @torch.no_grad()
     def step(self, frames: int | None = None) -> torch.Tensor:
         """Generate the next block; returns its clean latents (B, f, C, h, w) and caches them."""
-        f = self.spec.block_frames if frames is None else frames
-        x0 = denoise_block(self.model, self.cache, self.context, self.noise, self.next_frame, self.spec, f)
-        write_context(self.model, self.cache, self.context, x0, self.spec, start_frame=self.next_frame)
+        f = self.stream.block_frames if frames is None else frames
+        if self.recomputes:
+            return self._step_recompute(f)
+        x0 = denoise_block(self.model, self.cache, self.context, self.noise, self.next_frame, self.stream, f)
+        write_context(self.model, self.cache, self.context, x0, self.stream, start_frame=self.next_frame)
         for i in range(f):
             self.retained[self.next_frame + i] = x0[:, i]
         self.retained = {p: self.retained[p] for p in self.cache.positions}
+        self.next_frame += f
+        return x0
+
+    @property
+    def recomputes(self) -> bool:
+        return self.stream.kv_cache == "recompute"
+
+    def _step_recompute(self, f: int) -> torch.Tensor:
+        """Krea's block: rebuild the cache from the context latents, denoise at positions n .. n+f-1."""
+        latents = self.history.context(self.next_frame, self.stream.block_frames, self.reencoder)
+        if latents is None:  # first block of the stream: empty cache at position 0
+            self.cache.clear_frames()
+            start = 0
+        else:
+            start = recompute_cache(self.model, self.cache, self.context, latents, self.stream)
+        x0 = denoise_block(self.model, self.cache, self.context, self.noise, start, self.stream, f)
+        self.history.push(x0)
         self.next_frame += f
         return x0
 
@@ -181,22 +249,30 @@ class BlockStreamer:
         if context.shape[0] != self.context.shape[0]:
             raise ValueError("a prompt switch must keep the batch size")
         self.context = context
+        if self.recomputes:  # the next recompute re-encodes the context under the new prompt
+            self.cache.reset()
+            if hard:
+                self.history = RecomputeHistory(self.stream.recompute_frames, origin=self.next_frame)
+            return
         positions = list(self.cache.positions)
         self.cache.reset()
         if hard or not positions:
             self.retained = {}
             return
         latents = torch.stack([self.retained[p] for p in positions], dim=1)  # (B, n, C, h, w)
-        write_context(self.model, self.cache, context, latents, self.spec, frame_positions=positions)
+        write_context(self.model, self.cache, context, latents, self.stream, frame_positions=positions)
 
     def fork(self, k: int, seeds: Sequence[Sequence[int]]) -> BlockStreamer:
         """K candidates per stream sharing this prefix; ``seeds[b][j]`` seeds candidate j of stream b."""
+        if self.recomputes:
+            raise ValueError("group branching is not defined for kv_cache='recompute' (Krea's served loop); "
+                             "sample rollouts with the training sampler (kv_cache='context_pass', e.g. krea14b)")
         if len(seeds) != self.context.shape[0] or any(len(s) != k for s in seeds):
             raise ValueError(f"fork needs {k} seeds for each of {self.context.shape[0]} streams")
         flat = [s for per in seeds for s in per]
         return BlockStreamer(
             model=self.model,
-            spec=self.spec,
+            stream=self.stream,
             context=self.context.repeat_interleave(k, dim=0),
             noise=SampleNoise(flat, self.noise.device),
             cache=self.cache.fork(k),
@@ -214,16 +290,19 @@ def generate_blocks(streamer: BlockStreamer, num_blocks: int) -> Iterator[torch.
 @torch.no_grad()
 def rebuild_context(
     model: WanDiT,
-    spec: StreamSpec,
+    stream: StreamConfig,
     context: torch.Tensor,  # (B, L, text_dim)
     prefix_latents: torch.Tensor,  # (B, P, C, h, w) clean prefix, P a multiple of the block size
     start_frame: int = 0,
 ) -> KVCache:
     """Replay the context passes over a stored prefix: the cache the sampler had at the branch point."""
-    cache = make_cache(model, spec)
-    f = spec.block_frames
+    if stream.kv_cache != "context_pass":
+        raise ValueError(f"rebuild_context replays context passes; kv_cache={stream.kv_cache!r} has none (use "
+                         "the training sampler, kv_cache='context_pass', e.g. base model krea14b, for RL)")
+    cache = make_cache(model, stream)
+    f = stream.block_frames
     if prefix_latents.shape[1] % f:
         raise ValueError(f"prefix of {prefix_latents.shape[1]} frames is not a multiple of block size {f}")
     for s in range(0, prefix_latents.shape[1], f):
-        write_context(model, cache, context, prefix_latents[:, s : s + f], spec, start_frame=start_frame + s)
+        write_context(model, cache, context, prefix_latents[:, s : s + f], stream, start_frame=start_frame + s)
     return cache

@@ -18,7 +18,7 @@ import torch
 
 from astrolabe.models.wan.vae_preview import preview_video
 from astrolabe.models.wan.dit import WanDiT
-from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamSpec, generate_blocks
+from astrolabe.sampling.streaming import BlockStreamer, SampleNoise, StreamConfig, generate_blocks
 from astrolabe.world.detector import classify, detect_clip
 from astrolabe.world.grammar import WorldCaption, heldout_captions
 from astrolabe.world.pretrain import WorldModel, WorldModelRecipe, world_latents
@@ -31,27 +31,27 @@ __all__ = [
     "generate_latents",
     "generation_accuracy",
     "roundtrip_accuracy",
-    "world_stream_spec",
+    "world_stream_config",
 ]
 
 ATTRIBUTES = ("color", "shape", "direction", "speed", "background")
 
 
-def world_stream_spec() -> StreamSpec:
-    """The sampler spec of the registry's ``world`` base model (4 warped steps, 3-frame blocks, 8x8 latents)."""
+def world_stream_config() -> StreamConfig:
+    """The sampler sizes of the registry's ``world`` base model (4 warped steps, 3-frame blocks, 8x8 latents)."""
+    from astrolabe.build import stream_config
     from astrolabe.config import ModelConfig
-    from astrolabe.models.factory import stream_spec
     from astrolabe.models.registry import get_base_model
 
-    return stream_spec(ModelConfig(base="world"), get_base_model("world"))
+    return stream_config(ModelConfig(base="world"), get_base_model("world"))
 
 
 @torch.no_grad()
 def generate_latents(
-    dit: WanDiT, context: torch.Tensor, spec: StreamSpec, seeds: Sequence[int], num_blocks: int
+    dit: WanDiT, context: torch.Tensor, stream: StreamConfig, seeds: Sequence[int], num_blocks: int
 ) -> torch.Tensor:
     """Streamed clean latents (B, num_blocks * f, C, h, w) for text features ``context`` (B, L, text_dim)."""
-    streamer = BlockStreamer(dit, spec, context, SampleNoise(seeds))
+    streamer = BlockStreamer(dit, stream, context, SampleNoise(seeds))
     return torch.cat(list(generate_blocks(streamer, num_blocks)), dim=1)
 
 
@@ -87,21 +87,21 @@ def generation_accuracy(
     captions: Sequence[WorldCaption] | None = None,
     count: int = 64,
     seed: int = 0,
-    spec: StreamSpec | None = None,
+    stream: StreamConfig | None = None,
     config: WorldConfig = WorldModelRecipe().world,
     batch_size: int = 32,
 ) -> dict[str, float]:
     """:func:`attribute_accuracy` of one generation per caption (the first ``count`` held-out captions by
     default), video ``i`` sampled with seed ``seed + i``."""
     chosen = _captions(captions, count)
-    spec = world_stream_spec() if spec is None else spec
+    stream = world_stream_config() if stream is None else stream
     latent_frames = 1 + (config.num_frames - 1) // 4
     videos = []
     for start in range(0, len(chosen), batch_size):
         part = chosen[start : start + batch_size]
         context = model.text.encode([c.text for c in part])
         seeds = [seed + start + i for i in range(len(part))]
-        latents = generate_latents(model.dit, context, spec, seeds, latent_frames // spec.block_frames)
+        latents = generate_latents(model.dit, context, stream, seeds, latent_frames // stream.block_frames)
         videos.append(decode_latents(latents))
     return attribute_accuracy(np.concatenate(videos), chosen, config)
 

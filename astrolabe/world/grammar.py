@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from astrolabe.artifacts.atomic import write_text
+
 __all__ = [
     "COLORS",
     "DIRECTIONS",
@@ -235,6 +237,6 @@ def write_prompt_files(directory: str | Path, seed: int = SPLIT_SEED) -> tuple[P
     directory = Path(directory)
     paths = directory / "world_train.txt", directory / "world_heldout.txt"
     for path, captions in zip(paths, (train_captions(seed), heldout_captions(seed))):
-        path.write_text("".join(c.text + "\n" for c in captions), encoding="utf-8")
+        write_text(path, "".join(c.text + "\n" for c in captions))
     return paths
 

@@ -48,9 +48,10 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from astrolabe.artifacts import StageDir, cache_key
+from astrolabe.artifacts.keys import cache_key
+from astrolabe.artifacts.stagedir import StageDir
 from astrolabe.configbase import Frozen
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.models.wan.config import build_config
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
@@ -178,7 +179,7 @@ def teacher_forced_loss(
     b, f = x0.shape[:2]
     if f % block_frames:
         raise ValueError(f"{f} latent frames are not a whole number of {block_frames}-frame blocks")
-    causal = CausalSpec(block_frames)
+    causal = CausalWindow(block_frames)
     losses = []
     for start in range(0, f, block_frames):
         end = start + block_frames

@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from astrolabe.data.atomic import publish_file, tmp_sibling
+from astrolabe.artifacts.atomic import write_bytes
 from astrolabe.data.video import _label_strip, as_uint8_hwc
 
 __all__ = ["contact_sheet", "save_contact_sheet"]
@@ -62,7 +62,4 @@ def save_contact_sheet(path: str | Path, videos: Sequence[Any], captions: Sequen
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(contact_sheet(videos, captions, frames_per_row), cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"could not encode the contact sheet for {path}")
-    tmp = tmp_sibling(path)
-    tmp.write_bytes(encoded.tobytes())
-    publish_file(tmp, path)
-    return path
+    return write_bytes(path, encoded.tobytes())

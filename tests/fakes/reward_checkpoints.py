@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.rewards.models.common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from astrolabe.rewards.models.hpsv2 import CHECKPOINT_FILE as HPSV2_FILE
 from astrolabe.rewards.models.hpsv3 import CHECKPOINT_FILE as HPSV3_FILE
@@ -63,6 +64,7 @@ def qwen2vl_test_config(
 
     Real sizes: 7B = (3584, 28, 28, 4, 18944, 32, 1280, 16, 152064); 2B = (1536, 28, 12, 2, 8960, 32, 1280, 16, 151936).
     """
+    install_torchvision_guard()
     from transformers import Qwen2VLConfig
 
     head_dim = hidden // heads
@@ -86,6 +88,7 @@ def write_test_tokenizer(directory: Path) -> None:
     Needs no download: any text tokenizes to its UTF-8 bytes. Saved as tokenizer.json + tokenizer_config.json.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    install_torchvision_guard()
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}

@@ -31,11 +31,13 @@ from torch.utils.checkpoint import checkpoint
 
 from astrolabe.models.wan.attention import (
     AttentionBackend,
-    CausalSpec,
+    CausalWindow,
     QueryBlock,
+    SlotRope,
     plan_attention,
     planned_attention,
     attention,
+    slot_rope,
 )
 from astrolabe.models.wan.config import WanConfig
 from astrolabe.models.wan.rope import rope_apply, rope_frequencies, rope_tables
@@ -98,7 +100,7 @@ class WanSelfAttention(_WanAttentionProjections):
     def forward(
         self,
         x: torch.Tensor,  # (B, L, D) tokens of the new frames
-        freqs: torch.Tensor,  # (L, d/2) complex rotations of the new tokens
+        freqs: torch.Tensor | SlotRope,  # (L, d/2) absolute rotations of the new tokens, or cache-relative ones
         plan: tuple[QueryBlock, ...],
         tokens_per_frame: int,
         backend: AttentionBackend,
@@ -108,8 +110,11 @@ class WanSelfAttention(_WanAttentionProjections):
     ) -> torch.Tensor:
         b, length, _ = x.shape
         n, d = self.num_heads, self.head_dim
-        q = rope_apply(self.norm_q(self.q(x)).view(b, length, n, d), freqs)
-        k = rope_apply(self.norm_k(self.k(x)).view(b, length, n, d), freqs)
+        q = self.norm_q(self.q(x)).view(b, length, n, d)
+        k = self.norm_k(self.k(x)).view(b, length, n, d)
+        relative = isinstance(freqs, SlotRope)  # keys are cached un-rotated and rotated by slot per query block
+        if not relative:
+            q, k = rope_apply(q, freqs), rope_apply(k, freqs)
         v = self.v(x).view(b, length, n, d)
         k_all, v_all = k, v
         if cache is not None:
@@ -119,7 +124,9 @@ class WanSelfAttention(_WanAttentionProjections):
                 v_all = torch.cat([cached.v.to(v.dtype), v], dim=1)
             if cache_write:
                 cache.stage(layer_idx, k, v)
-        out = planned_attention(q, k_all, v_all, plan, tokens_per_frame, backend)  # (B, L, n, d)
+        out = planned_attention(
+            q, k_all, v_all, plan, tokens_per_frame, backend, freqs if relative else None
+        )  # (B, L, n, d)
         return self.o(out.reshape(b, length, n * d))
 
 
@@ -135,14 +142,14 @@ class WanCrossAttention(_WanAttentionProjections):
         b, length, _ = x.shape
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, length, n, d)
-        cached = cache.cross_kv[layer_idx] if cache is not None else None
+        cached = cache.text_kv(layer_idx) if cache is not None else None
         if cached is None:
             k = self.norm_k(self.k(context)).view(b, -1, n, d)
             v = self.v(context).view(b, -1, n, d)
-            if cache is not None and not torch.is_grad_enabled():
+            if cache is not None and cache.keeps_text_kv and not torch.is_grad_enabled():
                 # store the text keys/values only on no-grad (sampling / context) forwards: a training forward
                 # with gradient checkpointing must recompute them, and each policy has its own projections
-                cache.cross_kv[layer_idx] = (k.detach(), v.detach())
+                cache.store_text_kv(layer_idx, k, v)
         else:
             k, v = cached
         out = attention(q, k.to(q.dtype), v.to(q.dtype), backend)
@@ -166,7 +173,7 @@ class WanAttentionBlock(nn.Module):
         x: torch.Tensor,  # (B, L, D), L = F * S
         e0: torch.Tensor,  # (B, F, 6, D)
         context: torch.Tensor,  # (B, text_len, D)
-        freqs: torch.Tensor,
+        freqs: torch.Tensor | SlotRope,
         plan: tuple[QueryBlock, ...],
         tokens_per_frame: int,
         backend: AttentionBackend,
@@ -251,6 +258,14 @@ class WanDiT(nn.Module):
             blk.modulation.copy_(torch.randn(blk.modulation.shape, generator=generator) / self.config.dim**0.5)
         self.head.modulation.copy_(torch.randn(self.head.modulation.shape, generator=generator) / self.config.dim**0.5)
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every transformer block in place (parameter names and state dict unchanged).
+
+        Shapes change as the KV cache fills, so the first blocks of a video recompile; worth it for long runs.
+        """
+        for blk in self.blocks:
+            blk.compile(dynamic=None)
+
     # ----------------------------------------------------------------- helpers
     def _embed_time(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B,) or (B, F) on the 0..1000 scale -> e (B, F, D), e0 (B, F, 6, D)."""
@@ -296,7 +311,7 @@ class WanDiT(nn.Module):
         t: torch.Tensor,  # (B,) or (B, F) timesteps on the 0..1000 scale
         context: torch.Tensor,  # (B, L <= text_len, text_dim) text features
         *,
-        causal: CausalSpec | None = None,
+        causal: CausalWindow | None = None,
         start_frame: int = 0,
         frame_positions: Sequence[int] | None = None,
         kv_cache: KVCache | None = None,
@@ -305,8 +320,9 @@ class WanDiT(nn.Module):
         """Flow prediction (B, F, C, H, W).
 
         ``causal=None`` and no cache: bidirectional attention. With ``causal`` (or a cache, which carries
-        its own spec) frames attend block-causally. ``frame_positions`` (absolute latent-frame indices for
-        RoPE and the window rule) default to ``start_frame .. start_frame + F - 1``. With ``cache_write``
+        its own causal window) frames attend block-causally. ``frame_positions`` (absolute latent-frame indices for
+        RoPE and the window rule) default to ``start_frame .. start_frame + F - 1``. A cache with
+        ``rope="cache_relative"`` rotates by window slot instead (:mod:`astrolabe.models.wan.attention`). With ``cache_write``
         the new frames' keys/values are committed to ``kv_cache`` after the forward (the context pass).
         """
         cfg = self.config
@@ -318,7 +334,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"{len(positions)} frame positions given for {nf} frames")
         if kv_cache is not None:
             if causal is not None and causal != kv_cache.causal:
-                raise ValueError(f"causal spec {causal} differs from the cache's {kv_cache.causal}")
+                raise ValueError(f"causal window {causal} differs from the cache's {kv_cache.causal}")
             causal = kv_cache.causal
         if cache_write and kv_cache is None:
             raise ValueError("cache_write=True needs a kv_cache")
@@ -334,11 +350,15 @@ class WanDiT(nn.Module):
 
         e, e0 = self._embed_time(t.to(x.device), b, nf)
         ctx = self._embed_text(context)
-        freqs = rope_frequencies(self._rope, positions, (grid[1], grid[2]))
 
         cached_pos = kv_cache.positions if kv_cache is not None else []
         origin = kv_cache.origin_for(positions) if kv_cache is not None else min(positions)
         plan = plan_attention(cached_pos + positions, nf, causal, origin)
+        freqs: torch.Tensor | SlotRope
+        if kv_cache is not None and kv_cache.rope == "cache_relative":
+            freqs = slot_rope(self._rope, plan, len(cached_pos), (grid[1], grid[2]))
+        else:
+            freqs = rope_frequencies(self._rope, positions, (grid[1], grid[2]))
 
         for i, blk in enumerate(self.blocks):
             args = (e0, ctx, freqs, plan, s, self.attention_backend, kv_cache, i, cache_write)

@@ -18,8 +18,9 @@ def rope_params(max_positions: int, dim: int, theta: float = 10000.0) -> torch.T
     """Complex table (max_positions, dim/2): entry [p, m] = exp(i * p * theta^(-2m/dim))."""
     if dim % 2:
         raise ValueError(f"rope dim must be even, got {dim}")
-    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv)  # (P, dim/2)
+    # explicit CPU device: a model built under ``torch.device("meta")`` (checkpoint loading) still gets real tables
+    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)  # (dim/2,)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv)  # (P, dim/2)
     return torch.polar(torch.ones_like(angles), angles)
 
 

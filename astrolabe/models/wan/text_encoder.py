@@ -23,14 +23,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
-import astrolabe  # noqa: F401  (installs the torchvision guard before transformers)
 import ftfy
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.configbase import Frozen
+
+install_torchvision_guard()  # transformers imports torchvision (see astrolabe._compat)
+from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ WAN_T5_TOKENIZER_DIR = "google/umt5-xxl"
 WAN_T5_SOURCE = "Hugging Face repo `Wan-AI/Wan2.1-T2V-1.3B` (the 14B repo ships the same files)"
 TINY_TEXT_LEN = 16  # == astrolabe.models.wan.config.tiny().text_len
 TINY_DIM = 32  # == astrolabe.models.wan.config.tiny().text_dim
+TINY_PROMPT_BYTES = TINY_TEXT_LEN - 1  # ByT5: one token per UTF-8 byte, then EOS: the tiny encoder reads 15 bytes
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,6 +71,11 @@ class TextEncoderConfig(Frozen):
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+
+def tiny_visible_text(prompt: str) -> str:
+    """What the tiny encoder sees of ``prompt``: the first :data:`TINY_PROMPT_BYTES` UTF-8 bytes once cleaned."""
+    return clean_prompt(prompt).encode("utf-8")[:TINY_PROMPT_BYTES].decode("utf-8", errors="ignore")
 
 
 def tiny_text_encoder_config() -> TextEncoderConfig:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.models.checkpoints import safe_torch_load
 from astrolabe.rewards.contract import RewardOutput
 from astrolabe.rewards.video import VideoBatch, sample_frame_indices
@@ -87,6 +88,7 @@ def letterbox(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 class _LoadedHPSv2:
     def __init__(self, options: HPSv2Options, device: torch.device, dtype: torch.dtype) -> None:
+        install_torchvision_guard()
         import open_clip
 
         root = Path(options.checkpoint_dir)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.rewards.contract import RewardOutput
 from astrolabe.rewards.video import VideoBatch, sample_frame_indices
 from astrolabe.rewards.models.common import (
@@ -132,6 +133,7 @@ class _LoadedHPSv3:
     """The loaded network, prompt encoder and pixel statistics (shared per process)."""
 
     def __init__(self, options: HPSv3Options, device: torch.device, dtype: torch.dtype) -> None:
+        install_torchvision_guard()
         from transformers import AutoTokenizer
 
         backbone = Path(options.backbone_dir)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from astrolabe._compat import install_torchvision_guard
 
 __all__ = [
     "QWEN2VL_KEY_TABLE",
@@ -113,6 +114,7 @@ class Qwen2VLPromptEncoder:
     """
 
     def __init__(self, tokenizer: Any, config: Any, reward_tokens: Sequence[str]) -> None:
+        install_torchvision_guard()
         from transformers import AddedToken
 
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in reward_tokens], special_tokens=True)
@@ -178,6 +180,7 @@ class Qwen2VLRewardNet(torch.nn.Module):
 
     def __init__(self, config: Any, head: torch.nn.Module) -> None:
         super().__init__()
+        install_torchvision_guard()
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (
             Qwen2VisionTransformerPretrainedModel,
             Qwen2VLTextModel,
@@ -214,6 +217,7 @@ class Qwen2VLRewardNet(torch.nn.Module):
 
 def load_qwen2vl_config(backbone_dir: Path, vocab_size: int, attn_implementation: str) -> Any:
     """Qwen2VLConfig from ``backbone_dir/config.json`` (legacy flat or nested), vocab resized to the checkpoint."""
+    install_torchvision_guard()
     from transformers import Qwen2VLConfig
 
     config = Qwen2VLConfig.from_pretrained(str(backbone_dir), local_files_only=True)
@@ -302,6 +306,7 @@ def materialize_reward_net(
     No random initialisation of billions of parameters happens; every parameter must come from
     ``state`` (strict). The backbone is cast to ``dtype``; the reward head stays float32.
     """
+    install_torchvision_guard()
     from transformers.models.qwen2_vl.modeling_qwen2_vl import (
         Qwen2VLRotaryEmbedding,
         Qwen2VLVisionRotaryEmbedding,

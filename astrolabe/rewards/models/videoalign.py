@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from astrolabe._compat import install_torchvision_guard
 from astrolabe.models.checkpoints import read_sharded_safetensors, safe_torch_load
 from astrolabe.rewards.contract import RewardOutput
 from astrolabe.rewards.video import VideoBatch
@@ -239,6 +240,7 @@ class _LoadedVideoAlign:
     """Shared VideoReward network + prompt encoder + configs (one per checkpoint per process)."""
 
     def __init__(self, options: VideoAlignOptions, device: torch.device, dtype: torch.dtype) -> None:
+        install_torchvision_guard()
         from transformers import AutoTokenizer
 
         step, _, _ = _checkpoint_files(options)

@@ -1,10 +1,20 @@
-"""What every stage shares: its declaration, its result, and the driver that caches and publishes it.
+"""The run engine: execute one stage call, cached by its key and published atomically, on 1 or N ranks.
 
-A stage module defines ``STAGE = StageInfo(...)`` and ``run(cfg, inputs, out_dir, iteration) -> StageResult``
-(no Prefect import). ``run`` writes its files into ``out_dir`` (a temporary directory) and returns what
-goes into the manifest. :func:`execute` computes the cache key (stage name, the config subset the stage
-reads, the keys of its inputs, the stage's code version), skips when a complete manifest with that key
-exists, otherwise runs the stage and publishes atomically (manifest written last, then a rename).
+A stage is a module given as an argument (:class:`astrolabe.artifacts.stage.StageModule`: ``STAGE`` and
+``run``); the engine never imports ``stages/``. :func:`execute` computes the cache key (stage name, the
+config subset the stage reads, the identities of its inputs, the stage's code version:
+:mod:`astrolabe.artifacts.keys`), skips when a complete manifest with that key exists, otherwise runs the
+stage into a temporary directory and publishes it (manifest written last, then a rename:
+:mod:`astrolabe.artifacts.stagedir`). The manifest records the stage's typed result, its metrics plus the
+engine's own ``time/<stage>`` and ``memory/<stage>_peak_*_mib``.
+
+Integrity: before a stage reads its inputs, :func:`verify_inputs` checks every input's files against its
+manifest (sizes and sha256, each file version hashed at most once per process) and refuses a damaged one
+(:class:`astrolabe.artifacts.manifest.ArtifactDamagedError`), timed as ``timings["verify_inputs"]``. A
+stage's own output found damaged (:meth:`StageDir.damage`) is moved aside and recomputed; if the new
+files are identical its consumers stay valid (:func:`astrolabe.artifacts.stagedir.repaired_instance`).
+A storage failure while the stage runs (disk full, read-only, no permission) removes the temporary
+directory and becomes one :class:`astrolabe.artifacts.atomic.StorageError` naming the output.
 
 Under ``torchrun`` (world size N > 1, see :mod:`astrolabe.distributed`) :func:`execute` is called by every
 rank with the same arguments. Rank 0 decides "cached?" and creates the temporary directory; a
@@ -19,85 +29,27 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 
-from astrolabe.artifacts import Manifest, StageDir, cache_key
+from astrolabe.artifacts.atomic import storage_error
+from astrolabe.artifacts.keys import stage_key
+from astrolabe.artifacts.manifest import ArtifactDamagedError, Manifest, file_problems
+from astrolabe.artifacts.stage import StageModule, StageResult, finite_metrics
+from astrolabe.artifacts.stagedir import StageDir
 from astrolabe.config import RunConfig
 from astrolabe.distributed import DistContext, broadcast_object, current_context, gather_objects
 from astrolabe.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
-Distribution = Literal["main", "sliced"]
-DISTRIBUTIONS: tuple[str, ...] = ("main", "sliced")
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    """A stage's declaration.
-
-    ``distribution`` says how it runs under N ranks: ``"sliced"``: every rank runs ``run`` into the same
-    temporary directory, writing rank-named files (:func:`astrolabe.artifacts.rank_filename`); ``"main"``:
-    rank 0 runs it, the other ranks wait. ``rank_invariant_counts`` name counts that every rank of a sliced
-    stage reports with the same value (kept once, not summed, by :func:`merge_results`).
-    """
-
-    name: str
-    code_version: str
-    config_subset: Callable[[RunConfig], dict[str, Any]]  # the part of the config this stage reads
-    per_iteration: bool = True
-    distribution: Distribution = "main"
-    rank_invariant_counts: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"stage {self.name}: distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
-
-
-@dataclass
-class StageResult:
-    counts: dict[str, int] = field(default_factory=dict)
-    seeds: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
 
 class StageRankError(RuntimeError):
     """A stage failed on some rank under torchrun; raised on every rank, nothing was published."""
-
-
-class StageModule(Protocol):
-    STAGE: StageInfo
-
-    def run(self, cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult: ...
-
-
-def input_identity(manifest: Manifest) -> str:
-    """What a consumer's key depends on: the input's key, and its instance after a forced rerun.
-
-    Stages are deterministic, so a normal (re)computation of the same key is the same artifact and keeps
-    its consumers valid (keys are then equal across run directories); ``--force`` is the user saying
-    "redo this", so it publishes a new instance and everything made from the old one is stale.
-    """
-    return f"{manifest.key}@{manifest.instance}" if manifest.instance else manifest.key
-
-
-def key_from_identities(stage: StageModule, cfg: RunConfig, identities: Mapping[str, str]) -> str:
-    """The cache key of ``stage`` given ``{input name: input_identity}``."""
-    subset = stage.STAGE.config_subset(cfg)
-    return cache_key(stage.STAGE.name, subset, [f"{n}:{i}" for n, i in sorted(identities.items())],
-                     stage.STAGE.code_version)
-
-
-def stage_key(stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path]) -> tuple[str, dict[str, str]]:
-    """The cache key of ``stage`` given its (complete) input directories, and the input identities by name."""
-    identities = {name: input_identity(Manifest.load(path)) for name, path in sorted(inputs.items())}
-    return key_from_identities(stage, cfg, identities), identities
 
 
 # ----------------------------------------------------------------------------------- merging rank results
@@ -134,12 +86,29 @@ def merge_counts(counts: Sequence[Mapping[str, int]], invariant: Sequence[str] =
     return out
 
 
-def merge_results(results: Sequence[StageResult], invariant_counts: Sequence[str] = ()) -> StageResult:
+def merge_metrics(metrics: Sequence[Mapping[str, float]], summed: Sequence[str] = ()) -> dict[str, float]:
+    """Metrics of N ranks as one: ``summed`` ones added up, every other one equal on the ranks that report it."""
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(k for m in metrics for k in m):
+        vals = [m[k] for m in metrics if k in m]
+        if k in summed:
+            out[k] = float(sum(vals))
+        elif len(set(vals)) != 1:
+            raise ValueError(f"metric {k!r} differs between ranks ({vals}): declare it in "
+                             "StageInfo.rank_summed_metrics or compute it from the merged output")
+        else:
+            out[k] = vals[0]
+    return out
+
+
+def merge_results(results: Sequence[StageResult], invariant_counts: Sequence[str] = (),
+                  summed_metrics: Sequence[str] = ()) -> StageResult:  # fmt: skip
     """The StageResult of N ranks (rank order) as one: what rank 0 publishes.
 
     counts: summed (``invariant_counts`` kept once, see :func:`merge_counts`); timings: the max over ranks
-    (the slowest rank is the stage's wall time; peak memory is per process); seeds and extra: merged with
-    :func:`merge_values`. A single result is returned unchanged in content.
+    (the slowest rank is the stage's wall time; peak memory is per process); metrics: see
+    :func:`merge_metrics`; seeds, reports and extra: merged with :func:`merge_values`. A single result is
+    returned unchanged in content.
     """
     if not results:
         raise ValueError("merge_results needs the result of at least one rank")
@@ -151,8 +120,47 @@ def merge_results(results: Sequence[StageResult], invariant_counts: Sequence[str
         counts=merge_counts([r.counts for r in results], invariant_counts),
         seeds=merge_values([r.seeds for r in results]),
         timings=timings,
+        metrics=merge_metrics([r.metrics for r in results], summed_metrics),
+        reports=merge_values([r.reports for r in results]),
         extra=merge_values([r.extra for r in results]),
     )
+
+
+# ----------------------------------------------------------------------------------- integrity
+
+
+def verify_inputs(stage: str, inputs: Mapping[str, Path], iteration: int | None = None) -> float:
+    """Check every input directory against its manifest before the stage reads it; returns the seconds spent.
+
+    Raises :class:`ArtifactDamagedError` naming each damaged input, what differs and the fix.
+    """
+    start = time.perf_counter()
+    damaged = []
+    for name, path in sorted(inputs.items()):
+        problems = file_problems(path, Manifest.load(path))
+        if problems:
+            damaged.append(f"input {name!r} ({path}): " + "; ".join(problems))
+    if damaged:
+        raise ArtifactDamagedError(
+            f"{stage} (iteration {iteration}) refuses damaged inputs: " + " | ".join(damaged)
+            + ". Run `astrolabe train` on this run to recompute them (`astrolabe verify RUN` lists every damage)."
+        )
+    return time.perf_counter() - start
+
+
+def prepare_output(sd: StageDir, force: bool) -> tuple[bool, Manifest | None]:
+    """``(cached, repair_of)``: whether ``sd`` is done and intact (and not forced); a damaged complete output is
+    moved aside and its manifest returned, so the recomputed one can keep its identity when identical."""
+    problems = sd.damage()
+    if problems is None:
+        return False, None
+    if not problems:
+        return not force, None
+    return False, sd.set_aside(problems)
+
+
+def _storage_context(sd: StageDir) -> str:
+    return f"{sd.stage} (iteration {sd.iteration})" if sd.iteration is not None else sd.stage
 
 
 # ----------------------------------------------------------------------------------- running
@@ -168,8 +176,14 @@ def _run_measured(stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path]
     return result
 
 
+def engine_metrics(stage: str, timings: Mapping[str, float]) -> dict[str, float]:
+    """What the engine measured as metrics: ``time/<stage>`` (total seconds), ``memory/<stage>_peak_*_mib``."""
+    out = {f"time/{stage}": timings["total"]}
+    return out | {f"memory/{stage}_{k}": timings[k] for k in ("peak_rss_mib", "peak_cuda_mib") if k in timings}
+
+
 def _publish(sd: StageDir, stage: StageModule, cfg: RunConfig, identities: Mapping[str, str], result: StageResult,
-             force: bool, world_size: int = 1) -> Manifest:  # fmt: skip
+             force: bool, world_size: int = 1, repair_of: Manifest | None = None) -> Manifest:  # fmt: skip
     info = stage.STAGE
     manifest = sd.manifest(
         inputs=dict(identities),
@@ -177,12 +191,14 @@ def _publish(sd: StageDir, stage: StageModule, cfg: RunConfig, identities: Mappi
         seeds=result.seeds,
         counts=result.counts,
         timings=result.timings,
+        metrics=finite_metrics({**engine_metrics(info.name, result.timings), **result.metrics}),
+        reports=result.reports,
         code_version=info.code_version,
         extra=result.extra,
         instance=uuid.uuid4().hex if force else "",
         world_size=world_size,
     )
-    return sd.publish(manifest, replace=force)
+    return sd.publish(manifest, replace=force, repair_of=repair_of)
 
 
 def _stage_dir(stage: StageModule, cfg: RunConfig, run_path: Path, inputs: Mapping[str, Path],
@@ -204,8 +220,9 @@ def execute(
 
     ``force`` reruns a complete stage: the new publication gets a new ``instance``, so every artifact
     made from the old one becomes stale (its consumers' keys change) while upstream stays untouched.
-    Timings include ``total`` seconds and ``peak_rss_mib`` (and ``peak_cuda_mib`` on CUDA) of the run.
-    Under torchrun every rank calls this with the same arguments (module docstring).
+    A damaged output is recomputed (module docstring); damaged inputs are refused (:func:`verify_inputs`).
+    Timings include ``total`` seconds, ``verify_inputs`` seconds and ``peak_rss_mib`` (and ``peak_cuda_mib``
+    on CUDA) of the run. Under torchrun every rank calls this with the same arguments (module docstring).
     """
     # Subnormal floats (e.g. from a merged LoRA) make CPU kernels several times slower; flush them to zero.
     torch.set_flush_denormal(True)
@@ -213,16 +230,21 @@ def execute(
     if ctx.is_distributed:
         return _execute_ranks(ctx, stage, cfg, run_path, inputs, iteration, force)
     sd, identities = _stage_dir(stage, cfg, run_path, inputs, iteration)
-    if sd.is_complete() and not force:
-        log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
-        return sd.load_manifest()
-    out = sd.begin()
     try:
+        cached, repair_of = prepare_output(sd, force)
+        if cached:
+            log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
+            return sd.load_manifest()
+        checked = verify_inputs(stage.STAGE.name, inputs, sd.iteration)
+        out = sd.begin()
         result = _run_measured(stage, cfg, inputs, out, sd.iteration)
-    except BaseException:
+    except BaseException as e:
         sd.abort()
+        if (se := storage_error(e, sd.path, _storage_context(sd))) is not None:
+            raise se from e
         raise
-    return _publish(sd, stage, cfg, identities, result, force)
+    result.timings["verify_inputs"] = checked
+    return _publish(sd, stage, cfg, identities, result, force, repair_of=repair_of)
 
 
 # ----------------------------------------------------------------------------------- N ranks
@@ -238,6 +260,8 @@ class _RankPlan:
     cached: bool = False
     tmp: str | None = None
     error: str | None = None
+    repair_of: Manifest | None = None
+    verify_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -255,13 +279,17 @@ def _plan_on_rank0(stage: StageModule, cfg: RunConfig, run_path: Path, inputs: M
                    iteration: int | None, force: bool) -> _RankPlan:  # fmt: skip
     try:
         sd, identities = _stage_dir(stage, cfg, run_path, inputs, iteration)
-        if sd.is_complete() and not force:
+        cached, repair_of = prepare_output(sd, force)
+        if cached:
             log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
             return _RankPlan(sd.key, sd.iteration, identities, cached=True)
-        return _RankPlan(sd.key, sd.iteration, identities, tmp=str(sd.begin()))
+        checked = verify_inputs(stage.STAGE.name, inputs, sd.iteration)
+        return _RankPlan(sd.key, sd.iteration, identities, tmp=str(sd.begin()), repair_of=repair_of,
+                         verify_seconds=checked)
     except Exception as e:  # every rank raises it (below), none is left waiting
         log.exception("preparing %s failed on rank 0", stage.STAGE.name)
-        return _RankPlan(error=_error_text(e))
+        se = storage_error(e, context=stage.STAGE.name)
+        return _RankPlan(error=str(se) if se is not None else _error_text(e))
 
 
 def _run_on_rank(ctx: DistContext, stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path],
@@ -289,8 +317,9 @@ def _publish_on_rank0(sd: StageDir, stage: StageModule, cfg: RunConfig, plan: _R
     """Merge the ranks' results and publish; returns the error text of a failure (the tmp dir is then gone)."""
     ran = [o.result for o in outcomes if o.result is not None]
     try:
-        merged = merge_results(ran, stage.STAGE.rank_invariant_counts)
-        _publish(sd, stage, cfg, plan.identities, merged, force, world_size=len(ran))
+        merged = merge_results(ran, stage.STAGE.rank_invariant_counts, stage.STAGE.rank_summed_metrics)
+        merged.timings["verify_inputs"] = plan.verify_seconds
+        _publish(sd, stage, cfg, plan.identities, merged, force, world_size=len(ran), repair_of=plan.repair_of)
     except Exception as e:
         sd.abort()
         log.exception("publishing %s failed on rank 0", stage.STAGE.name)

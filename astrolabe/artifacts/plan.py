@@ -7,17 +7,22 @@ The plan of a run with ``N = pipeline.iterations``::
     for k in 0 .. N-1:
       rollout[k]       <- prompts, checkpoint = nft_update[k-1] (k > 0)
       score[k]         <- rollout[k]
-      label_uncertainty[k] <- rollout[k], score[k], labels_prev = label_uncertainty[k-1] (k > 0, selective KL)
+      label_uncertainty[k] <- rollout[k], score[k], checkpoint = nft_update[k-1] (k > 0, selective KL:
+                          the KL controller is training state, read from the checkpoint)
       nft_update[k]    <- rollout[k], labels = label_uncertainty[k], checkpoint = nft_update[k-1] (k > 0)
       evaluate[k+1]    <- prompts, checkpoint = nft_update[k], baseline = evaluate[0]
                           (when k+1 is a multiple of eval_every, and always at k+1 = N)
 
 A node's output directory is keyed by its config subset and its inputs' identities
-(:func:`stages.base.key_from_identities`), so the status of every node follows from the config and
-what is on disk: ``done`` (the expected key is complete), ``stale`` (only outputs of other keys exist,
-e.g. made before a config change or before an input was forced), ``missing``. Running the plan skips
-done nodes: that is resume. A *runner* executes one node; the default calls :func:`stages.base.execute`
-directly, the Prefect flow wraps the same call in a task.
+(:func:`astrolabe.artifacts.keys.key_from_identities`), so the status of every node follows from the config
+and what is on disk: ``done`` (the expected key is complete and its files match its manifest), ``damaged``
+(the expected key is complete but a file was changed, deleted or added since), ``stale`` (only outputs of
+other keys exist, e.g. made before a config change or before an input was forced), ``missing``. Running the plan skips
+done nodes: that is resume. A *runner* executes one node; the default calls
+:func:`astrolabe.artifacts.engine.execute` directly, the Prefect flow wraps the same call in a task.
+
+The plan names stages; their modules come from the caller as a registry (``stages.STAGES``: name ->
+module), so this package never imports ``stages/``.
 """
 
 from __future__ import annotations
@@ -26,21 +31,19 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Literal
 
-from astrolabe.artifacts import Manifest, StageDir, find_current, stage_root
+from astrolabe.artifacts.engine import execute
+from astrolabe.artifacts.keys import input_identity, key_from_identities
+from astrolabe.artifacts.manifest import MANIFEST_NAME, ArtifactError, Manifest
+from astrolabe.artifacts.stage import StageRegistry
+from astrolabe.artifacts.stagedir import StageDir, find_current, stage_root
 from astrolabe.config import RunConfig, config_to_dict
-from stages import evaluate, filter_prompts, label_uncertainty, nft_update, rollout, score
-from stages.base import execute, input_identity, key_from_identities
 
 log = logging.getLogger(__name__)
 
-STAGES: dict[str, ModuleType] = {
-    m.STAGE.name: m for m in (filter_prompts, rollout, score, label_uncertainty, nft_update, evaluate)
-}
-STAGE_ORDER = tuple(STAGES)
-Status = Literal["done", "stale", "missing"]
+Status = Literal["done", "damaged", "stale", "missing"]
+STATUSES: tuple[Status, ...] = ("done", "damaged", "stale", "missing")
 NodeId = tuple[str, "int | None"]
 
 
@@ -75,11 +78,11 @@ def build_plan(cfg: RunConfig, iterations: int | None = None) -> list[Node]:
     nodes = [Node("filter_prompts", None), Node("evaluate", 0, (("prompts", prompts),))]
     for k in range(n):
         prev = (("checkpoint", ("nft_update", k - 1)),) if k > 0 else ()
-        labels_prev = (("labels_prev", ("label_uncertainty", k - 1)),) if k > 0 and cfg.rl.selective_kl else ()
+        controller = prev if cfg.rl.selective_kl else ()
         nodes += [
             Node("rollout", k, (("prompts", prompts), *prev)),
             Node("score", k, (("rollout", ("rollout", k)),)),
-            Node("label_uncertainty", k, (("rollout", ("rollout", k)), ("score", ("score", k)), *labels_prev)),
+            Node("label_uncertainty", k, (("rollout", ("rollout", k)), ("score", ("score", k)), *controller)),
             Node("nft_update", k, (("rollout", ("rollout", k)), ("labels", ("label_uncertainty", k)), *prev)),
         ]
         if k + 1 in evals:
@@ -100,22 +103,30 @@ class NodeStatus:
     node: Node
     status: Status
     expected_key: str | None  # None when an input is not done (the key cannot be known yet)
-    path: Path | None  # the expected output (done) or the newest other output (stale)
+    path: Path | None  # the expected output (done, damaged) or the newest other output (stale)
+    problems: tuple[str, ...] = ()  # what differs from the manifest (damaged)
 
 
-def plan_status(cfg: RunConfig, run_path: Path, iterations: int | None = None) -> list[NodeStatus]:
-    """Status of every node of the plan, from the config and the run directory only (nothing runs)."""
+def plan_status(cfg: RunConfig, run_path: Path, stages: StageRegistry, iterations: int | None = None,
+                check_sha: bool = True) -> list[NodeStatus]:  # fmt: skip
+    """Status of every node of the plan, from the config and the run directory only (nothing runs).
+
+    Every complete expected output is checked against its manifest: sizes always, sha256 unless
+    ``check_sha=False``. A damaged node still gives its dependents their keys (its manifest is intact):
+    they stay ``done`` when a recomputation reproduces it.
+    """
     done: dict[NodeId, Manifest] = {}
     out: list[NodeStatus] = []
     for node in build_plan(cfg, iterations):
-        module = STAGES[node.stage]
+        module = stages[node.stage]
         key = None
         if all(src in done for _, src in node.inputs):
             key = key_from_identities(module, cfg, {n: input_identity(done[src]) for n, src in node.inputs})
             sd = StageDir(run_path, node.stage, key, node.iteration)
-            if sd.is_complete():
+            problems = sd.damage(check_sha)
+            if problems is not None:
                 done[node.id] = sd.load_manifest()
-                out.append(NodeStatus(node, "done", key, sd.path))
+                out.append(NodeStatus(node, "damaged" if problems else "done", key, sd.path, tuple(problems)))
                 continue
         other = find_current(run_path, node.stage, node.iteration)
         out.append(NodeStatus(node, "stale" if other else "missing", key, other.path if other else None))
@@ -127,11 +138,11 @@ def plan_status(cfg: RunConfig, run_path: Path, iterations: int | None = None) -
 Runner = Callable[[Node, Mapping[str, Path], bool], Manifest]
 
 
-def direct_runner(cfg: RunConfig, run_path: Path) -> Runner:
-    """Run a node in this process through :func:`stages.base.execute`."""
+def direct_runner(cfg: RunConfig, run_path: Path, stages: StageRegistry) -> Runner:
+    """Run a node in this process through :func:`astrolabe.artifacts.engine.execute`."""
 
     def run(node: Node, inputs: Mapping[str, Path], force: bool) -> Manifest:
-        return execute(STAGES[node.stage], cfg, run_path, inputs, node.iteration, force=force)
+        return execute(stages[node.stage], cfg, run_path, inputs, node.iteration, force=force)
 
     return run
 
@@ -160,39 +171,48 @@ class RunResults:
 def run_plan(
     cfg: RunConfig,
     run_path: Path,
+    stages: StageRegistry,
     runner: Runner | None = None,
     on_done: Callable[[NodeResult, RunResults], None] | None = None,
     iterations: int | None = None,
 ) -> RunResults:
     """Run every node of the plan in order (done ones are skipped by the runner's cache check)."""
-    runner = runner or direct_runner(cfg, run_path)
+    runner = runner or direct_runner(cfg, run_path, stages)
     results = RunResults()
     for node in build_plan(cfg, iterations):
         inputs = {name: results.path(src) for name, src in node.inputs}
         before = _complete_keys(run_path, node)
         manifest = runner(node, inputs, False)
-        res = NodeResult(node, manifest, output_dir(run_path, manifest), cached=manifest.key in before)
+        res = NodeResult(node, manifest, output_dir(run_path, manifest), cached=before.get(manifest.key) == manifest.created)
         results.by_id[node.id] = res
         if on_done is not None:
             on_done(res, results)
     return results
 
 
-def _complete_keys(run_path: Path, node: Node) -> set[str]:
+def _complete_keys(run_path: Path, node: Node) -> dict[str, str]:
+    """``{key: created}`` of the node's published outputs (a recomputed one has a new ``created``)."""
     root = stage_root(run_path, node.stage, node.iteration)
     if not root.is_dir():
-        return set()
-    return {p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "manifest.json").is_file()}
+        return {}
+    out = {}
+    for p in root.iterdir():
+        if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file():
+            try:
+                out[p.name] = Manifest.load(p).created
+            except ArtifactError:
+                continue
+    return out
 
 
 class StageInputError(RuntimeError):
     """A single-stage rerun whose inputs are not all done."""
 
 
-def find_node(cfg: RunConfig, stage: str, iteration: int | None) -> Node:
-    if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
-    if not STAGES[stage].STAGE.per_iteration:
+def find_node(cfg: RunConfig, stages: StageRegistry, stage: str, iteration: int | None) -> Node:
+    if stage not in stages:
+        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(stages)}")
+    if not stages[stage].STAGE.per_iteration:
         iteration = None
     for node in build_plan(cfg):
         if node.id == (stage, iteration):
@@ -201,25 +221,26 @@ def find_node(cfg: RunConfig, stage: str, iteration: int | None) -> Node:
     raise KeyError(f"the plan has no {stage} at iteration {iteration}; it has iterations {its}")
 
 
-def run_stage(cfg: RunConfig, run_path: Path, stage: str, iteration: int | None, force: bool,
-              runner: Runner | None = None) -> NodeResult:  # fmt: skip
+def run_stage(cfg: RunConfig, run_path: Path, stages: StageRegistry, stage: str, iteration: int | None,
+              force: bool, runner: Runner | None = None) -> NodeResult:  # fmt: skip
     """Run one node from its inputs' current (done) outputs; ``force`` reruns it even when done.
 
     Upstream is never touched. After a forced rerun the node's consumers are stale (see
-    :func:`stages.base.input_identity`); ``astrolabe train`` recomputes them.
+    :func:`astrolabe.artifacts.keys.input_identity`); ``astrolabe train`` recomputes them.
     """
-    node = find_node(cfg, stage, iteration)
-    status = {s.node.id: s for s in plan_status(cfg, run_path)}
+    node = find_node(cfg, stages, stage, iteration)
+    status = {s.node.id: s for s in plan_status(cfg, run_path, stages)}
     inputs: dict[str, Path] = {}
     for name, src in node.inputs:
         st = status[src]
         if st.status != "done" or st.path is None:
+            what = f"damaged ({'; '.join(st.problems)})" if st.status == "damaged" else st.status
             raise StageInputError(
-                f"input {name!r} of {node.label} ({st.node.label}) is {st.status}; run `astrolabe train` "
+                f"input {name!r} of {node.label} ({st.node.label}) is {what}; run `astrolabe train` "
                 "(or rerun that stage first) so every input is current"
             )
         inputs[name] = st.path
-    runner = runner or direct_runner(cfg, run_path)
+    runner = runner or direct_runner(cfg, run_path, stages)
     manifest = runner(node, inputs, force)
     return NodeResult(node, manifest, output_dir(run_path, manifest), cached=not force and status[node.id].status == "done")
 
@@ -244,16 +265,17 @@ def config_diff(old: RunConfig, new: RunConfig) -> list[tuple[str, object, objec
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def explain_change(old: RunConfig, new: RunConfig, run_path: Path) -> str | None:
+def explain_change(old: RunConfig, new: RunConfig, run_path: Path, stages: StageRegistry) -> str | None:
     """A message naming the changed settings and the completed stages they make stale; None if unchanged."""
     diff = config_diff(old, new)
     if not diff:
         return None
     lines = ["the config differs from the previous attempt of this run:"]
     lines += [f"  {k}: {a!r} -> {b!r}" for k, a, b in diff]
-    old_done = {s.node.id for s in plan_status(old, run_path) if s.status == "done"}
-    new_status = {s.node.id: s.status for s in plan_status(new, run_path)}
-    stale = [f"{s}[{i}]" if i is not None else s for (s, i) in old_done if new_status.get((s, i)) != "done"]
+    made = ("done", "damaged")  # a damaged output is recomputed either way: count it as made
+    old_done = {s.node.id for s in plan_status(old, run_path, stages, check_sha=False) if s.status in made}
+    new_status = {s.node.id: s.status for s in plan_status(new, run_path, stages, check_sha=False)}
+    stale = [f"{s}[{i}]" if i is not None else s for (s, i) in old_done if new_status.get((s, i)) not in made]
     if stale:
         lines.append("completed stages that will be recomputed: " + ", ".join(sorted(stale)))
     else:

@@ -1,67 +1,79 @@
-"""Build the model stack of a run from its config and the base-model registry.
+"""The build layer: assemble a run's generation stack from its config and the base-model registry.
 
 The only place that turns ``model.base`` + ``model.checkpoint_dir`` into modules: the DiT (tiny random
-init, or a real checkpoint through :mod:`astrolabe.models.checkpoints`), the VAE, the text encoder and
-the sampler's :class:`StreamSpec` (block size, window, sink, warped schedule, latent grid).
+init, or a real checkpoint through :mod:`astrolabe.models.checkpoints`), the VAE, the text encoder, a
+LoRA policy merged in for sampling, and the sampler's :class:`StreamConfig` (block size, window, sink,
+warped schedule, latent grid). It sits above ``models/``, ``sampling/`` and ``rl/``, below the stages.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from astrolabe.config import ModelConfig, RunConfig
-from astrolabe.generate import GenerationStack
 from astrolabe.models.checkpoints import load_dit_state
-from astrolabe.models.registry import BaseModelSpec, check_files, get_base_model, read_base_model_state
-from astrolabe.models.registry import require_sampler_support
+from astrolabe.models.registry import BaseModelCard, KVCacheMode, check_files, get_base_model, read_base_model_state
 from astrolabe.models.registry import text_encoder_directory
-from astrolabe.models.wan.attention import CausalSpec
+from astrolabe.models.wan.attention import CausalWindow, resolve_backend
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
 from astrolabe.models.wan.vae import WanVAE, tiny_vae, vae_from_pretrained_dir
 from astrolabe.models.wan.vae_preview import init_preview_decoder_
+from astrolabe.sampling.generation import GenerationStack
+from astrolabe.sampling.recompute import KREA_CONTEXT_FRAMES
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
-from astrolabe.sampling.streaming import StreamSpec
+from astrolabe.sampling.streaming import StreamConfig
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _require_dir(mc: ModelConfig, spec: BaseModelSpec) -> Path:
+def _require_dir(mc: ModelConfig, card: BaseModelCard) -> Path:
     if mc.checkpoint_dir is None:
-        files = "\n".join(f"  {f.local_path}  <- {f.download_command('<dir>')}" for f in spec.files().values())
+        files = "\n".join(f"  {f.local_path}  <- {f.download_command('<dir>')}" for f in card.files().values())
         raise FileNotFoundError(
-            f"model.checkpoint_dir is not set; base model {spec.name!r} needs a local directory with:\n{files}\n"
+            f"model.checkpoint_dir is not set; base model {card.name!r} needs a local directory with:\n{files}\n"
             "download them there and set model.checkpoint_dir (or use model.base=tiny on CPU)"
         )
     root = Path(mc.checkpoint_dir)
-    check_files(spec, root, fill_base=mc.fill_missing_from_base)  # one error listing every missing file
+    check_files(card, root, fill_base=mc.fill_missing_from_base)  # one error listing every missing file
     return root
 
 
-def stream_spec(mc: ModelConfig, spec: BaseModelSpec) -> StreamSpec:
-    """Sampler sizes from the registry (window/sink overridable in the model config)."""
-    require_sampler_support(spec)
-    window = mc.local_attn_frames if mc.local_attn_frames is not None else spec.local_attn_frames
-    sink = mc.sink_frames if mc.sink_frames is not None else spec.sink_frames
-    flow = FlowSchedule(spec.flow_shift)
-    steps = StepSchedule.from_steps(flow, spec.denoising_steps, spec.warp_denoising_steps, float(spec.context_noise))
+def stream_config(mc: ModelConfig, card: BaseModelCard, kv_cache: KVCacheMode | Literal["auto"] = "auto") -> StreamConfig:
+    """Sampler sizes from the registry (window/sink overridable in the model config).
+
+    ``kv_cache="auto"`` samples as the card says (``krea_served``: Krea's KV recompute); ``recompute`` sizes its
+    own window (``K + f`` = 6 frames, no sink, as Krea's server), so a window/sink override is an error there.
+    """
+    mode: KVCacheMode = card.kv_cache if kv_cache == "auto" else kv_cache
+    window = mc.local_attn_frames if mc.local_attn_frames is not None else card.local_attn_frames
+    sink = mc.sink_frames if mc.sink_frames is not None else card.sink_frames
+    if mode == "recompute":
+        if mc.local_attn_frames is not None or mc.sink_frames is not None:
+            raise ValueError("kv_cache='recompute' (Krea's served loop) sizes its own window (context 3 + block "
+                             "frames, no sink): unset model.local_attn_frames and model.sink_frames")
+        window, sink = KREA_CONTEXT_FRAMES + card.frames_per_block, 0
+    flow = FlowSchedule(card.flow_shift)
+    steps = StepSchedule.from_steps(flow, card.denoising_steps, card.warp_denoising_steps, float(card.context_noise))
     first = (
-        StepSchedule.from_steps(flow, spec.first_block_denoising_steps, spec.warp_denoising_steps, float(spec.context_noise))
-        if spec.first_block_denoising_steps is not None
+        StepSchedule.from_steps(flow, card.first_block_denoising_steps, card.warp_denoising_steps, float(card.context_noise))
+        if card.first_block_denoising_steps is not None
         else None
     )
-    return StreamSpec(
-        causal=CausalSpec(spec.frames_per_block, window, sink),
+    return StreamConfig(
+        causal=CausalWindow(card.frames_per_block, window, sink),
         steps=steps,
-        latent_channels=spec.wan_config().in_dim,
-        latent_height=spec.latent_height,
-        latent_width=spec.latent_width,
+        latent_channels=card.wan_config().in_dim,
+        latent_height=card.latent_height,
+        latent_width=card.latent_width,
         first_block_steps=first,
+        kv_cache=mode,
     )
 
 
@@ -73,52 +85,55 @@ def _pretrained_world(mc: ModelConfig):
     return load_world_model(world_model_root(mc.checkpoint_dir))
 
 
-def build_dit(mc: ModelConfig, spec: BaseModelSpec) -> WanDiT:
+def build_dit(mc: ModelConfig, card: BaseModelCard) -> WanDiT:
     """The base DiT in eval mode on the configured device and dtype."""
-    cfg = spec.wan_config()
-    if spec.pretrained == "world":
+    cfg = card.wan_config()
+    backend = resolve_backend(mc.attention_backend, mc.device, _DTYPES[mc.dtype])
+    if card.pretrained == "world":
         model = _pretrained_world(mc).dit
-    elif spec.checkpoint_format is None:
-        model = WanDiT(cfg, attention_backend=mc.attention_backend)
+    elif card.checkpoint_format is None:
+        model = WanDiT(cfg, attention_backend=backend)
         model.init_weights(torch.Generator().manual_seed(mc.init_seed))
     else:
-        root = _require_dir(mc, spec)
+        root = _require_dir(mc, card)
         entry = None if mc.checkpoint_entry == "default" else mc.checkpoint_entry
         lora_entry = None if mc.lora_entry == "default" else mc.lora_entry
         sd = read_base_model_state(
-            spec, root, entry=entry, lora_entry=lora_entry, fill_missing_from_base=mc.fill_missing_from_base
+            card, root, entry=entry, lora_entry=lora_entry, fill_missing_from_base=mc.fill_missing_from_base
         )
         with torch.device("meta"):
-            model = WanDiT(cfg, attention_backend=mc.attention_backend)
+            model = WanDiT(cfg, attention_backend=backend)
         load_dit_state(model, sd, assign=True)
-    model.gradient_checkpointing = mc.gradient_checkpointing
-    return model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
+    model = model.to(device=mc.device, dtype=_DTYPES[mc.dtype]).eval().requires_grad_(False)
+    if mc.compile_blocks:
+        model.compile_blocks()
+    return model
 
 
-def build_vae(mc: ModelConfig, spec: BaseModelSpec) -> WanVAE:
+def build_vae(mc: ModelConfig, card: BaseModelCard) -> WanVAE:
     """The VAE in eval mode: the tiny one (preview decoder unless ``tiny_vae_init=random``) or the real file."""
-    if spec.vae is None:
+    if card.vae is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mc.init_seed + 1)
             vae = WanVAE(tiny_vae())
         if mc.tiny_vae_init == "preview":
             init_preview_decoder_(vae)
         return vae.to(mc.device).eval().requires_grad_(False)
-    root = _require_dir(mc, spec)
-    path = check_files(spec, root, roles=("vae",))["vae"]
+    root = _require_dir(mc, card)
+    path = check_files(card, root, roles=("vae",))["vae"]
     return vae_from_pretrained_dir(path.parent, device=mc.device)
 
 
-def build_text(mc: ModelConfig, spec: BaseModelSpec) -> WanTextEncoder:
-    wan = spec.wan_config()
-    if spec.pretrained == "world":
+def build_text(mc: ModelConfig, card: BaseModelCard) -> WanTextEncoder:
+    wan = card.wan_config()
+    if card.pretrained == "world":
         return _pretrained_world(mc).text.to(mc.device)
-    if spec.text_encoder_kind == "tiny":
+    if card.text_encoder_kind == "tiny":
         cfg = TextEncoderConfig(kind="tiny", text_len=wan.text_len, dtype="float32")
     else:
-        root = _require_dir(mc, spec)
-        check_files(spec, root, roles=("text_encoder", "tokenizer"))
-        cfg = TextEncoderConfig(kind="umt5_xxl", directory=text_encoder_directory(spec, root), text_len=wan.text_len,
+        root = _require_dir(mc, card)
+        check_files(card, root, roles=("text_encoder", "tokenizer"))
+        cfg = TextEncoderConfig(kind="umt5_xxl", directory=text_encoder_directory(card, root), text_len=wan.text_len,
                                 dtype=mc.dtype)
     return build_text_encoder(cfg, seed=mc.init_seed + 2, device=mc.device)
 
@@ -152,23 +167,23 @@ def attach_lora_for_inference(dit: WanDiT, path: Path, policy: str = "default") 
 
 def build_generation_stack(
     cfg: RunConfig, lora: Path | None = None, policy: str = "default"
-) -> tuple[GenerationStack, BaseModelSpec]:
+) -> tuple[GenerationStack, BaseModelCard]:
     """DiT (with ``policy`` of the LoRA checkpoint ``lora`` merged in, if given), VAE, text encoder."""
     mc = cfg.model
-    spec = get_base_model(mc.base)
-    dit = build_dit(mc, spec)
+    card = get_base_model(mc.base)
+    dit = build_dit(mc, card)
     if lora is not None:
         dit = attach_lora_for_inference(dit, lora, policy)
-    text = build_text(mc, spec)
-    vae = build_vae(mc, spec)
+    text = build_text(mc, card)
+    vae = build_vae(mc, card)
     return (
         GenerationStack(
             dit=dit,
             vae=vae,
             encode_text=lambda prompts: text.encode(prompts).to(dtype=_DTYPES[mc.dtype]),
-            spec=stream_spec(mc, spec),
-            fps=spec.fps,
+            stream=stream_config(mc, card, cfg.sampling.kv_cache),
+            fps=card.fps,
             device=torch.device(mc.device),
         ),
-        spec,
+        card,
     )

@@ -1,4 +1,4 @@
-"""Group rollouts with clip-level branching: one shared prefix per prompt, K candidate windows.
+"""Group branching of a rollout (clip-level): one shared prefix per prompt, K candidate windows.
 
 For one prompt (streaming training, DESIGN.md part 2)::
 
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from astrolabe.data.video import to_uint8_frames
-from astrolabe.generate import GenerationStack
 from astrolabe.models.wan.vae import StreamingDecoder
+from astrolabe.sampling.generation import GenerationStack
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,12 @@ def generate_group_latents(
     window_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix (1, P, C, h, w) generated once, then the window (K, W, C, h, w) of K forked candidates."""
-    streamer = BlockStreamer(stack.dit, stack.spec, context, SampleNoise([prefix_seed], stack.device))
+    streamer = BlockStreamer(stack.dit, stack.stream, context, SampleNoise([prefix_seed], stack.device))
     prefix = [streamer.step() for _ in range(window_start_block)]  # each (1, f, C, h, w)
     k = len(cand_seeds)
     branch = streamer.fork(k, [list(cand_seeds)])
     window = [branch.step() for _ in range(window_blocks)]  # each (K, f, C, h, w)
-    empty = torch.zeros(stack.spec.block_shape(1, 0), device=context.device, dtype=window[0].dtype)
+    empty = torch.zeros(stack.stream.block_shape(1, 0), device=context.device, dtype=window[0].dtype)
     return torch.cat(prefix, dim=1) if prefix else empty, torch.cat(window, dim=1)
 
 
@@ -157,7 +157,7 @@ def decode_window_pixels(
     carries the prefix's temporal context into the window.
     """
     k = window.shape[0]
-    f = stack.spec.block_frames
+    f = stack.stream.block_frames
     decoder = StreamingDecoder(stack.vae)
     dtype = stack.vae.dtype
 
@@ -202,7 +202,7 @@ def rollout_group(
         prefix_latents=prefix,
         window_latents=window,
         window_pixels=pixels,
-        window_start_frame=window_start_block * stack.spec.block_frames,
+        window_start_frame=window_start_block * stack.stream.block_frames,
         generation_seconds=t1 - t0,
         decoding_seconds=t2 - t1,
     )
