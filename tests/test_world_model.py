@@ -106,8 +106,10 @@ def test_world_base_model_needs_the_build_and_loads_it(tmp_path: Path, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="band not reached yet: the default recipe's generations are near chance except background "
-                   "(helper world-model report); remove when the recipe is calibrated", strict=False)
+@pytest.mark.skipif(os.environ.get("ASTROLABE_WORLD_BAND") != "1",
+                    reason="calibration check (builds the world, minutes): set ASTROLABE_WORLD_BAND=1")
+@pytest.mark.xfail(reason="band not reached yet (issue 13): 400-600 steps give held-out colour 0.22-0.27, shape "
+                   "0.28-0.38, direction 0.16-0.22, background 0.83 (chance 1/6, 1/3, 1/5, 1/6)", strict=False)
 def test_pretrained_world_model_is_above_chance_and_far_from_perfect() -> None:
     """The real build (cached under $ASTROLABE_WORLD_ROOT or runs/): held-out generations, 64 captions."""
     root = Path(os.environ.get("ASTROLABE_WORLD_ROOT", "runs"))
