@@ -143,7 +143,7 @@ def test_stage_distribution_declarations():
 
     assert {n: m.STAGE.distribution for n, m in STAGES.items()} == {
         "filter_prompts": "main", "rollout": "sliced", "score": "main", "label_uncertainty": "main",
-        "nft_update": "main", "evaluate": "main",
+        "nft_update": "sliced", "evaluate": "main",
     }
     with pytest.raises(ValueError, match="distribution must be one of"):
         StageInfo(name="x", code_version="1", config_subset=lambda c: {}, distribution="fanout")  # type: ignore[arg-type]
@@ -306,7 +306,9 @@ def test_torchrun_two_ranks_matches_the_single_process_run(ref, base, tmp_path):
     for a, b in zip(mine, theirs):
         assert (a["latents"] == b["latents"]).all() and (a["prefix"] == b["prefix"]).all()
 
-    # rank 0 trained on all of it: the same LoRA
+    # both ranks trained their share of every step (sample-weighted all-reduce): the same LoRA
+    nft = json.loads((ph.node_dir(run, "nft_update", 0) / MANIFEST_NAME).read_text())
+    assert nft["world_size"] == 2 and len(nft["extra"]["samples_per_rank"]) == 2
     ph.assert_same_checkpoint(ph.node_dir(run, "nft_update", 0), ph.node_dir(ref, "nft_update", 0), atol=1e-6)
 
     # bookkeeping by rank 0 only: one MLflow run, one summary, one final table
@@ -318,7 +320,7 @@ def test_torchrun_two_ranks_matches_the_single_process_run(ref, base, tmp_path):
     assert summary["computed_nodes"] == 7 and summary["cached_nodes"] == 0
     assert log.count(f"run {run}:") == 1
     assert "[rank 1] stages.rollout" in log and "[rank 0] stages.rollout" in log
-    assert "[rank 1] stages.nft_update" not in log and "[rank 1] astrolabe.tracking" not in log
+    assert "[rank 1] astrolabe.tracking" not in log
 
 
 def test_cli_refuses_prefect_and_a_missing_rendezvous_under_world_size_2(monkeypatch, tmp_path):
