@@ -117,7 +117,7 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
         model,
         device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
         process_group=mesh.get_group() if mesh is not None else None,
-        broadcast_buffers=False,  # a collective in every forward: ranks may run different numbers of forwards
+        forward_sync_buffers=False,  # a collective in every forward: ranks may run different numbers of forwards
     )
 
 
