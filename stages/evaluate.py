@@ -29,7 +29,11 @@ Outputs in the stage directory:
   iteration alone without a baseline (:mod:`astrolabe.data.grid`).
 
 Deterministic: the noise of each video is ``SampleNoise([s])``; nothing reads global RNG state.
-Single process only (no rank slicing yet).
+
+Under torchrun (a ``"sliced"`` stage) rank ``k`` of ``W`` generates and scores the contiguous share
+:func:`rank_slice` of the plan (videos under their sample keys, scores in ``eval_rewards-rNNN.zarr``; the
+reward models loaded once per rank); rank 0 then merges the parts, computes the metrics and draws the grid
+(:func:`merge_ranks`): the same outputs as one process.
 """
 
 from __future__ import annotations
@@ -44,16 +48,18 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.ranks import rank_slice
 from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.build import build_generation_stack
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.grid import write_grid
 from astrolabe.data.video import decode_mp4
+from astrolabe.distributed import dist_rank_world
 from astrolabe.rewards import RewardsConfig, build_rewards
 from astrolabe.sampling.generation import GenerationStack, generate_video
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
-from stages.score import reward_identities, score_records
+from stages.score import merge_rank_parts, reward_identities, score_records, write_rank_part
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +88,8 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-STAGE = StageInfo(name="evaluate", code_version="1", config_subset=_config_subset, per_iteration=True)
+STAGE = StageInfo(name="evaluate", code_version="1", config_subset=_config_subset, per_iteration=True,
+                  distribution="sliced", rank_invariant_counts=("prompts", "num_latent_frames"))
 
 
 # ----------------------------------------------------------------------------------- plan
@@ -231,15 +238,44 @@ def eval_reports(out_dir: Path, iteration: int) -> dict[str, str]:
     return {name: where for name in (GRID_MP4, GRID_PNG, METRICS_FILE) if (out_dir / name).is_file()}
 
 
+def _eval_prompts(cfg: RunConfig, inputs: Mapping[str, Path]) -> tuple[list[str], list[tuple[int, int]]]:
+    prompts = read_heldout(inputs["prompts"])
+    if cfg.pipeline.eval_max_prompts is not None:
+        prompts = prompts[: cfg.pipeline.eval_max_prompts]
+    return prompts, eval_plan(len(prompts), cfg.pipeline.eval_seeds)
+
+
+def _finish(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int, keys: list[str],
+            columns: dict[str, np.ndarray], identities: Mapping[str, Any], fps: float,
+            timings: dict[str, float]) -> tuple[dict[str, int], dict[str, float], dict[str, str]]:  # fmt: skip
+    """Scores table, metrics.json and grid of every planned video; returns ``(counts, metrics, reports)``."""
+    prompts, plan = _eval_prompts(cfg, inputs)
+    rewards_cfg = eval_rewards_config(cfg)
+    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": dict(identities), "iteration": iteration})
+    metrics = summarize({name: columns[name] for name in identities}, {s.name: s.weight for s in rewards_cfg.rewards})
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    t0 = time.perf_counter()
+    baseline = inputs.get("baseline")
+    paths = [out_dir / VIDEOS_DIR / f"{sample_key(i, s)}.mp4" for i, s in plan]
+    grid = write_comparison_grid(out_dir, paths, Path(baseline) if baseline is not None else None, iteration, fps=fps)
+    timings["grid"] = time.perf_counter() - t0
+
+    nan_scores = sum(metrics[f"reward/{name}/nan"] for name in identities)
+    log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(paths),
+             metrics["combined/mean"], nan_scores)
+    return ({"nan_scores": nan_scores, **grid}, finite_metrics({k: v for k, v in metrics.items() if k != "n"},
+            prefix="eval/"), eval_reports(out_dir, iteration))  # fmt: skip
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     if iteration is None:
         raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
     if "prompts" not in inputs:
         raise KeyError("the evaluate stage needs inputs['prompts'] (the filter_prompts directory)")
-    prompts = read_heldout(inputs["prompts"])
-    if cfg.pipeline.eval_max_prompts is not None:
-        prompts = prompts[: cfg.pipeline.eval_max_prompts]
-    plan = eval_plan(len(prompts), cfg.pipeline.eval_seeds)
+    prompts, plan = _eval_prompts(cfg, inputs)
+    rank, world = dist_rank_world()
+    mine = [plan[j] for j in rank_slice(len(plan), rank, world)]  # this rank's share, in plan order
     state = resolve_policy(inputs)
     rewards_cfg = eval_rewards_config(cfg)
     timings: dict[str, float] = {}
@@ -249,39 +285,42 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     timings["build"] = time.perf_counter() - t0
     num_latent_frames = cfg.rollout.num_latent_frames or card.latent_frames
     t0 = time.perf_counter()
-    paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
+    paths = generate_all(stack, prompts, mine, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
                          crf=cfg.rollout.video_crf)
     timings["generation"] = time.perf_counter() - t0
     del stack  # free the generator before loading judges
 
     t0 = time.perf_counter()
-    rewards = build_rewards(rewards_cfg.rewards)
+    rewards = build_rewards(rewards_cfg.rewards)  # once per rank
     keys, columns, score_counts = score_records(
-        rewards, _records(paths, [prompts[i] for i, _ in plan]), rewards_cfg.batch_size
+        rewards, _records(paths, [prompts[i] for i, _ in mine]), rewards_cfg.batch_size
     )
     identities = {r.name: r.identity() for r in rewards}
-    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": identities, "iteration": iteration})
     timings["scoring"] = time.perf_counter() - t0
-
-    metrics = summarize({r.name: columns[r.name] for r in rewards}, {s.name: s.weight for s in rewards_cfg.rewards})
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    t0 = time.perf_counter()
     baseline = inputs.get("baseline")
-    grid = write_comparison_grid(out_dir, paths, Path(baseline) if baseline is not None else None, iteration,
-                                 fps=float(card.fps))
-    timings["grid"] = time.perf_counter() - t0
-
-    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in rewards)
-    log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(paths),
-             metrics["combined/mean"], nan_scores)
-    return StageResult(
-        counts={"prompts": len(prompts), "videos": len(paths), "nan_scores": nan_scores,
-                "decode_failed": score_counts["decode_failed"], "num_latent_frames": num_latent_frames, **grid},
-        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
+    result = StageResult(
+        counts={"prompts": len(prompts), "videos": len(paths), "decode_failed": score_counts["decode_failed"],
+                "num_latent_frames": num_latent_frames},
+        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in mine}},
         timings=timings,
-        metrics=finite_metrics({k: v for k, v in metrics.items() if k != "n"}, prefix="eval/"),
-        reports=eval_reports(out_dir, iteration),
         extra={"policy": str(state) if state is not None else "base", "iteration": iteration,
-               "baseline": str(baseline) if baseline is not None else None},
+               "baseline": str(baseline) if baseline is not None else None, "fps": float(card.fps)},
     )
+    if world > 1:  # rank 0 merges the parts (merge_ranks)
+        write_rank_part(out_dir, "eval_rewards", rank, keys, columns, {"rewards": identities})
+        return result
+    counts, result.metrics, result.reports = _finish(cfg, inputs, out_dir, iteration, keys, columns, identities,
+                                                     float(card.fps), timings)
+    result.counts |= counts
+    return result
+
+
+def merge_ranks(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None,
+                merged: StageResult) -> StageResult:  # fmt: skip
+    """Rank 0, after every rank generated and scored its share: one scores table, the metrics and the grid."""
+    assert iteration is not None
+    keys, columns, attrs = merge_rank_parts(out_dir, "eval_rewards")
+    counts, merged.metrics, merged.reports = _finish(cfg, inputs, out_dir, iteration, keys, columns, attrs["rewards"],
+                                                     merged.extra["fps"], merged.timings)
+    merged.counts |= counts
+    return merged
