@@ -379,6 +379,8 @@ def preflight(cfg: RunConfig) -> tuple[Path, list[NodeStatus]]:
     status of every node of the plan.
     """
     check_model_files(cfg)
+    for module in STAGES.values():  # reward identities (unknown names, bad options), prompt file hashes
+        module.STAGE.config_subset(cfg)
     run_path = run_dir(cfg.pipeline.runs_root, cfg.name)
     statuses = plan_status(cfg, run_path, STAGES)
     check_unlocked(run_path)

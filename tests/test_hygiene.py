@@ -171,6 +171,7 @@ def running_stage(run: Path) -> bool:
     return any(p.name.startswith(".") and ".tmp-" in p.name for p in run.glob("**/.*"))
 
 
+@pytest.mark.slow  # ~40 s each on an idle 2-core machine (imports, server start, the first stage)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_train_leaves_no_process(tmp_path, sig):
     """SIGKILL / SIGTERM of `astrolabe train` (Prefect engine) mid-stage: its Prefect server is gone too.
@@ -211,6 +212,7 @@ def finished_run(runs_root: Path, name: str):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [*FAST, f"pipeline.runs_root={runs_root}", f"name={name}"])
     noop = {n: SimpleNamespace(STAGE=m.STAGE, run=lambda cfg, inputs, out, it: StageResult()) for n, m in STAGES.items()}
     path = run_dir(runs_root, name)
+    path.mkdir(parents=True)
     record_config(path, cfg)
     run_plan(cfg, path, noop)
     return cfg, path
@@ -240,7 +242,8 @@ def test_changed_config_is_not_cached(tmp_path):
 
 def test_bad_reward_fails_before_any_server(tmp_path):
     """A misspelt reward name: exit 1 with the registry's message, and no server was started."""
-    args = [*train_args(tmp_path, "bad"), "--set", "rewards.rewards=[{name: colourfulnes}]"]
+    args = [*train_args(tmp_path, "bad"), "--set", "rewards.rewards=[{name: colourfulnes}]",
+            "--set", "rl.selective_kl=null"]
     p = subprocess.run(args, cwd=REPO, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "unknown reward 'colourfulnes'" in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
