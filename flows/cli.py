@@ -296,13 +296,15 @@ def _print_locations(locations: dict[str, str]) -> None:
         return
     width = max(len(k) for k in locations)
     for what, where in locations.items():
-        console.print(f"  {what:<{width}}  {where if '://' in where else _short(where)}", highlight=False)
+        console.print(f"  {what:<{width}}  {where if '://' in where else _short(where)}", markup=False,
+                      highlight=False, soft_wrap=True)
     ui = ((read_up_state(prefect_home()) or {}).get("mlflow") or {}).get("url")
     if ui:
         console.print(f"MLflow UI: {ui}", highlight=False)
     elif "mlflow store" in locations:
         console.print("MLflow UI: `astrolabe up` (needs the ui extra: pip install -e '.[ui]'), or "
-                      f"`mlflow ui --backend-store-uri {locations['mlflow store']}`", highlight=False)
+                      f"`mlflow ui --backend-store-uri {locations['mlflow store']}`", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _eval_cell(mean: float | None, margin: float | None) -> str:
@@ -457,6 +459,11 @@ def status(run: Annotated[str, typer.Argument(help="Run directory or name.")], r
     Console().print(table)
 
 
+def _default_store() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``runs/mlflow.db`` (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("runs/mlflow.db").resolve())
+
+
 @app.command("up")
 def up_cmd(
     prefect_port: Annotated[int | None, typer.Option("--prefect-port", help="Default: a free port.")] = None,
@@ -467,18 +474,20 @@ def up_cmd(
     """Start a persistent local Prefect server and MLflow UI on 127.0.0.1; later commands use them."""
     from flows.server import ServerStartError, mlflow_server_available, prefect_home, up
 
-    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("runs/mlflow.db").resolve())
+    store = tracking_uri or _default_store()
     if not mlflow_server_available():
-        console.print("[yellow]the MLflow UI needs the full mlflow package (pip install -e '.[ui]'): starting "
-                      "Prefect only[/yellow]")
+        console.print("the MLflow UI needs the full mlflow package (pip install -e '.[ui]'): starting Prefect only",
+                      style="yellow", markup=False, soft_wrap=True)
     try:
         state = up(prefect_home(), store, prefect_port, mlflow_port)
     except ServerStartError as e:
         _fail(e)
-    console.print(f"Prefect UI: {state['prefect']['url']}  (API {state['prefect']['api_url']})", highlight=False)
+    lines = [f"Prefect UI: {state['prefect']['url']}  (API {state['prefect']['api_url']})"]
     if state.get("mlflow"):
-        console.print(f"MLflow UI:  {state['mlflow']['url']}  (store {state['mlflow']['store']})", highlight=False)
-    console.print("train, rescore and compare now use them; `astrolabe down` stops them", highlight=False)
+        lines.append(f"MLflow UI:  {state['mlflow']['url']}  (store {state['mlflow']['store']})")
+    lines.append("train, rescore and compare now use them; `astrolabe down` stops them")
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("down")
@@ -488,7 +497,7 @@ def down_cmd() -> None:
 
     stopped = down(prefect_home())
     console.print("stopped " + ", ".join(stopped) if stopped else "no server of `astrolabe up` was running",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -505,11 +514,10 @@ def compare(
     from rich.table import Table
 
     from astrolabe.tracking import compare_runs
-
     from flows.server import use_persistent_mlflow
 
     use_persistent_mlflow()
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("runs/mlflow.db").resolve())
+    uri = tracking_uri or _default_store()
     rows = compare_runs(runs or None, uri, experiment)
     if not rows:
         console.print(f"no runs in experiment {experiment!r} at {uri}")

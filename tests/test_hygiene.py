@@ -139,7 +139,8 @@ def test_recycled_pid_is_not_killed(tmp_path):
     (tmp_path / srv.PIDFILE_DIR).mkdir()
     other = subprocess.Popen(sleeper(marker="something-else"), start_new_session=True)
     try:
-        (tmp_path / srv.PIDFILE_DIR / f"{other.pid}.json").write_text(json.dumps({"pid": other.pid, "parent": dead_pid()}))
+        record = {"pid": other.pid, "parent": dead_pid()}
+        (tmp_path / srv.PIDFILE_DIR / f"{other.pid}.json").write_text(json.dumps(record))
         assert srv.reap_stale_servers(tmp_path) == []
         assert other.poll() is None
     finally:
@@ -152,7 +153,8 @@ def test_slow_start_gives_one_clear_error(tmp_path):
     proc = subprocess.Popen(sleeper())
     try:
         with pytest.raises(srv.ServerStartError, match=srv.STARTUP_TIMEOUT_ENV):
-            srv.wait_healthy(proc, f"http://127.0.0.1:{srv.free_port()}/api/health", "test server", tmp_path / "x.log", 1.0)
+            url = f"http://127.0.0.1:{srv.free_port()}/api/health"
+            srv.wait_healthy(proc, url, "test server", tmp_path / "x.log", 1.0)
     finally:
         proc.kill()
         proc.wait()
@@ -210,7 +212,7 @@ def test_killed_train_leaves_no_process(tmp_path, sig):
 def finished_run(runs_root: Path, name: str):
     """A run whose every node is done (stages replaced by no-ops with the real keys); returns its config."""
     cfg = load_config(REPO / "configs" / "tiny.yaml", [*FAST, f"pipeline.runs_root={runs_root}", f"name={name}"])
-    noop = {n: SimpleNamespace(STAGE=m.STAGE, run=lambda cfg, inputs, out, it: StageResult()) for n, m in STAGES.items()}
+    noop = {n: SimpleNamespace(STAGE=m.STAGE, run=lambda *args: StageResult()) for n, m in STAGES.items()}
     path = run_dir(runs_root, name)
     path.mkdir(parents=True)
     record_config(path, cfg)
@@ -287,7 +289,8 @@ def test_progress_iteration_stage_and_eta():
     """ETA = sum of the remaining nodes' mean stage time; unknown before a computed node; cached nodes are free."""
     nodes = [Node("filter_prompts", None), Node("evaluate", 0)]
     for k in range(2):
-        nodes += [Node(s, k) for s in ("rollout", "score", "label_uncertainty", "nft_update")] + [Node("evaluate", k + 1)]
+        nodes += [Node(s, k) for s in ("rollout", "score", "label_uncertainty", "nft_update")]
+        nodes.append(Node("evaluate", k + 1))
     now = [0.0]
     p = RunProgress(nodes, iterations=2, clock=lambda: now[0])
     assert p.describe() == "set-up" and p.eta_s() is None
