@@ -219,7 +219,7 @@ def run_locations(run_path: Path, results: RunResults, tracking_uri: str | None 
     if evals:
         last = evals[-1]
         for rel in last.manifest.reports:
-            out[Path(rel).stem.replace("_", " ")] = str(last.path / rel)
+            out[f"eval {Path(rel).name}"] = str(last.path / rel)  # eval grid.mp4, eval grid.png, eval metrics.json
     updates = sorted((r for r in results.by_id.values() if r.node.stage == "nft_update"),
                      key=lambda r: r.node.iteration or 0)  # fmt: skip
     if updates:
