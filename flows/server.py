@@ -24,6 +24,7 @@ flows then run against that Prefect server (no temporary one) and MLflow logs in
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -73,16 +74,13 @@ def free_port() -> int:
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # gone, or no /proc (not Linux): ask the kernel
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        except OSError as e:
+            return e.errno == errno.EPERM  # exists, another user's
         return True
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def cmdline(pid: int) -> str:
