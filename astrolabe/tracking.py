@@ -316,6 +316,23 @@ class Tracker:
             return
         self._client.set_terminated(self.run_id, status=status)
 
+    def mark_killed_if_running(self, run_id: str) -> bool:
+        """Set MLflow run ``run_id`` to KILLED if it is RUNNING (its process died unannounced, e.g. SIGKILL)."""
+        if not self.enabled:
+            return False
+        assert self.tracking_uri is not None
+        client = self._client or _client(self.tracking_uri)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if client.get_run(run_id).info.status != "RUNNING":
+                return False
+        except MlflowException:
+            return False
+        client.set_terminated(run_id, status="KILLED")
+        log.info("MLflow run %s was RUNNING but its process is gone: marked KILLED", run_id)
+        return True
+
     def __enter__(self) -> Tracker:
         return self
 

@@ -49,18 +49,41 @@ def _error(message: str) -> None:
     console.print(f"[red]{escape(message)}[/red]")
 
 
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="-v: progress details (INFO); -vv: everything, HTTP requests included.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: tiny CPU run).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set rl.nft.beta=0.2 (repeatable).")]
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Log to stderr; under torchrun (``WORLD_SIZE > 1``) every line names its rank."""
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the *current* ``sys.stderr``, so log lines go above a live progress display (rich swaps it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "alembic", "prefect")  # their INFO lines only with -vv
+
+
+def _setup_logging(verbose: int) -> None:
+    """Warnings and errors only by default (progress is shown by the display); ``-v`` adds Astrolabe's INFO
+    lines, ``-vv`` everything (HTTP requests included). Under torchrun every line names its rank."""
     from astrolabe.distributed import dist_rank_world
 
     rank, world = dist_rank_world()
     prefix = f"[rank {rank}] " if world > 1 else ""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(levelname)s {prefix}%(name)s: %(message)s")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"%(levelname)s {prefix}%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -108,7 +131,7 @@ def generate(
                                   "run directory (runs/<name>: its last policy).")
     ] = None,
     set_: SetOpt = None,
-    verbose: bool = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Generate one mp4 per prompt (+ a JSON sidecar with prompt, seeds, config and timing)."""
     _setup_logging(verbose)
@@ -245,14 +268,43 @@ def _ranks(device: str, engine: str) -> Iterator[bool]:
         shutdown_distributed()
 
 
-def _node_progress(progress: Progress, total: int):
-    task = progress.add_task("stages", total=total)
+@contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM (like SIGINT) raises KeyboardInterrupt in the block, so every cleanup runs (the MLflow run is
+    marked KILLED, the temporary Prefect server stopped); then this process dies of that signal (143 / 130)."""
+    import signal
 
-    def on_done(res, results) -> None:
-        state = "cached" if res.cached else f"{res.manifest.timings.get('total', 0.0):.1f}s"
-        progress.update(task, advance=1, description=f"{res.node.label} ({state})")
+    received: list[int] = []
 
-    return on_done
+    def handler(signum, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        console.print(f"[yellow]stopped by {signal.Signals(signum).name}: rerun the same command to resume[/yellow]")
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        raise typer.Exit(128 + signum) from None  # not reached: the default action ends the process
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _train_prefect(config: Path, sets: list[str], nodes, iterations: int) -> dict:
+    """The train flow on a Prefect API: ``astrolabe up``'s server, or a temporary one tied to this process."""
+    from flows import progress
+    from flows.server import prefect_api
+
+    with prefect_api() as api:
+        from flows.train import train as train_flow  # imports prefect while the server starts
+
+        api.wait()
+        with progress.display(nodes, iterations, console):
+            return train_flow(str(config), None, sets)
 
 
 def _print_summary(summary: dict) -> None:
@@ -280,6 +332,34 @@ def _print_summary(summary: dict) -> None:
             table.add_row(str(it), *[_eval_cell(evals[it].get(n), margins.get(it, {}).get(n[: -len("/mean")]),
                                                 deltas.get(it, {}).get(n[: -len("/mean")])) for n in names])
         Console().print(table)
+    _print_locations(summary.get("locations") or {})
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the working directory when it is under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def _print_locations(locations: dict[str, str]) -> None:
+    """Where the results are, and how to open the MLflow UI."""
+    from flows.server import prefect_home, read_up_state
+
+    if not locations:
+        return
+    width = max(len(k) for k in locations)
+    for what, where in locations.items():
+        console.print(f"  {what:<{width}}  {where if '://' in where else _short(where)}", markup=False,
+                      highlight=False, soft_wrap=True)
+    ui = ((read_up_state(prefect_home()) or {}).get("mlflow") or {}).get("url")
+    if ui:
+        console.print(f"MLflow UI: {ui}", highlight=False)
+    elif "mlflow store" in locations:
+        console.print("MLflow UI: `astrolabe up` (needs the ui extra: pip install -e '.[ui]'), or "
+                      f"`mlflow ui --backend-store-uri {locations['mlflow store']}`", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _eval_cell(mean: float | None, margin: float | None, delta: float | None = None) -> str:
@@ -297,7 +377,7 @@ def train(
     run_name: Annotated[str | None, typer.Option("--run-name", help="Run name (default: the config's name).")] = None,
     set_: SetOpt = None,
     engine: EngineOpt = "prefect",
-    verbose: bool = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Train: all iterations of prompt filtering, rollout, scoring, labelling, NFT update, evaluation (resumes).
 
@@ -310,18 +390,26 @@ def train(
     if engine not in ("prefect", "local"):
         _error(f"--engine {engine!r}: use 'prefect' or 'local'")
         raise typer.Exit(2)
-    with _user_errors(), _ranks(cfg.model.device, engine) as is_main:
-        if engine == "prefect":
-            from flows.train import train as train_flow
+    with _user_errors(), _signals_as_interrupt(), _ranks(cfg.model.device, engine) as is_main:
+        from astrolabe.artifacts.plan import build_plan
+        from astrolabe.distributed import DistContext
+        from flows import progress
+        from flows.run import cached_summary, preflight, train_run
 
-            summary = train_flow(str(config), None, sets)
+        from flows.server import use_persistent_mlflow
+
+        use_persistent_mlflow()  # log into the store of `astrolabe up`'s MLflow UI, if one runs
+        run_path, statuses = preflight(cfg)  # every input checked before a server or model starts
+        done = None if DistContext.from_env().is_distributed else cached_summary(cfg, run_path, statuses)
+        nodes = build_plan(cfg)
+        if done is not None:
+            summary = done.to_json()
+        elif engine == "prefect":
+            summary = _train_prefect(config, sets, nodes, cfg.pipeline.iterations)
         else:
-            from astrolabe.artifacts.plan import build_plan
-            from flows.run import train_run
-
-            with _progress() if is_main else nullcontext() as progress:
-                on_done = _node_progress(progress, len(build_plan(cfg))) if progress is not None else None
-                summary = train_run(cfg, on_done=on_done).to_json()
+            with progress.display(nodes, cfg.pipeline.iterations, console, enabled=is_main) as shown:
+                summary = train_run(cfg, on_start=shown.start if shown else None,
+                                    on_done=shown.done if shown else None).to_json()
     if is_main:
         _print_summary(summary)
 
@@ -330,7 +418,7 @@ def train(
 def world_build(
     root: Annotated[Path, typer.Option("--root", help="Cache root: the model lands in ROOT/world/<key>/.")] = Path("runs"),
     steps: Annotated[int | None, typer.Option("--steps", help="Override the recipe's training steps.")] = None,
-    verbose: bool = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Pretrain the world model (DiT + text encoder) unless already built; prints its directory."""
     from astrolabe.world.pretrain import WorldModelRecipe, build_world_model, world_model_built
@@ -358,7 +446,7 @@ def stage(
     iteration: Annotated[int | None, typer.Option("--iteration", help="Iteration (per-iteration stages).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute even if done; its dependents become stale.")] = False,
     runs_root: RootOpt = None,
-    verbose: bool = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Run one stage of a run from its current inputs (upstream is never touched)."""
     _setup_logging(verbose)
@@ -388,23 +476,33 @@ def rescore(
     reward: Annotated[list[str], typer.Option("--reward", help="NAME or NAME=WEIGHT (repeatable).")],
     runs_root: RootOpt = None,
     engine: EngineOpt = "prefect",
-    verbose: bool = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Score every stored rollout of a run with another reward set, without regenerating anything."""
     _setup_logging(verbose)
     from astrolabe.distributed import DistContext
 
-    with _user_errors():
+    with _user_errors(), _signals_as_interrupt():
         if DistContext.from_env().is_distributed:
             raise ConfigError("rescore runs in one process (scoring is not split over ranks): launch it without torchrun")
+        from flows.run import check_unlocked, rescore_configs, rescore_run, resolve_run_path
+
+        from flows.server import use_persistent_mlflow
+
+        use_persistent_mlflow()
+        run_path = resolve_run_path(run, runs_root)
+        rescore_configs(run_path, reward)  # reward names and options checked before a server starts
+        check_unlocked(run_path)
         if engine == "prefect":
-            from flows.train import rescore as rescore_flow
+            from flows.server import prefect_api
 
-            out = rescore_flow(run, reward, str(runs_root) if runs_root else None)
+            with prefect_api() as api:
+                from flows.train import rescore as rescore_flow
+
+                api.wait()
+                out = rescore_flow(str(run_path), reward)
         else:
-            from flows.run import rescore_run, resolve_run_path
-
-            out = {str(k): v for k, v in rescore_run(resolve_run_path(run, runs_root), reward).items()}
+            out = {str(k): v for k, v in rescore_run(run_path, reward).items()}
     from rich.table import Table
 
     names = sorted({k for m in out.values() for k in m if k.endswith("/mean")})
@@ -432,6 +530,9 @@ def status(
         run_path = resolve_run_path(run, runs_root)
         cfg = load_run_config(run_path)
         statuses = plan_status(cfg, run_path, STAGES, check_sha=not quick)
+    from flows.run import mark_killed_if_dead
+
+    mark_killed_if_dead(cfg, run_path)  # a SIGKILLed run left RUNNING in MLflow becomes KILLED
     out = Console()
     for line in status_lines(statuses, f"{run_path.name}: {cfg.pipeline.iterations} iterations"):
         out.print(Text.assemble(*line), soft_wrap=True)
@@ -461,6 +562,47 @@ def verify(
         raise typer.Exit(1)
 
 
+def _default_store() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``runs/mlflow.db`` (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("runs/mlflow.db").resolve())
+
+
+@app.command("up")
+def up_cmd(
+    prefect_port: Annotated[int | None, typer.Option("--prefect-port", help="Default: a free port.")] = None,
+    mlflow_port: Annotated[int | None, typer.Option("--mlflow-port", help="Default: a free port.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="The MLflow store the UI shows (default: "
+                                                     "$MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db).")] = None,
+) -> None:
+    """Start a persistent local Prefect server and MLflow UI on 127.0.0.1; later commands use them."""
+    from flows.server import ServerStartError, mlflow_server_available, prefect_home, up
+
+    store = tracking_uri or _default_store()
+    if not mlflow_server_available():
+        console.print("the MLflow UI needs the full mlflow package (pip install -e '.[ui]'): starting Prefect only",
+                      style="yellow", markup=False, soft_wrap=True)
+    try:
+        state = up(prefect_home(), store, prefect_port, mlflow_port)
+    except ServerStartError as e:
+        _fail(e)
+    lines = [f"Prefect UI: {state['prefect']['url']}  (API {state['prefect']['api_url']})"]
+    if state.get("mlflow"):
+        lines.append(f"MLflow UI:  {state['mlflow']['url']}  (store {state['mlflow']['store']})")
+    lines.append("train, rescore and compare now use them; `astrolabe down` stops them")
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("down")
+def down_cmd() -> None:
+    """Stop the servers started by `astrolabe up` (nothing else)."""
+    from flows.server import down, prefect_home
+
+    stopped = down(prefect_home())
+    console.print("stopped " + ", ".join(stopped) if stopped else "no server of `astrolabe up` was running",
+                  highlight=False, soft_wrap=True)
+
+
 @app.command()
 def compare(
     runs: Annotated[list[str] | None, typer.Argument(help="Run names (default: all runs of the experiment).")] = None,
@@ -476,7 +618,10 @@ def compare(
 
     from astrolabe.tracking import compare_runs, metric_histories, missing_store, plot_runs
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("runs/mlflow.db").resolve())
+    from flows.server import use_persistent_mlflow
+
+    use_persistent_mlflow()
+    uri = tracking_uri or _default_store()
     with _user_errors():
         if (absent := missing_store(uri)) is not None:
             _error(f"no MLflow store at {absent}: train a run first, or pass --tracking-uri")
@@ -542,7 +687,7 @@ def bench_gpu(
     attention_backend: Annotated[str, typer.Option("--attention-backend", help="auto | sdpa | flash")] = "auto",
     compile_blocks: Annotated[bool, typer.Option("--compile", help="torch.compile every DiT block.")] = False,
     budget_s: Annotated[float | None, typer.Option("--budget-s", help="Skip sections starting later.")] = None,
-    verbose: bool = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """One CUDA device, one JSON: 1.3B 480x832 4-step rollout fps (denoise only and with streamed VAE decode)
     and peak memory at 240 latent frames (window 12 + sink 3), a LoRA-256 clip-window vs whole-clip update

@@ -26,10 +26,12 @@ in step).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -40,13 +42,15 @@ from typing import Any
 from astrolabe.artifacts import atomic
 from astrolabe.artifacts.atomic import write_json, write_text
 from astrolabe.artifacts.engine import execute
-from astrolabe.artifacts.lock import RunLock
+from astrolabe.artifacts.lock import RunLock, RunLockedError
 from astrolabe.artifacts.manifest import Manifest
-from astrolabe.artifacts.plan import NodeResult, RunResults, Runner, explain_change, plan_status, run_plan
+from astrolabe.artifacts.plan import (
+    Node, NodeResult, NodeStatus, RunResults, Runner, direct_runner, explain_change, plan_status, run_plan,
+)
 from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
 from astrolabe.distributed import current_context, rank0_run_lock
-from astrolabe.tracking import Tracker, plot_curves
+from astrolabe.tracking import RUN_ID_FILE, Tracker, plot_curves
 from stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -212,6 +216,7 @@ class TrainSummary:
     cached_nodes: int
     eval: dict[int, dict[str, float]]  # evaluated iteration -> metrics
     config_change: str | None
+    locations: dict[str, str] = field(default_factory=dict)  # what -> path (see :func:`run_locations`)
 
     @property
     def overhead_fraction(self) -> float:
@@ -226,7 +231,7 @@ class TrainSummary:
             "overhead_fraction": _finite(self.overhead_fraction), "eval": {str(k): v for k, v in self.eval.items()},
             "eval_margin_std": {str(k): v for k, v in eval_margins(self.eval).items()},
             "eval_delta": {str(k): v for k, v in eval_deltas(self.eval).items()},
-            "config_change": self.config_change,
+            "config_change": self.config_change, "locations": self.locations,
         }
 
 
@@ -279,7 +284,27 @@ def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:
     return out
 
 
-def summarize(run_path: Path, start: float, results: RunResults, change: str | None) -> TrainSummary:
+def run_locations(run_path: Path, results: RunResults, tracking_uri: str | None = None) -> dict[str, str]:
+    """Where to look after a run: the summary file, the last evaluation's reports (grid ...), the last
+    checkpoint (``nft_update``'s ``state/``), the MLflow store."""
+    out = {"summary": str(run_path / SUMMARY_FILE)}
+    evals = sorted((r for r in results.by_id.values() if r.node.stage == "evaluate" and r.manifest.reports),
+                   key=lambda r: r.node.iteration or 0)  # fmt: skip
+    if evals:
+        last = evals[-1]
+        for rel in last.manifest.reports:
+            out[f"eval {Path(rel).name}"] = str(last.path / rel)  # eval grid.mp4, eval grid.png, eval metrics.json
+    updates = sorted((r for r in results.by_id.values() if r.node.stage == "nft_update"),
+                     key=lambda r: r.node.iteration or 0)  # fmt: skip
+    if updates:
+        out["checkpoint"] = str(updates[-1].path / "state")
+    if tracking_uri:
+        out["mlflow store"] = tracking_uri
+    return out
+
+
+def summarize(run_path: Path, start: float, results: RunResults, change: str | None,
+              tracking_uri: str | None = None) -> TrainSummary:  # fmt: skip
     """The summary of an attempt from its node results (seconds of computed, i.e. not cached, nodes)."""
     computed = {r.node.label: r.manifest.timings["total"] for r in results.by_id.values() if not r.cached}
     per_stage: dict[str, float] = defaultdict(float)
@@ -288,7 +313,7 @@ def summarize(run_path: Path, start: float, results: RunResults, change: str | N
     return TrainSummary(
         run_path=run_path, wall_seconds=time.perf_counter() - start, stage_seconds=dict(per_stage),
         computed_nodes=len(computed), cached_nodes=len(results.by_id) - len(computed),
-        eval=eval_summary(results), config_change=change,
+        eval=eval_summary(results), config_change=change, locations=run_locations(run_path, results, tracking_uri),
     )
 
 
@@ -306,15 +331,20 @@ def train_run(
     cfg: RunConfig,
     runner_factory: Callable[[RunConfig, Path], Runner] | None = None,
     on_done: Callable[[NodeResult, RunResults], None] | None = None,
+    on_start: Callable[[Node], None] | None = None,
 ) -> TrainSummary:
     """Train (or resume) the run ``cfg.name`` under ``cfg.pipeline.runs_root``; returns its summary.
 
     Takes the run lock (a second process exits with :class:`astrolabe.artifacts.lock.RunLockedError`), records
-    the config (explaining what a change makes stale), continues the MLflow run, and runs the plan.
-    Under torchrun only rank 0 does that bookkeeping (and calls ``on_done``); the others only run the plan.
+    the config (explaining what a change makes stale), continues the MLflow run, and runs the plan
+    (``on_start`` before each node, ``on_done`` after). The MLflow run ends FINISHED, FAILED on an error, or
+    KILLED when interrupted (SIGINT, SIGTERM: anything raised that is not an ``Exception``); one left RUNNING by
+    a SIGKILLed attempt is marked KILLED first (:func:`mark_killed_if_dead`).
+    Under torchrun only rank 0 does that bookkeeping (and calls the hooks); the others only run the plan.
     """
     start = time.perf_counter()
     run_path = run_dir(cfg.pipeline.runs_root, cfg.name)
+    died = holder_died(run_path)  # read before the lock is taken: taking it overwrites the holder
     with rank0_run_lock(run_path):
         if not current_context().is_main:
             runner = runner_factory(cfg, run_path) if runner_factory is not None else None
@@ -324,6 +354,8 @@ def train_run(
         if change:
             log.warning("%s", change)
         tracker = Tracker(cfg.tracking, cfg.pipeline.runs_root)
+        if died:
+            mark_killed(tracker, run_path)
         tracker.start_or_resume(cfg.name, run_path)
         status = "FAILED"
         try:
@@ -337,17 +369,128 @@ def train_run(
                     on_done(res, results)
 
             runner = runner_factory(cfg, run_path) if runner_factory is not None else None
-            results = run_plan(cfg, run_path, STAGES, runner=runner, on_done=done)
+            results = run_plan(cfg, run_path, STAGES, runner=announcing(runner or direct_runner(cfg, run_path, STAGES),
+                                                                        on_start), on_done=done)  # fmt: skip
             logger.finish()
             status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
+        except BaseException as e:
+            if not isinstance(e, Exception):  # KeyboardInterrupt (SIGINT, SIGTERM via the CLI), SystemExit, ...
+                status = "KILLED"
             raise
         finally:
             tracker.end(status)
-        summary = summarize(run_path, start, results, change)
+        summary = summarize(run_path, start, results, change, tracker.tracking_uri)
         write_json(run_path / SUMMARY_FILE, summary.to_json(), indent=2)
         return summary
+
+
+def announcing(runner: Runner, on_start: Callable[[Node], None] | None) -> Runner:
+    """``runner`` calling ``on_start(node)`` first (a progress display's "now running")."""
+    if on_start is None:
+        return runner
+
+    def run(node: Node, inputs: Mapping[str, Path], force: bool) -> Manifest:
+        on_start(node)
+        return runner(node, inputs, force)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------- before any work
+
+
+def holder_died(run_path: Path) -> bool:
+    """Whether the run lock names a process of this host that is gone without releasing it (SIGKILL, OOM).
+
+    A released lock is empty (:meth:`RunLock.release`), so only a holder that died leaves its pid behind.
+    """
+    h = RunLock(run_path).holder()
+    pid = h.get("pid")
+    if not isinstance(pid, int) or h.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    from flows.server import pid_alive
+
+    return not pid_alive(pid)
+
+
+def mark_killed(tracker: Tracker, run_path: Path) -> bool:
+    """Mark the run's MLflow run KILLED if it is still RUNNING (its process died); returns whether it was."""
+    if not tracker.enabled or not (run_path / RUN_ID_FILE).is_file():
+        return False
+    return tracker.mark_killed_if_running((run_path / RUN_ID_FILE).read_text(encoding="utf-8").strip())
+
+
+def mark_killed_if_dead(cfg: RunConfig, run_path: Path) -> bool:
+    """:func:`mark_killed` when the lock's holder died (what ``astrolabe status`` and a cached rerun do)."""
+    if not holder_died(run_path):
+        return False
+    return mark_killed(Tracker(cfg.tracking, cfg.pipeline.runs_root), run_path)
+
+
+def check_unlocked(run_path: Path) -> None:
+    """Raise :class:`RunLockedError` if another process holds the run lock (the lock is not taken)."""
+    lock = RunLock(run_path)
+    if not lock.path.is_file():
+        return
+    fd = os.open(lock.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        h = lock.holder()
+        raise RunLockedError(f"run {run_path} is locked by pid {h.get('pid', '?')} on host {h.get('host', '?')}: "
+                             "another process is writing this run; wait for it or use another run name") from None
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
+def check_model_files(cfg: RunConfig) -> None:
+    """The base model's checkpoint files exist (one error listing the missing ones); tiny needs none."""
+    from astrolabe.models.registry import check_files, get_base_model
+
+    card = get_base_model(cfg.model.base)
+    if not card.files():
+        return
+    if cfg.model.checkpoint_dir is None:
+        raise ConfigError(f"model.checkpoint_dir is not set; base model {card.name!r} needs its checkpoint files "
+                          "(see `astrolabe generate` for the list), or use model.base=tiny")  # fmt: skip
+    check_files(card, Path(cfg.model.checkpoint_dir), fill_base=cfg.model.fill_missing_from_base)
+
+
+def preflight(cfg: RunConfig) -> tuple[Path, list[NodeStatus]]:
+    """Check everything a training run needs before anything starts (no server, no model, no lock taken).
+
+    The config is loaded; the base model's files exist; every stage's cache key can be computed (reward
+    names and options, prompt files); no other process writes the run. Returns the run directory and the
+    status of every node of the plan.
+    """
+    check_model_files(cfg)
+    for module in STAGES.values():  # reward identities (unknown names, bad options), prompt file hashes
+        module.STAGE.config_subset(cfg)
+    run_path = run_dir(cfg.pipeline.runs_root, cfg.name)
+    statuses = plan_status(cfg, run_path, STAGES)
+    check_unlocked(run_path)
+    return run_path, statuses
+
+
+def cached_summary(cfg: RunConfig, run_path: Path, statuses: list[NodeStatus]) -> TrainSummary | None:
+    """The summary of a finished run with nothing to do (same config, every node done); None otherwise.
+
+    Nothing is started: no Prefect, no MLflow logging, no model. A run left RUNNING in MLflow by a
+    SIGKILLed attempt is marked KILLED on the way.
+    """
+    start = time.perf_counter()
+    recorded = run_path / CONFIG_FILE
+    if not recorded.is_file() or recorded.read_text(encoding="utf-8") != dump_config(cfg):
+        return None
+    if any(s.status != "done" or s.path is None for s in statuses):
+        return None
+    mark_killed_if_dead(cfg, run_path)
+    results = RunResults()
+    for s in statuses:
+        assert s.path is not None
+        results.by_id[s.node.id] = NodeResult(s.node, Manifest.load(s.path), s.path, cached=True)
+    uri = Tracker(cfg.tracking, cfg.pipeline.runs_root).tracking_uri
+    return summarize(run_path, start, results, None, uri)
 
 
 def parse_reward_args(items: list[str]) -> list[dict[str, Any]]:
@@ -391,6 +534,16 @@ def direct_score(cfg: RunConfig, run_path: Path, rollout_dir: Path, iteration: i
     return execute(STAGES["score"], cfg, run_path, {"rollout": rollout_dir}, iteration)
 
 
+def rescore_configs(run_path: Path, reward_args: list[str]) -> tuple[RunConfig, RunConfig]:
+    """The run's config and the rescoring config; unknown reward names or bad options fail here, before any work."""
+    cfg = load_run_config(run_path)
+    new_cfg = with_rewards(cfg, parse_reward_args(reward_args))
+    from astrolabe.rewards import build_rewards
+
+    build_rewards(new_cfg.rewards.rewards)
+    return cfg, new_cfg
+
+
 def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunner | None = None) -> dict[int, dict[str, float]]:
     """Score every stored rollout of a run with another reward set; nothing is regenerated.
 
@@ -400,11 +553,7 @@ def rescore_run(run_path: Path, reward_args: list[str], score_runner: ScoreRunne
     """
     score_runner = score_runner or direct_score
     with RunLock(run_path):
-        cfg = load_run_config(run_path)
-        new_cfg = with_rewards(cfg, parse_reward_args(reward_args))
-        from astrolabe.rewards import build_rewards
-
-        build_rewards(new_cfg.rewards.rewards)  # unknown names / missing weights fail before any work
+        cfg, new_cfg = rescore_configs(run_path, reward_args)
         statuses = plan_status(cfg, run_path, STAGES)
         rollouts = [s for s in statuses if s.node.stage == "rollout" and s.status == "done"]
         if not rollouts:

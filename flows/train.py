@@ -4,9 +4,9 @@ Flows pass paths and names, never tensors. Every stage call is one task run name
 ``<stage>-it<k>``; the ``score`` stage is retried on transient errors (``SCORE_RETRIES``). Caching is
 Astrolabe's own (content-keyed stage directories), so Prefect's task cache is off.
 
-Local mode (default): no ``PREFECT_API_URL``, so Prefect starts a temporary local server per process,
-quiet and offline (:func:`flows.prefect_env.configure`). Set ``PREFECT_API_URL`` to run against a
-server (UI, deployments in ``deploy/prefect.yaml``, workers).
+Local mode (default): the CLI starts a temporary local server tied to its process, or uses the one of
+``astrolabe up`` (:mod:`flows.server`), quiet and offline (:func:`flows.prefect_env.configure`). Set
+``PREFECT_API_URL`` to run against another server (UI, deployments in ``deploy/prefect.yaml``, workers).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from astrolabe.artifacts.lock import RunLock  # noqa: E402
 from astrolabe.artifacts.manifest import Manifest  # noqa: E402
 from astrolabe.artifacts.plan import Node, Runner, run_stage  # noqa: E402
 from astrolabe.config import RunConfig, load_config  # noqa: E402
+from flows import progress  # noqa: E402
 from flows import run as run_mod  # noqa: E402
 from stages import STAGES  # noqa: E402
 
@@ -67,7 +68,9 @@ def train(config: str, run_name: str | None = None, overrides: list[str] | None 
     """All iterations of a run (resumes: completed stages are skipped). Returns the run summary."""
     sets = list(overrides or []) + ([f"name={run_name}"] if run_name else [])
     cfg = load_config(config, sets)
-    return run_mod.train_run(cfg, runner_factory=prefect_runner).to_json()
+    shown = progress.current()  # the CLI's progress display, when called from `astrolabe train`
+    return run_mod.train_run(cfg, runner_factory=prefect_runner, on_start=shown.start if shown else None,
+                             on_done=shown.done if shown else None).to_json()
 
 
 @flow(name="rescore")
