@@ -7,9 +7,13 @@ One block of ``f`` latent frames (``models-reference.md`` 4.4, ``astrolabe-refer
                        if k < K-1:  x = (1 - sigma_{k+1}) x0 + sigma_{k+1} eps_{k+1}   (fresh noise, not an ODE step)
     block output = x0;  context pass G(x0, t = 0 | cache, write) stores the clean block's keys/values
 
-Randomness: every sample owns a ``torch.Generator`` seeded from its recorded seed and draws, block by
-block, its initial noise then its re-noising noise. A sample's video depends only on its seed, its
-prompt and the model, never on the batch it ran in, so any sample can be regenerated exactly.
+Randomness: the sampler asks a :class:`NoiseSource` for draw ``(start_frame, step)`` of each block:
+step 0 is the initial noise ``eps_0``, step k >= 1 the re-noising noise ``eps_k``. By default every
+sample owns a ``torch.Generator`` seeded from its recorded seed (:class:`SampleNoise`) and draws, block
+by block, its initial noise then its re-noising noise. A sample's video depends only on its seed, its
+prompt and the model, never on the batch it ran in, so any sample can be regenerated exactly. A
+:class:`astrolabe.sampling.noise_tape.NoiseTape` supplies the same draws explicitly (AR-CoPO branches
+share all noise but one chunk's initial noise).
 
 Group branching: a prefix is generated once per prompt, the cache is forked K ways along the batch
 (:meth:`KVCache.fork`), and each candidate continues with its own seed. :func:`rebuild_context`
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -59,8 +64,27 @@ class StreamSpec:
         return (batch, f, self.latent_channels, self.latent_height, self.latent_width)
 
 
+class NoiseSource(Protocol):
+    """Where the sampler's Gaussian draws come from, one batch row per stream."""
+
+    device: torch.device  # where the draws are made (a fork with seeds draws there too)
+
+    def __len__(self) -> int:
+        """Number of streams (the batch size)."""
+        ...
+
+    def draw(self, start_frame: int, step: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Noise ``(B, *shape)`` of the block starting at ``start_frame``: ``step`` 0 is the initial noise,
+        ``step`` k >= 1 the re-noising noise before denoising step k."""
+        ...
+
+
 class SampleNoise:
-    """Independent Gaussian noise streams, one generator per sample, seeded from recorded seeds."""
+    """Independent Gaussian noise streams, one generator per sample, seeded from recorded seeds.
+
+    Draws happen in call order (the sampler's order: per block, the initial noise then each re-noising
+    noise); :meth:`draw`'s indices only name the draw.
+    """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
         self.seeds = [int(s) for s in seeds]
@@ -75,6 +99,10 @@ class SampleNoise:
         return torch.stack(
             [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
         )
+
+    def draw(self, start_frame: int, step: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """The next draw of every generator, (B, *shape) (the indices are not used: see the class docstring)."""
+        return self.randn(shape, dtype)
 
     def get_state(self) -> list[torch.Tensor]:
         return [g.get_state() for g in self.generators]
@@ -91,28 +119,48 @@ def make_cache(model: WanDiT, spec: StreamSpec) -> KVCache:
     )
 
 
+def denoise_steps(
+    model: WanDiT,
+    cache: KVCache,
+    context: torch.Tensor,  # (B, L, text_dim)
+    noise: NoiseSource,
+    start_frame: int,
+    spec: StreamSpec,
+    frames: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Few-step denoising of one block against the cache (read-only), one step at a time.
+
+    Yields ``(x_t, x0_hat)`` per step k: the model input (B, f, C, h, w) and its x0 prediction. The
+    re-noising draw for step k + 1 happens after step k's yield; the last ``x0_hat`` is the block output.
+    """
+    b = context.shape[0]
+    shape = spec.block_shape(b, frames)[1:]
+    x = noise.draw(start_frame, 0, shape, dtype)
+    steps = spec.steps_for(start_frame)
+    for k, (t, sigma) in enumerate(zip(steps.timesteps, steps.sigmas)):
+        tt = torch.full((b,), t, device=x.device)
+        v = model(x, tt, context, kv_cache=cache, start_frame=start_frame)
+        x0 = flow_to_x0(x, v, sigma)
+        yield x, x0
+        if k + 1 < len(steps.timesteps):
+            x = add_noise(x0, noise.draw(start_frame, k + 1, shape, dtype), steps.sigmas[k + 1])
+
+
 def denoise_block(
     model: WanDiT,
     cache: KVCache,
     context: torch.Tensor,  # (B, L, text_dim)
-    noise: SampleNoise,
+    noise: NoiseSource,
     start_frame: int,
     spec: StreamSpec,
     frames: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Few-step denoising of one block against the cache (read-only). Returns x0 (B, f, C, h, w)."""
-    b = context.shape[0]
-    shape = spec.block_shape(b, frames)[1:]
-    x = noise.randn(shape, dtype)
-    x0 = x
-    steps = spec.steps_for(start_frame)
-    for k, (t, sigma) in enumerate(zip(steps.timesteps, steps.sigmas)):
-        tt = torch.full((b,), t, device=x.device)
-        v = model(x, tt, context, kv_cache=cache, start_frame=start_frame)
-        x0 = flow_to_x0(x, v, sigma)
-        if k + 1 < len(steps.timesteps):
-            x = add_noise(x0, noise.randn(shape, dtype), steps.sigmas[k + 1])
+    x0 = None
+    for _, x0 in denoise_steps(model, cache, context, noise, start_frame, spec, frames, dtype):
+        pass
     return x0
 
 
@@ -150,7 +198,7 @@ class BlockStreamer:
     model: WanDiT
     spec: StreamSpec
     context: torch.Tensor  # (B, L, text_dim)
-    noise: SampleNoise
+    noise: NoiseSource
     cache: KVCache | None = None
     next_frame: int = 0
     retained: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (B, C, h, w)
@@ -166,12 +214,18 @@ class BlockStreamer:
         """Generate the next block; returns its clean latents (B, f, C, h, w) and caches them."""
         f = self.spec.block_frames if frames is None else frames
         x0 = denoise_block(self.model, self.cache, self.context, self.noise, self.next_frame, self.spec, f)
+        self.commit(x0)
+        return x0
+
+    @torch.no_grad()
+    def commit(self, x0: torch.Tensor) -> None:
+        """Append a denoised block (B, f, C, h, w) at ``next_frame``: context pass, retained latents, advance."""
+        f = x0.shape[1]
         write_context(self.model, self.cache, self.context, x0, self.spec, start_frame=self.next_frame)
         for i in range(f):
             self.retained[self.next_frame + i] = x0[:, i]
         self.retained = {p: self.retained[p] for p in self.cache.positions}
         self.next_frame += f
-        return x0
 
     @torch.no_grad()
     def switch_prompt(self, context: torch.Tensor, hard: bool) -> None:
@@ -194,11 +248,19 @@ class BlockStreamer:
         if len(seeds) != self.context.shape[0] or any(len(s) != k for s in seeds):
             raise ValueError(f"fork needs {k} seeds for each of {self.context.shape[0]} streams")
         flat = [s for per in seeds for s in per]
+        return self.fork_with(k, SampleNoise(flat, self.noise.device))
+
+    def fork_with(self, k: int, noise: NoiseSource) -> BlockStreamer:
+        """K candidates per stream sharing this prefix, drawing from ``noise`` (B*k rows, candidate j of
+        stream b in row b*k + j), e.g. a :class:`~astrolabe.sampling.noise_tape.NoiseTape`."""
+        if len(noise) != self.context.shape[0] * k:
+            raise ValueError(f"fork of {self.context.shape[0]} streams x {k} needs {self.context.shape[0] * k} "
+                             f"noise rows, got {len(noise)}")
         return BlockStreamer(
             model=self.model,
             spec=self.spec,
             context=self.context.repeat_interleave(k, dim=0),
-            noise=SampleNoise(flat, self.noise.device),
+            noise=noise,
             cache=self.cache.fork(k),
             next_frame=self.next_frame,
             retained={p: x.repeat_interleave(k, dim=0) for p, x in self.retained.items()},
