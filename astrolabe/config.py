@@ -19,6 +19,7 @@ from astrolabe.configbase import Frozen
 from astrolabe.data.shards import ShardWriterConfig
 from astrolabe.rewards.base import RewardsConfig
 from astrolabe.rl.advantages import AdvantageConfig
+from astrolabe.rl.arcopo import ArCoPOConfig
 from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.nft import NFTConfig
 from astrolabe.rl.schedules import PolicyAveragingConfig, ReferenceRefreshConfig
@@ -94,8 +95,11 @@ class DataConfig(Frozen):
 
 
 class RLConfig(Frozen):
-    """The NFT update of one iteration: objective, labels, policies, LoRA, optimizer, passes."""
+    """The update of one iteration: algorithm, objective, labels, policies, LoRA, optimizer, passes."""
 
+    algorithm: Literal["nft", "arcopo"] = Field(
+        "nft", description="'nft': forward-process NFT (rl.nft); 'arcopo': AR-CoPO / Neighbor GRPO (the arcopo section)."
+    )
     nft: NFTConfig = NFTConfig()
     advantage: AdvantageConfig = AdvantageConfig()
     selective_kl: SelectiveKLConfig | None = Field(None, description="None = KL on every sample.")
@@ -131,6 +135,9 @@ class RunConfig(Frozen):
     data: DataConfig = DataConfig()
     pipeline: PipelineConfig = PipelineConfig()
     tracking: TrackingConfig = TrackingConfig()
+    arcopo: ArCoPOConfig = Field(
+        ArCoPOConfig(), description="AR-CoPO settings, read when rl.algorithm is 'arcopo'; G is rollout.group_size."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -147,6 +154,11 @@ class RunConfig(Frozen):
                 raise ValueError(
                     f"rl.selective_kl names rewards {missing} that are not in rewards.rewards {sorted(names)}"
                 )
+        if self.rl.algorithm == "arcopo" and self.arcopo.anchors > self.rollout.group_size:
+            raise ValueError(
+                f"arcopo.anchors ({self.arcopo.anchors}) must be <= rollout.group_size ({self.rollout.group_size}), "
+                "the G branches anchors are drawn from; lower arcopo.anchors or raise rollout.group_size"
+            )
         return self
 
 
