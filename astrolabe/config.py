@@ -98,7 +98,7 @@ class RLConfig(Frozen):
     """The update of one iteration: algorithm, objective, labels, policies, LoRA, optimizer, passes."""
 
     algorithm: Literal["nft", "arcopo"] = Field(
-        "nft", description="'nft': forward-process NFT (rl.nft); 'arcopo': AR-CoPO / Neighbor GRPO (the arcopo section)."
+        "nft", description="'nft': forward-process NFT (rl.nft); 'arcopo': AR-CoPO / Neighbor GRPO (section arcopo)."
     )
     nft: NFTConfig = NFTConfig()
     advantage: AdvantageConfig = AdvantageConfig()

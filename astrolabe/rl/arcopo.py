@@ -84,7 +84,9 @@ class ArCoPOConfig(Frozen):
         description="Temperature of the surrogate softmax over -mean_sq_dist / tau. Assumption: the paper gives no "
         "value; 1.0 on per-element mean distances (tune so the old policy's entropy is between log 2 and log G).",
     )
-    clip_eps: float = Field(1e-4, gt=0.0, lt=1.0, description="Ratio clip eps: clip(rho, 1 - eps, 1 + eps). Paper: 1e-4.")
+    clip_eps: float = Field(
+        1e-4, gt=0.0, lt=1.0, description="Ratio clip eps: clip(rho, 1 - eps, 1 + eps). Paper: 1e-4."
+    )
     anchors: int = Field(
         4, ge=1, description="Anchors B per group and step (symmetric anchor sampling, B <= G). Paper: 4."
     )

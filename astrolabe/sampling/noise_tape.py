@@ -190,7 +190,9 @@ def perturb_noise(base: torch.Tensor, sigma: float, d: torch.Tensor) -> torch.Te
     return math.sqrt(1.0 - sigma * sigma) * base + sigma * d
 
 
-def branch_tapes(base: NoiseTape, pivot_block: int, group_size: int, sigma: float, generator: torch.Generator) -> NoiseTape:
+def branch_tapes(
+    base: NoiseTape, pivot_block: int, group_size: int, sigma: float, generator: torch.Generator
+) -> NoiseTape:
     """G branch tapes in one batch-G tape: every draw of ``base`` (a one-stream tape) shared, except the
     pivot block's initial noise, ``sqrt(1 - sigma^2) * eps* + sigma * d_i`` with ``d`` (G, f, C, h, w)
     drawn in one call from ``generator`` (on the tape's device)."""
@@ -222,7 +224,9 @@ class BranchTapeSeeds:
     sigma: float
     num_blocks: int
 
-    def build(self, spec: StreamSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> NoiseTape:
+    def build(
+        self, spec: StreamSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> NoiseTape:
         base = NoiseTape.from_seeds([self.base_seed], spec, self.num_blocks, device, dtype)
         gen = torch.Generator(device=torch.device(device)).manual_seed(self.perturb_seed)
         return branch_tapes(base, self.pivot_block, self.group_size, self.sigma, gen)

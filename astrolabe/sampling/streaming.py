@@ -16,7 +16,9 @@ prompt and the model, never on the batch it ran in, so any sample can be regener
 share all noise but one chunk's initial noise).
 
 Group branching: a prefix is generated once per prompt, the cache is forked K ways along the batch
-(:meth:`KVCache.fork`), and each candidate continues with its own seed. :func:`rebuild_context`
+(:meth:`KVCache.fork`), and each candidate continues with its own seed (:meth:`BlockStreamer.fork`) or
+its own rows of a noise source (:meth:`BlockStreamer.fork_with`; AR-CoPO pivot forking,
+:mod:`astrolabe.sampling.pivot`). :func:`rebuild_context`
 replays the context passes over stored prefix latents to rebuild the same cache for the RL update.
 """
 
@@ -147,20 +149,13 @@ def denoise_steps(
             x = add_noise(x0, noise.draw(start_frame, k + 1, shape, dtype), steps.sigmas[k + 1])
 
 
-def denoise_block(
-    model: WanDiT,
-    cache: KVCache,
-    context: torch.Tensor,  # (B, L, text_dim)
-    noise: NoiseSource,
-    start_frame: int,
-    spec: StreamSpec,
-    frames: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Few-step denoising of one block against the cache (read-only). Returns x0 (B, f, C, h, w)."""
+def final_x0(steps: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Run a block's denoising steps (:func:`denoise_steps`) to the end; the last x0 is the block output."""
     x0 = None
-    for _, x0 in denoise_steps(model, cache, context, noise, start_frame, spec, frames, dtype):
+    for _, x0 in steps:
         pass
+    if x0 is None:
+        raise ValueError("a block needs at least one denoising step")
     return x0
 
 
@@ -213,7 +208,7 @@ class BlockStreamer:
     def step(self, frames: int | None = None) -> torch.Tensor:
         """Generate the next block; returns its clean latents (B, f, C, h, w) and caches them."""
         f = self.spec.block_frames if frames is None else frames
-        x0 = denoise_block(self.model, self.cache, self.context, self.noise, self.next_frame, self.spec, f)
+        x0 = final_x0(denoise_steps(self.model, self.cache, self.context, self.noise, self.next_frame, self.spec, f))
         self.commit(x0)
         return x0
 
