@@ -159,6 +159,8 @@ class RunConfig(Frozen):
                 f"arcopo.anchors ({self.arcopo.anchors}) must be <= rollout.group_size ({self.rollout.group_size}), "
                 "the G branches anchors are drawn from; lower arcopo.anchors or raise rollout.group_size"
             )
+        if self.rl.algorithm == "arcopo" and self.rl.reference != "base":
+            raise ValueError("rl.algorithm 'arcopo' has no KL term (its reference is the base model): set rl.reference: base")
         return self
 
 

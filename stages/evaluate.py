@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def eval_rewards_config(cfg: RunConfig) -> RewardsConfig:
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
-    return {
+    subset = {
         "seed": cfg.seed,
         "model": config_to_dict(cfg.model),
         "eval_rewards": reward_identities(eval_rewards_config(cfg).rewards),
@@ -79,6 +79,9 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
         "num_latent_frames": cfg.rollout.num_latent_frames,
         "video_crf": cfg.rollout.video_crf,
     }
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None:  # the merge sweep (stages.evaluate_merge)
+        subset["arcopo_merge"] = cfg.arcopo.merge.model_dump(mode="json")
+    return subset
 
 
 STAGE = StageInfo(name="evaluate", code_version="1", config_subset=_config_subset, per_iteration=True)
@@ -221,24 +224,21 @@ def write_comparison_grid(
     return {"grid_rows": layout.rows, "grid_cols": layout.cols}
 
 
-# ----------------------------------------------------------------------------------- stage
-
-
-def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
-    if iteration is None:
-        raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
-    if "prompts" not in inputs:
-        raise KeyError("the evaluate stage needs inputs['prompts'] (the filter_prompts directory)")
-    prompts = read_heldout(inputs["prompts"])
-    if cfg.pipeline.eval_max_prompts is not None:
-        prompts = prompts[: cfg.pipeline.eval_max_prompts]
-    plan = eval_plan(len(prompts), cfg.pipeline.eval_seeds)
-    state = resolve_policy(inputs)
+def evaluate_policy(
+    cfg: RunConfig,
+    build: Callable[[], tuple[GenerationStack, Any]],
+    prompts: Sequence[str],
+    plan: Sequence[tuple[int, int]],
+    out_dir: Path,
+    iteration: int,
+) -> tuple[list[Path], dict[str, Any], dict[str, int], dict[str, float], Any]:
+    """Generate every planned video with the stack ``build()`` returns, score it and write ``videos/``,
+    ``eval_rewards.zarr`` and ``metrics.json`` into ``out_dir``; returns (paths, metrics, score counts,
+    timings, the base-model spec)."""
     rewards_cfg = eval_rewards_config(cfg)
     timings: dict[str, float] = {}
-
     t0 = time.perf_counter()
-    stack, spec = build_generation_stack(cfg, lora=state)
+    stack, spec = build()
     timings["build"] = time.perf_counter() - t0
     num_latent_frames = cfg.rollout.num_latent_frames or spec.latent_frames
     t0 = time.perf_counter()
@@ -258,6 +258,29 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
 
     metrics = summarize({r.name: columns[r.name] for r in rewards}, {s.name: s.weight for s in rewards_cfg.rewards})
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return paths, metrics, score_counts, timings, spec
+
+
+# ----------------------------------------------------------------------------------- stage
+
+
+def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
+    if iteration is None:
+        raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
+    if "prompts" not in inputs:
+        raise KeyError("the evaluate stage needs inputs['prompts'] (the filter_prompts directory)")
+    prompts = read_heldout(inputs["prompts"])
+    if cfg.pipeline.eval_max_prompts is not None:
+        prompts = prompts[: cfg.pipeline.eval_max_prompts]
+    plan = eval_plan(len(prompts), cfg.pipeline.eval_seeds)
+    state = resolve_policy(inputs)
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None and state is not None:  # W0 + dW_semi + s dW_on
+        from stages.evaluate_merge import merge_sweep
+
+        paths, metrics, score_counts, timings, spec = merge_sweep(cfg, inputs, state, prompts, plan, out_dir, iteration)
+    else:
+        paths, metrics, score_counts, timings, spec = evaluate_policy(
+            cfg, lambda: build_generation_stack(cfg, lora=state), prompts, plan, out_dir, iteration)
 
     t0 = time.perf_counter()
     baseline = inputs.get("baseline")
@@ -265,7 +288,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                                  fps=float(spec.fps))
     timings["grid"] = time.perf_counter() - t0
 
-    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in rewards)
+    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in eval_rewards_config(cfg).rewards)
+    num_latent_frames = cfg.rollout.num_latent_frames or spec.latent_frames
     log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(paths),
              metrics["combined/mean"], nan_scores)
     return StageResult(

@@ -54,7 +54,10 @@ GENERATORS = ("sigma", "noise", "shuffle")
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
-    return {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl)}
+    subset = {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl)}
+    if cfg.rl.algorithm == "arcopo":  # NFT keys stay unchanged
+        subset["arcopo"] = cfg.arcopo.model_dump(mode="json", exclude={"merge"})
+    return subset
 
 
 STAGE = StageInfo(name="nft_update", code_version="1", config_subset=_config_subset, per_iteration=True)
@@ -231,6 +234,10 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     for name in ("rollout", "labels"):
         if name not in inputs:
             raise KeyError(f"the nft_update stage needs inputs[{name!r}]")
+    if cfg.rl.algorithm == "arcopo":  # AR-CoPO payload and loss (stages.nft_update_arcopo)
+        from stages import nft_update_arcopo
+
+        return nft_update_arcopo.run(cfg, inputs, out_dir, iteration)
     t0 = time.perf_counter()
     cands, skipped = read_candidates(Path(inputs["rollout"]), Path(inputs["labels"]))
     if not cands:

@@ -4,6 +4,8 @@ The plan of a run with ``N = pipeline.iterations``::
 
     filter_prompts                                    (once)
     evaluate[0]        <- prompts                     (the base model)
+    arcopo_buffer      <- prompts                     (once; rl.algorithm arcopo with arcopo.semi only; it is
+                                                       also an input "buffer" of every nft_update)
     for k in 0 .. N-1:
       rollout[k]       <- prompts, checkpoint = nft_update[k-1] (k > 0)
       score[k]         <- rollout[k]
@@ -31,13 +33,13 @@ from typing import Literal
 
 from astrolabe.artifacts import Manifest, StageDir, find_current, stage_root
 from astrolabe.config import RunConfig, config_to_dict
-from stages import evaluate, filter_prompts, label_uncertainty, nft_update, rollout, score
+from stages import arcopo_buffer, evaluate, filter_prompts, label_uncertainty, nft_update, rollout, score
 from stages.base import execute, input_identity, key_from_identities
 
 log = logging.getLogger(__name__)
 
 STAGES: dict[str, ModuleType] = {
-    m.STAGE.name: m for m in (filter_prompts, rollout, score, label_uncertainty, nft_update, evaluate)
+    m.STAGE.name: m for m in (filter_prompts, arcopo_buffer, rollout, score, label_uncertainty, nft_update, evaluate)
 }
 STAGE_ORDER = tuple(STAGES)
 Status = Literal["done", "stale", "missing"]
@@ -73,6 +75,10 @@ def build_plan(cfg: RunConfig, iterations: int | None = None) -> list[Node]:
     evals = set(eval_points(cfg))
     prompts: NodeId = ("filter_prompts", None)
     nodes = [Node("filter_prompts", None), Node("evaluate", 0, (("prompts", prompts),))]
+    buffer: tuple[tuple[str, NodeId], ...] = ()
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None:  # AR-CoPO semi-on-policy replay buffer
+        nodes.append(Node("arcopo_buffer", None, (("prompts", prompts),)))
+        buffer = (("buffer", ("arcopo_buffer", None)),)
     for k in range(n):
         prev = (("checkpoint", ("nft_update", k - 1)),) if k > 0 else ()
         labels_prev = (("labels_prev", ("label_uncertainty", k - 1)),) if k > 0 and cfg.rl.selective_kl else ()
@@ -80,7 +86,7 @@ def build_plan(cfg: RunConfig, iterations: int | None = None) -> list[Node]:
             Node("rollout", k, (("prompts", prompts), *prev)),
             Node("score", k, (("rollout", ("rollout", k)),)),
             Node("label_uncertainty", k, (("rollout", ("rollout", k)), ("score", ("score", k)), *labels_prev)),
-            Node("nft_update", k, (("rollout", ("rollout", k)), ("labels", ("label_uncertainty", k)), *prev)),
+            Node("nft_update", k, (("rollout", ("rollout", k)), ("labels", ("label_uncertainty", k)), *prev, *buffer)),
         ]
         if k + 1 in evals:
             nodes.append(Node("evaluate", k + 1, (("prompts", prompts), ("checkpoint", ("nft_update", k)),

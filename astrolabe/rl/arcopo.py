@@ -60,13 +60,16 @@ narrow), the loss a float32 scalar.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from astrolabe.configbase import Frozen
+from astrolabe.rl.advantages import group_index
+from astrolabe.rl.arcopo_semi import MergeConfig, SemiOnPolicyConfig
 
 
 class ArCoPOConfig(Frozen):
@@ -98,7 +101,16 @@ class ArCoPOConfig(Frozen):
     advantage_eps: float = Field(
         1e-4, ge=0.0, description="Added to the group std in 'std' mode. Assumption: the paper does not give it."
     )
+    semi: SemiOnPolicyConfig | None = Field(
+        None, description="Semi-on-policy adapter on a replay buffer of reference rollouts (astrolabe.rl.arcopo_semi); "
+        "None = on-policy only.",
+    )
+    merge: MergeConfig = Field(
+        MergeConfig(), description="Evaluation sweep of W0 + dW_semi + s dW_on and the choice of s (semi only)."
+    )
 
+
+ARCOPO_LABEL_KEYS = frozenset({"advantage_norm", "quasi_norm_p", "advantage_eps"})  # what the label stage reads
 
 # ----------------------------------------------------------------------------------- advantages
 
@@ -126,6 +138,32 @@ def arcopo_advantages(
     else:
         raise ValueError(f"advantage mode {mode!r}: use 'std' or 'quasi' (arcopo.advantage_norm)")
     return torch.where(denom > 0, c / torch.where(denom > 0, denom, 1.0), torch.zeros_like(c))
+
+
+def grouped_advantages(
+    combined: np.ndarray,  # (N,) combined reward per record, NaN = failed
+    group_ids: Sequence[Hashable],  # (N,) the record's group (one pivot group = one prompt x pivot)
+    cfg: ArCoPOConfig,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """:func:`arcopo_advantages` of each group's records, float32 ``(N,)``, in record order (the label payload).
+
+    A group with a NaN reward, or fewer than 2 records, gets NaN advantages (dropped by the update: the
+    surrogate needs every candidate's advantage). Returns the advantages and counts ``nan_groups`` and
+    ``zero_std_groups`` (groups of equal rewards: A = 0, no signal).
+    """
+    x = np.asarray(combined, dtype=np.float64)
+    gid, n_groups = group_index(group_ids)
+    adv = np.full(x.shape, np.nan)
+    counts = {"n_nan_groups": 0, "n_zero_std_groups": 0}
+    for g in range(n_groups):
+        rows = np.flatnonzero(gid == g)
+        if len(rows) < 2 or not np.isfinite(x[rows]).all():
+            counts["n_nan_groups"] += 1
+            continue
+        a = arcopo_advantages(torch.from_numpy(x[rows]), cfg.advantage_norm, p=cfg.quasi_norm_p, eps=cfg.advantage_eps)
+        adv[rows] = a.numpy()
+        counts["n_zero_std_groups"] += int(np.ptp(x[rows]) == 0)
+    return adv.astype(np.float32), counts
 
 
 # ----------------------------------------------------------------------------------- anchors
