@@ -160,7 +160,9 @@ class RunConfig(Frozen):
                 "the G branches anchors are drawn from; lower arcopo.anchors or raise rollout.group_size"
             )
         if self.rl.algorithm == "arcopo" and self.rl.reference != "base":
-            raise ValueError("rl.algorithm 'arcopo' has no KL term (its reference is the base model): set rl.reference: base")
+            raise ValueError(
+                "rl.algorithm 'arcopo' has no KL term (its reference is the base model): set rl.reference: base"
+            )
         return self
 
 

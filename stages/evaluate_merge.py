@@ -10,7 +10,7 @@ The chosen scale's outputs are copied to the stage's top level, so ``reward/*`` 
 no baseline) the reported model is ``s = 0`` (the semi adapter alone; assumption, see the module above).
 
 Metrics added: ``merge/s`` (reported), ``merge/s_rule`` (the rule's choice, null when none),
-``merge/s=<s>/<metric>`` for both metrics and every scale.
+``merge/s<s>/<metric>`` for both metrics and every scale.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def merge_sweep(cfg: RunConfig, inputs: Mapping[str, Path], state: Path, prompts
     metrics = {**metrics, "merge/s": reported, "merge/s_rule": chosen}
     for s, m in table.items():
         for name in dict.fromkeys((mc.in_domain_metric, mc.held_out_metric)):
-            metrics[f"merge/s={s:g}/{name}"] = m.get(name)
+            metrics[f"merge/{scale_dirname(s)}/{name}"] = m.get(name)
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n",
                                         encoding="utf-8")
     timings = {k: sum(r[3].get(k, 0.0) for r in results.values()) for k in ("build", "generation", "scoring")}

@@ -206,6 +206,7 @@ def _part_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in shared.rglob("manifest.json"))
 
 
+@pytest.mark.slow
 def test_buffer_resumes_after_sigkill_and_equals_an_uninterrupted_build(chain, tmp_path):
     _, _, prompts, _, _, _ = chain
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -242,3 +243,30 @@ def test_buffer_resumes_after_sigkill_and_equals_an_uninterrupted_build(chain, t
             for name in ("latents", "prefix", "pivot_inputs", "pivot_x0"):
                 np.testing.assert_array_equal(x[name], y[name])
             assert x["video"] == y["video"]
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_tiny_arcopo_train_completes_and_compares_with_nft(tmp_path_factory, monkeypatch):
+    import pipeline_helpers as ph
+    from astrolabe.tracking import compare_runs
+    from flows.run import train_run
+
+    nft_run = ph.reference_run(tmp_path_factory)  # the small tiny NFT run of the pipeline tests
+    base = ph.base_dir(tmp_path_factory)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ph.mlflow_uri(base))
+    cfg = load_config(REPO / "configs" / "tiny-arcopo.yaml", [
+        *OVERRIDES, "pipeline.iterations=2", "pipeline.eval_every=1", f"pipeline.runs_root={base / 'runs'}",
+        "name=arc", "arcopo.semi.groups=2", "arcopo.semi.groups_per_part=1", "arcopo.semi.groups_per_iteration=1",
+    ])
+    summary = train_run(cfg)
+    assert summary.computed_nodes == 13 and summary.cached_nodes == 0  # filter, buffer, 2 x 4 stages, 3 evals
+    ev = Manifest.load(next((summary.run_path / "iter-0002" / "evaluate").iterdir()))
+    assert ev.extra["metrics"]["merge/s"] in (0.0, 0.5, 1.0)
+    assert (summary.run_path / "iter-0002" / "evaluate" / ev.key / "merge" / "s0.5" / "metrics.json").is_file()
+    rows = {r["run_name"]: r for r in compare_runs([nft_run.name, "arc"], ph.mlflow_uri(base))}
+    names = (nft_run.name, "arc")
+    rewards = [{k for k in rows[n]["metrics"] if k.startswith(("reward/", "eval/reward/"))} for n in names]
+    assert rewards[0] and rewards[0] == rewards[1], "NFT and AR-CoPO log rewards under the same names"

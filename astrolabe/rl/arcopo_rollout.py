@@ -92,7 +92,9 @@ class PivotRollout:
     decoding_seconds: float
 
 
-def rollout_pivot_group(stack: GenerationStack, prompt: str, seeds: BranchTapeSeeds, decode: bool = True) -> PivotRollout:
+def rollout_pivot_group(
+    stack: GenerationStack, prompt: str, seeds: BranchTapeSeeds, decode: bool = True
+) -> PivotRollout:
     """Generate one pivot group (module docstring) and, if ``decode``, its G full videos."""
     t0 = time.perf_counter()
     context = stack.encode_text([prompt]).to(stack.device)  # (1, L, text_dim)
