@@ -27,6 +27,7 @@ from typing import Any
 
 from astrolabe.artifacts import Manifest, stage_root
 from astrolabe.config import RunConfig, config_to_dict
+from astrolabe.distributed import dist_rank_world
 from astrolabe.rewards.base import RewardSpec
 from stages import label_uncertainty, rollout, score
 from stages.base import StageInfo, StageResult, execute
@@ -91,8 +92,9 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     for j in range(cfg.arcopo.semi.parts):
         parts.append(build_part(bcfg, root, Path(inputs["prompts"]), j))
         log.info("arcopo_buffer: part %d/%d ready at %s", j + 1, cfg.arcopo.semi.parts, parts[-1]["rollout"])
-    (out_dir / PARTS_FILE).write_text(json.dumps({"root": str(root.resolve()), "parts": parts}, indent=2),
-                                      encoding="utf-8")
+    if dist_rank_world()[0] == 0:  # every rank built the same list
+        (out_dir / PARTS_FILE).write_text(json.dumps({"root": str(root.resolve()), "parts": parts}, indent=2),
+                                          encoding="utf-8")
     return StageResult(counts={"parts": len(parts), "groups": cfg.arcopo.semi.groups,
                                "records": sum(p["records"] for p in parts)},
                        extra={"root": str(root.resolve()), "part_keys": [p["keys"] for p in parts]})

@@ -18,6 +18,9 @@ One stage run is one training phase of NFT (paper part 1, DESIGN.md):
 3. End of phase: ``theta_old <- d theta_old + (1 - d) theta`` (:meth:`TrainingState.update_old`), and the
    lagging KL reference is refreshed when the mean KL of the phase says so.
 
+With ``rl.algorithm: arcopo`` the stage runs :mod:`stages.nft_update_arcopo` instead (the AR-CoPO loss on
+the pivot chunk, and the semi-on-policy adapter in ``state_semi/``).
+
 Every generator (LoRA init, sigma, noise, shuffle) is part of the checkpoint, so iteration k + 1 continues
 the streams of iteration k: a resumed run equals an uninterrupted one.
 """

@@ -12,6 +12,9 @@ generates the contiguous slice :func:`rank_slice` of the groups and writes ``rol
 One record per candidate, key ``it{iteration}-p{slot}-c{j}``: ``latents`` = the window (W, C, h, w)
 float32, extra ``prefix`` = the shared prefix (P, C, h, w) (P may be 0), ``video`` = mp4 of the window's
 pixel frames decoded after the prefix (see :mod:`astrolabe.rollout`), and ``meta``.
+
+With ``rl.algorithm: arcopo`` each group is an AR-CoPO pivot group instead (payload and keys in
+:mod:`astrolabe.rl.arcopo_rollout`: pivot chunk inputs and x0 predictions, prefix, tape seeds, full video).
 """
 
 from __future__ import annotations
