@@ -126,6 +126,8 @@ def test_first_update_step_has_ratio_exactly_one_and_later_steps_move(chain):
     g = groups[0]
     m = group_step(state, g, ctx[g.prompt], spec, cfg.arcopo, "old", 1)
     assert m["arcopo/ratio_min"] == 1.0 and m["arcopo/ratio_max"] == 1.0 and m["arcopo/clip_fraction"] == 0.0
+    semi = group_step(state, g, ctx[g.prompt], spec, cfg.arcopo, "ref", 1)  # semi adapter: pi_old = base model
+    assert semi["arcopo/ratio_min"] == 1.0 and semi["arcopo/ratio_max"] == 1.0
     grads = [p.grad for p in state.params if p.grad is not None]
     assert grads and any(float(gr.abs().max()) > 0 for gr in grads)  # gradient reaches the adapter
     for p in state.params:  # a large step on the default adapter only: the ratio must leave 1
@@ -270,3 +272,15 @@ def test_tiny_arcopo_train_completes_and_compares_with_nft(tmp_path_factory, mon
     names = (nft_run.name, "arc")
     rewards = [{k for k in rows[n]["metrics"] if k.startswith(("reward/", "eval/reward/"))} for n in names]
     assert rewards[0] and rewards[0] == rewards[1], "NFT and AR-CoPO log rewards under the same names"
+
+
+def test_buffer_key_ignores_the_run_name_and_follows_the_semi_settings(tmp_path):
+    a = _cfg(tmp_path, "name=run-a")
+    b = _cfg(tmp_path / "elsewhere", "name=run-b")
+    assert arcopo_buffer.STAGE.config_subset(a) == arcopo_buffer.STAGE.config_subset(b)
+    c = _cfg(tmp_path, "name=run-a", "arcopo.semi.seed=5")
+    assert arcopo_buffer.STAGE.config_subset(a) != arcopo_buffer.STAGE.config_subset(c)
+    bc = arcopo_buffer.buffer_config(_cfg(tmp_path, "arcopo.semi.reward_weights={text_color_match: 1.0}"))
+    assert {s.name: s.weight for s in bc.rewards.rewards} == {"colorfulness": 0.0, "smoothness": 0.0,
+                                                              "text_color_match": 1.0}
+    assert bc.rollout.prompts_per_iteration == a.arcopo.semi.groups_per_part and bc.rollout.seed == a.arcopo.semi.seed
