@@ -361,7 +361,7 @@ def status(run: Annotated[str, typer.Argument(help="Run directory or name.")], r
     iters = sorted({i for _, i in cells if i is not None})
     style = {"done": "[green]done[/green]", "stale": "[yellow]stale[/yellow]", "missing": "[dim]missing[/dim]"}
     table = Table("stage", *[str(i) for i in iters], title=f"{run_path} ({cfg.pipeline.iterations} iterations)")
-    for st in STAGE_ORDER:
+    for st in (st for st in STAGE_ORDER if any(node[0] == st for node in cells)):  # stages this run plans
         if (st, None) in cells:
             table.add_row(st, style[cells[(st, None)]], *[""] * (len(iters) - 1))
         else:

@@ -28,6 +28,10 @@ Outputs in the stage directory:
   :data:`MAX_GRID_ROWS`; columns iteration 0 (from ``baseline``) and this iteration, or this
   iteration alone without a baseline (:mod:`astrolabe.data.grid`).
 
+With ``rl.algorithm: arcopo`` and ``arcopo.semi`` set, a checkpoint is evaluated as the merge sweep
+``W0 + dW_semi + s dW_on`` (:func:`merge_sweep`: every scale under ``merge/s<s>/``, the reported one at the
+top level, ``eval/merge/*`` metrics).
+
 Deterministic: the noise of each video is ``SampleNoise([s])``; nothing reads global RNG state.
 Single process only (no rank slicing yet).
 """
@@ -37,8 +41,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,9 @@ from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.grid import write_grid
 from astrolabe.data.video import decode_mp4
+from astrolabe.models.registry import BaseModelCard
 from astrolabe.rewards import RewardsConfig, build_rewards
+from astrolabe.rl.arcopo_semi import SEMI_STATE_SUBDIR, merge_adapters, merge_metrics, report_merge_scale, scale_name
 from astrolabe.sampling.generation import GenerationStack, generate_video
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
 from stages.score import reward_identities, score_records
@@ -64,6 +72,20 @@ METRICS_FILE = "metrics.json"
 GRID_MP4 = "grid.mp4"
 GRID_PNG = "grid.png"
 MAX_GRID_ROWS = 8
+MERGE_DIR = "merge"  # AR-CoPO merge sweep: merge/s<s>/ per scale (merge_sweep)
+
+
+@dataclass
+class EvalOutcome:
+    """One policy's evaluation written into a directory (:func:`evaluate_policy`)."""
+
+    paths: list[Path]  # videos in plan order
+    metrics: dict[str, Any]  # summarize(); the metrics.json written
+    score_counts: dict[str, int]
+    timings: dict[str, float]
+    card: BaseModelCard
+    num_latent_frames: int
+
 
 def eval_rewards_config(cfg: RunConfig) -> RewardsConfig:
     """The rewards reported at evaluation: ``eval_rewards``, or the training ``rewards`` when unset."""
@@ -71,7 +93,7 @@ def eval_rewards_config(cfg: RunConfig) -> RewardsConfig:
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
-    return {
+    subset = {
         "seed": cfg.seed,
         "model": config_to_dict(cfg.model),
         "eval_rewards": reward_identities(eval_rewards_config(cfg).rewards),
@@ -80,6 +102,9 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
         "num_latent_frames": cfg.rollout.num_latent_frames,
         "video_crf": cfg.rollout.video_crf,
     }
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None:  # the merge sweep (merge_sweep)
+        subset["arcopo_merge"] = cfg.arcopo.merge.model_dump(mode="json")
+    return subset
 
 
 STAGE = StageInfo(name="evaluate", code_version="1", config_subset=_config_subset, per_iteration=True)
@@ -222,6 +247,93 @@ def write_comparison_grid(
     return {"grid_rows": layout.rows, "grid_cols": layout.cols}
 
 
+def evaluate_policy(
+    cfg: RunConfig,
+    build: Callable[[], tuple[GenerationStack, BaseModelCard]],
+    prompts: Sequence[str],
+    plan: Sequence[tuple[int, int]],
+    out_dir: Path,
+    iteration: int,
+) -> EvalOutcome:
+    """Generate every planned video with the stack ``build()`` returns, score it and write ``videos/``,
+    ``eval_rewards.zarr`` and ``metrics.json`` into ``out_dir``."""
+    rewards_cfg = eval_rewards_config(cfg)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stack, card = build()
+    timings["build"] = time.perf_counter() - t0
+    num_latent_frames = cfg.rollout.num_latent_frames or card.latent_frames
+    t0 = time.perf_counter()
+    paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
+                         crf=cfg.rollout.video_crf)
+    timings["generation"] = time.perf_counter() - t0
+    del stack  # free the generator before loading judges
+
+    t0 = time.perf_counter()
+    rewards = build_rewards(rewards_cfg.rewards)
+    keys, columns, score_counts = score_records(
+        rewards, _records(paths, [prompts[i] for i, _ in plan]), rewards_cfg.batch_size
+    )
+    identities = {r.name: r.identity() for r in rewards}
+    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": identities, "iteration": iteration})
+    timings["scoring"] = time.perf_counter() - t0
+
+    metrics = summarize({r.name: columns[r.name] for r in rewards}, {s.name: s.weight for s in rewards_cfg.rewards})
+    write_metrics(out_dir, metrics)
+    return EvalOutcome(paths, metrics, score_counts, timings, card, num_latent_frames)
+
+
+def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> None:
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------- AR-CoPO merge sweep
+
+
+def merge_sweep(cfg: RunConfig, inputs: Mapping[str, Path], state: Path, prompts: Sequence[str],
+                plan: Sequence[tuple[int, int]], out_dir: Path, iteration: int) -> EvalOutcome:  # fmt: skip
+    """AR-CoPO's two adapters: evaluate ``W0 + dW_semi + s dW_on`` for every ``s`` of ``arcopo.merge.scales``
+    into ``merge/s<s>/``, choose ``s`` (:func:`astrolabe.rl.arcopo_semi.report_merge_scale`, against the
+    ``baseline`` evaluation) and copy the reported scale's videos and rewards to the top level, so the grid,
+    ``reward/*`` and ``astrolabe compare`` read the merged model like any other evaluation. Adds
+    ``merge/s``, ``merge/s_rule`` and ``merge/s<s>/<metric>`` (:func:`astrolabe.rl.arcopo_semi.merge_metrics`).
+    """
+    semi_state = Path(state).parent / SEMI_STATE_SUBDIR
+    if not semi_state.is_dir():
+        raise FileNotFoundError(f"{semi_state} is missing: the checkpoint was trained without arcopo.semi")
+    mc = cfg.arcopo.merge
+    results: dict[float, EvalOutcome] = {}
+    for s in mc.scales:
+        dest = out_dir / MERGE_DIR / scale_name(s)
+        dest.mkdir(parents=True)
+
+        def build(s: float = s) -> tuple[GenerationStack, BaseModelCard]:
+            stack, card = build_generation_stack(cfg)
+            stack.dit = merge_adapters(stack.dit, [(semi_state, 1.0), (Path(state), s)])
+            return stack, card
+
+        results[s] = evaluate_policy(cfg, build, prompts, plan, dest, iteration)
+        log.info("evaluate it%d merge s=%g: %s %s, %s %s", iteration, s, mc.in_domain_metric,
+                 results[s].metrics.get(mc.in_domain_metric), mc.held_out_metric,
+                 results[s].metrics.get(mc.held_out_metric))
+    table = {s: r.metrics for s, r in results.items()}
+    baseline = inputs.get("baseline")
+    base = json.loads((Path(baseline) / METRICS_FILE).read_text(encoding="utf-8")) if baseline is not None else None
+    reported, chosen = report_merge_scale(table, base, mc)
+    if chosen is None:
+        log.warning("evaluate it%d: no merge scale beats the base on both %s and %s; reporting s=%g", iteration,
+                    mc.in_domain_metric, mc.held_out_metric, reported)
+    src = out_dir / MERGE_DIR / scale_name(reported)
+    shutil.copytree(src / VIDEOS_DIR, out_dir / VIDEOS_DIR)
+    shutil.copytree(src / REWARDS_FILE, out_dir / REWARDS_FILE)
+    out = results[reported]
+    metrics = {**out.metrics, **merge_metrics(table, reported, chosen, mc)}
+    write_metrics(out_dir, metrics)
+    timings = {k: sum(r.timings.get(k, 0.0) for r in results.values()) for k in ("build", "generation", "scoring")}
+    return EvalOutcome([out_dir / VIDEOS_DIR / p.name for p in out.paths], metrics, out.score_counts, timings,
+                       out.card, out.num_latent_frames)
+
+
 # ----------------------------------------------------------------------------------- stage
 
 
@@ -241,43 +353,24 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
         prompts = prompts[: cfg.pipeline.eval_max_prompts]
     plan = eval_plan(len(prompts), cfg.pipeline.eval_seeds)
     state = resolve_policy(inputs)
-    rewards_cfg = eval_rewards_config(cfg)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    stack, card = build_generation_stack(cfg, lora=state)
-    timings["build"] = time.perf_counter() - t0
-    num_latent_frames = cfg.rollout.num_latent_frames or card.latent_frames
-    t0 = time.perf_counter()
-    paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
-                         crf=cfg.rollout.video_crf)
-    timings["generation"] = time.perf_counter() - t0
-    del stack  # free the generator before loading judges
-
-    t0 = time.perf_counter()
-    rewards = build_rewards(rewards_cfg.rewards)
-    keys, columns, score_counts = score_records(
-        rewards, _records(paths, [prompts[i] for i, _ in plan]), rewards_cfg.batch_size
-    )
-    identities = {r.name: r.identity() for r in rewards}
-    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": identities, "iteration": iteration})
-    timings["scoring"] = time.perf_counter() - t0
-
-    metrics = summarize({r.name: columns[r.name] for r in rewards}, {s.name: s.weight for s in rewards_cfg.rewards})
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None and state is not None:  # W0 + dW_semi + s dW_on
+        ev = merge_sweep(cfg, inputs, state, prompts, plan, out_dir, iteration)
+    else:
+        ev = evaluate_policy(cfg, lambda: build_generation_stack(cfg, lora=state), prompts, plan, out_dir, iteration)
+    metrics, timings = ev.metrics, ev.timings
 
     t0 = time.perf_counter()
     baseline = inputs.get("baseline")
-    grid = write_comparison_grid(out_dir, paths, Path(baseline) if baseline is not None else None, iteration,
-                                 fps=float(card.fps))
+    grid = write_comparison_grid(out_dir, ev.paths, Path(baseline) if baseline is not None else None, iteration,
+                                 fps=float(ev.card.fps))
     timings["grid"] = time.perf_counter() - t0
 
-    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in rewards)
-    log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(paths),
+    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in eval_rewards_config(cfg).rewards)
+    log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(ev.paths),
              metrics["combined/mean"], nan_scores)
     return StageResult(
-        counts={"prompts": len(prompts), "videos": len(paths), "nan_scores": nan_scores,
-                "decode_failed": score_counts["decode_failed"], "num_latent_frames": num_latent_frames, **grid},
+        counts={"prompts": len(prompts), "videos": len(ev.paths), "nan_scores": nan_scores,
+                "decode_failed": ev.score_counts["decode_failed"], "num_latent_frames": ev.num_latent_frames, **grid},
         seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
         timings=timings,
         metrics=finite_metrics({k: v for k, v in metrics.items() if k != "n"}, prefix="eval/"),
