@@ -93,16 +93,31 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
-    """:class:`DistributedDataParallel` over ``mesh``'s group (default group when None)."""
+def _ddp_class() -> type[nn.Module]:
     from torch.nn.parallel import DistributedDataParallel
 
+    class AttributeForwardingDDP(DistributedDataParallel):
+        """DDP that answers attribute look-ups it lacks from the wrapped module (``model.config`` ...), as peft does."""
+
+        def __getattr__(self, name: str) -> object:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return AttributeForwardingDDP
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
+    """:class:`DistributedDataParallel` over ``mesh``'s group (default group when None); attributes of the
+    wrapped model (``config``, ...) stay readable on the wrapper."""
     _require_process_group("ddp")
     device = _device_of(model)
-    return DistributedDataParallel(
+    return _ddp_class()(
         model,
         device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
         process_group=mesh.get_group() if mesh is not None else None,
+        forward_sync_buffers=False,  # a collective in every forward: ranks may run different numbers of forwards
     )
 
 

@@ -417,10 +417,20 @@ def bench_rollout(gpu: GpuOpt = False, json_out: JsonOpt = None) -> None:
 
 
 @bench_app.command("update")
-def bench_update(gpu: GpuOpt = False, json_out: JsonOpt = None) -> None:
-    """Clip-window update vs whole-sequence update as the prefix grows."""
+def bench_update(
+    gpu: GpuOpt = False,
+    json_out: JsonOpt = None,
+    world_size: Annotated[int | None, typer.Option(
+        "--world-size", help="Instead: data-parallel scaling, samples/s at world size 1 and N (N spawned ranks).")] = None,
+) -> None:
+    """Clip-window update vs whole-sequence update as the prefix grows (or, with --world-size, DDP scaling)."""
     from astrolabe.bench import update
 
+    if world_size is not None:
+        setup = update.GPU_SETUP if gpu else update.StreamSetup(latent_hw=(4, 4), window=6)
+        result = update.run_scaling(world_size, setup=setup)
+        _bench_output(result, update.format_scaling_table(result), json_out)
+        return
     result = update.run_gpu() if gpu else update.run()
     _bench_output(result, update.format_table(result), json_out)
 

@@ -33,7 +33,11 @@ With ``rl.algorithm: arcopo`` and ``arcopo.semi`` set, a checkpoint is evaluated
 top level, ``eval/merge/*`` metrics).
 
 Deterministic: the noise of each video is ``SampleNoise([s])``; nothing reads global RNG state.
-Single process only (no rank slicing yet).
+
+Under torchrun (a ``"sliced"`` stage) rank ``k`` of ``W`` generates and scores the contiguous share
+:func:`rank_slice` of the plan (videos under their sample keys, scores in ``eval_rewards-rNNN.zarr``; the
+reward models loaded once per rank); rank 0 then merges the parts, computes the metrics and draws the grid
+(:func:`merge_ranks`): the same outputs as one process.
 """
 
 from __future__ import annotations
@@ -50,18 +54,20 @@ from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.ranks import rank_slice
 from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.build import build_generation_stack
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import write_columns
 from astrolabe.data.grid import write_grid
 from astrolabe.data.video import decode_mp4
+from astrolabe.distributed import dist_rank_world
 from astrolabe.models.registry import BaseModelCard
 from astrolabe.rewards import RewardsConfig, build_rewards
 from astrolabe.rl.arcopo_semi import SEMI_STATE_SUBDIR, merge_adapters, merge_metrics, report_merge_scale, scale_name
 from astrolabe.sampling.generation import GenerationStack, generate_video
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
-from stages.score import reward_identities, score_records
+from stages.score import merge_rank_parts, reward_identities, score_records, write_rank_part
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,20 @@ GRID_MP4 = "grid.mp4"
 GRID_PNG = "grid.png"
 MAX_GRID_ROWS = 8
 MERGE_DIR = "merge"  # AR-CoPO merge sweep: merge/s<s>/ per scale (merge_sweep)
+
+
+@dataclass
+class Scored:
+    """Videos generated and scored into a directory, not yet summarized (:func:`generate_and_score`)."""
+
+    paths: list[Path]  # videos in plan order
+    keys: list[str]
+    columns: dict[str, np.ndarray]  # reward name -> (N,) raw scores
+    identities: dict[str, Any]  # reward name -> identity
+    score_counts: dict[str, int]
+    timings: dict[str, float]
+    card: BaseModelCard
+    num_latent_frames: int
 
 
 @dataclass
@@ -107,7 +127,8 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     return subset
 
 
-STAGE = StageInfo(name="evaluate", code_version="1", config_subset=_config_subset, per_iteration=True)
+STAGE = StageInfo(name="evaluate", code_version="1", config_subset=_config_subset, per_iteration=True,
+                  distribution="sliced", rank_invariant_counts=("prompts", "num_latent_frames"))
 
 
 # ----------------------------------------------------------------------------------- plan
@@ -247,16 +268,16 @@ def write_comparison_grid(
     return {"grid_rows": layout.rows, "grid_cols": layout.cols}
 
 
-def evaluate_policy(
+def generate_and_score(
     cfg: RunConfig,
     build: Callable[[], tuple[GenerationStack, BaseModelCard]],
     prompts: Sequence[str],
     plan: Sequence[tuple[int, int]],
     out_dir: Path,
     iteration: int,
-) -> EvalOutcome:
-    """Generate every planned video with the stack ``build()`` returns, score it and write ``videos/``,
-    ``eval_rewards.zarr`` and ``metrics.json`` into ``out_dir``."""
+) -> Scored:
+    """Generate every planned video into ``out_dir/videos/`` with the stack ``build()`` returns and score
+    it (the reward models loaded once); nothing summarized or written besides the videos."""
     rewards_cfg = eval_rewards_config(cfg)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -275,12 +296,34 @@ def evaluate_policy(
         rewards, _records(paths, [prompts[i] for i, _ in plan]), rewards_cfg.batch_size
     )
     identities = {r.name: r.identity() for r in rewards}
-    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": identities, "iteration": iteration})
     timings["scoring"] = time.perf_counter() - t0
+    return Scored(paths, keys, columns, identities, score_counts, timings, card, num_latent_frames)
 
-    metrics = summarize({r.name: columns[r.name] for r in rewards}, {s.name: s.weight for s in rewards_cfg.rewards})
+
+def write_scores(cfg: RunConfig, out_dir: Path, iteration: int, keys: list[str], columns: Mapping[str, np.ndarray],
+                 identities: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Write ``eval_rewards.zarr`` and ``metrics.json`` of the scores into ``out_dir``; returns the metrics."""
+    write_columns(out_dir / REWARDS_FILE, keys, dict(columns),
+                  attrs={"rewards": dict(identities), "iteration": iteration})
+    weights = {r.name: r.weight for r in eval_rewards_config(cfg).rewards}
+    metrics = summarize({name: columns[name] for name in identities}, weights)
     write_metrics(out_dir, metrics)
-    return EvalOutcome(paths, metrics, score_counts, timings, card, num_latent_frames)
+    return metrics
+
+
+def evaluate_policy(
+    cfg: RunConfig,
+    build: Callable[[], tuple[GenerationStack, BaseModelCard]],
+    prompts: Sequence[str],
+    plan: Sequence[tuple[int, int]],
+    out_dir: Path,
+    iteration: int,
+) -> EvalOutcome:
+    """One process: generate every planned video with the stack ``build()`` returns, score it and write
+    ``videos/``, ``eval_rewards.zarr`` and ``metrics.json`` into ``out_dir``."""
+    sc = generate_and_score(cfg, build, prompts, plan, out_dir, iteration)
+    metrics = write_scores(cfg, out_dir, iteration, sc.keys, sc.columns, sc.identities)
+    return EvalOutcome(sc.paths, metrics, sc.score_counts, sc.timings, sc.card, sc.num_latent_frames)
 
 
 def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> None:
@@ -343,38 +386,102 @@ def eval_reports(out_dir: Path, iteration: int) -> dict[str, str]:
     return {name: where for name in (GRID_MP4, GRID_PNG, METRICS_FILE) if (out_dir / name).is_file()}
 
 
+def _eval_prompts(cfg: RunConfig, inputs: Mapping[str, Path]) -> tuple[list[str], list[tuple[int, int]]]:
+    prompts = read_heldout(inputs["prompts"])
+    if cfg.pipeline.eval_max_prompts is not None:
+        prompts = prompts[: cfg.pipeline.eval_max_prompts]
+    return prompts, eval_plan(len(prompts), cfg.pipeline.eval_seeds)
+
+
+def _report(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int, metrics: Mapping[str, Any],
+            fps: float, timings: dict[str, float]) -> tuple[dict[str, int], dict[str, float], dict[str, str]]:  # fmt: skip
+    """The grid of every planned video (written into ``out_dir``) and the stage's ``(counts, metrics, reports)``."""
+    prompts, plan = _eval_prompts(cfg, inputs)
+    t0 = time.perf_counter()
+    baseline = inputs.get("baseline")
+    paths = [out_dir / VIDEOS_DIR / f"{sample_key(i, s)}.mp4" for i, s in plan]
+    grid = write_comparison_grid(out_dir, paths, Path(baseline) if baseline is not None else None, iteration, fps=fps)
+    timings["grid"] = time.perf_counter() - t0
+
+    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in eval_rewards_config(cfg).rewards)
+    log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(paths),
+             metrics["combined/mean"], nan_scores)
+    return ({"nan_scores": nan_scores, **grid}, finite_metrics({k: v for k, v in metrics.items() if k != "n"},
+            prefix="eval/"), eval_reports(out_dir, iteration))  # fmt: skip
+
+
+def _finish(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int, keys: list[str],
+            columns: dict[str, np.ndarray], identities: Mapping[str, Any], fps: float,
+            timings: dict[str, float]) -> tuple[dict[str, int], dict[str, float], dict[str, str]]:  # fmt: skip
+    """Scores table, metrics.json and grid of every planned video; returns ``(counts, metrics, reports)``."""
+    metrics = write_scores(cfg, out_dir, iteration, keys, columns, identities)
+    return _report(cfg, inputs, out_dir, iteration, metrics, fps, timings)
+
+
+def _extra(inputs: Mapping[str, Path], state: Path | None, iteration: int, fps: float) -> dict[str, Any]:
+    baseline = inputs.get("baseline")
+    return {"policy": str(state) if state is not None else "base", "iteration": iteration,
+            "baseline": str(baseline) if baseline is not None else None, "fps": fps}
+
+
+def run_merge_sweep(cfg: RunConfig, inputs: Mapping[str, Path], state: Path, out_dir: Path,
+                    iteration: int) -> StageResult:  # fmt: skip
+    """The stage for an AR-CoPO checkpoint with ``arcopo.semi`` (:func:`merge_sweep`); one process only."""
+    _, world = dist_rank_world()
+    if world > 1:
+        raise NotImplementedError(
+            f"the AR-CoPO merge sweep (rl.algorithm='arcopo' with arcopo.semi) under torchrun (world size {world}) "
+            "is not sliced across ranks yet; run evaluate in one process (no torchrun)"
+        )
+    prompts, plan = _eval_prompts(cfg, inputs)
+    ev = merge_sweep(cfg, inputs, state, prompts, plan, out_dir, iteration)
+    counts, metrics, reports = _report(cfg, inputs, out_dir, iteration, ev.metrics, float(ev.card.fps), ev.timings)
+    return StageResult(
+        counts={"prompts": len(prompts), "videos": len(ev.paths), "decode_failed": ev.score_counts["decode_failed"],
+                "num_latent_frames": ev.num_latent_frames, **counts},
+        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
+        timings=ev.timings,
+        metrics=metrics,
+        reports=reports,
+        extra=_extra(inputs, state, iteration, float(ev.card.fps)),
+    )
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     if iteration is None:
         raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
     if "prompts" not in inputs:
         raise KeyError("the evaluate stage needs inputs['prompts'] (the filter_prompts directory)")
-    prompts = read_heldout(inputs["prompts"])
-    if cfg.pipeline.eval_max_prompts is not None:
-        prompts = prompts[: cfg.pipeline.eval_max_prompts]
-    plan = eval_plan(len(prompts), cfg.pipeline.eval_seeds)
     state = resolve_policy(inputs)
     if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None and state is not None:  # W0 + dW_semi + s dW_on
-        ev = merge_sweep(cfg, inputs, state, prompts, plan, out_dir, iteration)
-    else:
-        ev = evaluate_policy(cfg, lambda: build_generation_stack(cfg, lora=state), prompts, plan, out_dir, iteration)
-    metrics, timings = ev.metrics, ev.timings
-
-    t0 = time.perf_counter()
-    baseline = inputs.get("baseline")
-    grid = write_comparison_grid(out_dir, ev.paths, Path(baseline) if baseline is not None else None, iteration,
-                                 fps=float(ev.card.fps))
-    timings["grid"] = time.perf_counter() - t0
-
-    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in eval_rewards_config(cfg).rewards)
-    log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(ev.paths),
-             metrics["combined/mean"], nan_scores)
-    return StageResult(
-        counts={"prompts": len(prompts), "videos": len(ev.paths), "nan_scores": nan_scores,
-                "decode_failed": ev.score_counts["decode_failed"], "num_latent_frames": ev.num_latent_frames, **grid},
-        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
+        return run_merge_sweep(cfg, inputs, state, out_dir, iteration)
+    prompts, plan = _eval_prompts(cfg, inputs)
+    rank, world = dist_rank_world()
+    mine = [plan[j] for j in rank_slice(len(plan), rank, world)]  # this rank's share, in plan order
+    sc = generate_and_score(cfg, lambda: build_generation_stack(cfg, lora=state), prompts, mine, out_dir, iteration)
+    keys, columns, identities, card, timings = sc.keys, sc.columns, sc.identities, sc.card, sc.timings
+    result = StageResult(
+        counts={"prompts": len(prompts), "videos": len(sc.paths), "decode_failed": sc.score_counts["decode_failed"],
+                "num_latent_frames": sc.num_latent_frames},
+        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in mine}},
         timings=timings,
-        metrics=finite_metrics({k: v for k, v in metrics.items() if k != "n"}, prefix="eval/"),
-        reports=eval_reports(out_dir, iteration),
-        extra={"policy": str(state) if state is not None else "base", "iteration": iteration,
-               "baseline": str(baseline) if baseline is not None else None},
+        extra=_extra(inputs, state, iteration, float(card.fps)),
     )
+    if world > 1:  # rank 0 merges the parts (merge_ranks)
+        write_rank_part(out_dir, "eval_rewards", rank, keys, columns, {"rewards": identities})
+        return result
+    counts, result.metrics, result.reports = _finish(cfg, inputs, out_dir, iteration, keys, columns, identities,
+                                                     float(card.fps), timings)
+    result.counts |= counts
+    return result
+
+
+def merge_ranks(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None,
+                merged: StageResult) -> StageResult:  # fmt: skip
+    """Rank 0, after every rank generated and scored its share: one scores table, the metrics and the grid."""
+    assert iteration is not None
+    keys, columns, attrs = merge_rank_parts(out_dir, "eval_rewards")
+    counts, merged.metrics, merged.reports = _finish(cfg, inputs, out_dir, iteration, keys, columns, attrs["rewards"],
+                                                     merged.extra["fps"], merged.timings)
+    merged.counts |= counts
+    return merged

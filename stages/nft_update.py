@@ -12,12 +12,22 @@ One stage run is one training phase of NFT (paper part 1, DESIGN.md):
    ``rl.micro_batch_size`` candidates of one group, so they share their prefix cache (built once, forked).
    Records whose ``r`` is NaN (no valid reward) are skipped and counted.
 2. The model goes through :func:`astrolabe.parallel.parallelize` (``cfg.parallel``: activation
-   checkpointing; the stage runs on one rank, so ``strategy`` must be ``none``). For each of ``rl.epochs``
-   passes the micro-batches are shuffled by the ``shuffle`` generator; every ``rl.accumulation_steps``
-   micro-batches (and the rest at the end of a pass) make one optimizer step, their gradients accumulated by
-   :func:`astrolabe.rl.accumulation.accumulate_gradients` (each micro-batch's
-   :func:`astrolabe.rl.streaming_update.window_nft_step` loss weighted by its sample count: the step's
-   gradient is that of the mean loss over its samples).
+   checkpointing, DDP). For each of ``rl.epochs`` passes the micro-batches are shuffled by the ``shuffle``
+   generator; every ``rl.accumulation_steps`` micro-batches (and the rest at the end of a pass) make one
+   optimizer step, their gradients accumulated by :func:`astrolabe.rl.accumulation.accumulate_gradients`
+   (each micro-batch's :func:`astrolabe.rl.streaming_update.window_nft_step` loss weighted by its sample
+   count: the step's gradient is that of the mean loss over its samples).
+
+On N ranks (torchrun; a ``"sliced"`` stage) every rank reads the same candidates, builds the same state and
+draws the same shuffle; rank ``k`` trains the contiguous share :func:`rank_slice` of each step's
+micro-batches, and the sample-weighted gradients are summed across ranks (``across_ranks``), so every
+rank takes the single-process step over the union of the samples. The sigma / noise generators are advanced
+for the other ranks' micro-batches too (:func:`skip_noise`), so each micro-batch gets the noise it gets in
+one process and the generators stay identical on every rank. Under DDP the backward runs in ``no_sync``:
+the one reduction is the accumulation's (a rank with no micro-batch in a step still takes part). Per
+micro-batch metrics are all-gathered and averaged in the single-process order. Rank 0 alone writes
+``state/``; the manifest's ``extra`` holds ``world_size`` and ``samples_per_rank``. ``parallel.strategy=fsdp``
+is refused (NotImplementedError) until the FSDP state is checkpointed through ``torch.distributed.checkpoint``.
 3. End of phase: ``theta_old <- d theta_old + (1 - d) theta`` (:meth:`TrainingState.update_old`), and the
    lagging KL reference is refreshed when the mean KL of the phase says so. Both schedules count
    iterations (``iteration + 1`` completed), not optimizer steps.
@@ -37,6 +47,7 @@ on in ``labels/controller.json`` (a labels output without it is an error).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -49,11 +60,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from astrolabe.artifacts.ranks import rank_slice
 from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.build import build_dit, build_text, stream_config
 from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.arrays import check_keys_aligned, read_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
+from astrolabe.distributed import dist_rank_world, gather_objects
 from astrolabe.models.registry import get_base_model
 from astrolabe.parallel import parallelize
 from astrolabe.rl.accumulation import accumulate_gradients, shuffled_steps
@@ -63,7 +76,7 @@ from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController
 from astrolabe.rl.state import TrainingState
-from astrolabe.rl.streaming_update import WindowBatch, window_nft_step
+from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, window_nft_step
 from stages.arcopo_buffer import read_parts
 from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_controller
 
@@ -81,7 +94,11 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     return subset
 
 
-STAGE = StageInfo(name="nft_update", code_version="2", config_subset=_config_subset, per_iteration=True)
+# Under torchrun every rank trains its share of each step (module docstring); every count is the same on
+# every rank (the per-rank samples are in ``extra["samples_per_rank"]``).
+_COUNTS = ("records", "trained", "skipped_nan_r", "optimizer_steps", "step")
+STAGE = StageInfo(name="nft_update", code_version="2", config_subset=_config_subset, per_iteration=True,
+                  distribution="sliced", rank_invariant_counts=_COUNTS)
 
 
 def checkpoint_state_dir(stage_dir: str | Path) -> Path:
@@ -208,38 +225,75 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def skip_noise(cands: list[Candidate], idx: list[int], dtype: torch.dtype, stream: Any, cfg: RunConfig,
+               gens: Mapping[str, torch.Generator], shift: float) -> None:  # fmt: skip
+    """Advance the sigma / noise generators exactly as training the micro-batch ``idx`` would (another rank does)."""
+    x0 = torch.zeros((len(idx), *cands[idx[0]].window.shape), dtype=dtype)  # (B, W, C, h, w)
+    draw_training_noise(x0, stream, cfg.rl.nft, gens["sigma"], gens["noise"], cfg.rl.update.sigma_per, shift)
+
+
+def _gathered_means(sums: Mapping[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """Mean of every metric over the micro-batches of all ranks, summed in the single-process order."""
+    merged: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for part in gather_objects(dict(sums)):
+        for k, v in part.items():
+            merged[k].extend(v)
+    return {k: _mean([x for _, x in sorted(v)]) for k, v in merged.items()}
+
+
 def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], contexts: Mapping[str, torch.Tensor],
                 stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:  # fmt: skip
-    """``rl.epochs`` shuffled passes of sample-weighted accumulated window NFT steps; returns averaged metrics."""
+    """``rl.epochs`` shuffled passes of sample-weighted accumulated window NFT steps; returns averaged metrics.
+
+    On N ranks each step's micro-batches are sliced by rank (module docstring); ``update/samples`` is the
+    number of samples this rank trained (every pass).
+    """
     rl = cfg.rl
+    rank, world = dist_rank_world()
     device, dtype = torch.device(cfg.model.device), next(state.policies.model.parameters()).dtype
     batches = plan_micro_batches(cands, rl.micro_batch_size)
     policies = _policies(state, with_ref=rl.nft.kl_weight > 0)
     model = parallelize(state.policies.model, cfg.parallel)
+    no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext  # the accumulation reduces
     gens = state.generators
-    sums: dict[str, list[float]] = defaultdict(list)
+    sums: dict[str, list[tuple[int, float]]] = defaultdict(list)  # metric -> [(global micro-batch no., value)]
+    position = [0]  # the global number of loss_of's next micro-batch (single-process order)
 
     def loss_of(idx: list[int]) -> torch.Tensor:
         batch = make_batch(cands, idx, contexts[cands[idx[0]].prompt], device, dtype)
         loss, metrics = window_nft_step(policies, model, stream, batch, rl.nft, gens["sigma"], gens["noise"],
                                         rl.update, shift=shift, group_size=len(idx), backward=False)
         for k, v in metrics.items():
-            sums[k].append(float(v))
+            sums[k].append((position[0], float(v)))
+        position[0] += 1
         return loss
 
+    def skip(idxs: list[list[int]]) -> None:
+        for idx in idxs:
+            skip_noise(cands, idx, dtype, stream, cfg, gens, shift)
+
     total_steps = rl.epochs * math.ceil(len(batches) / rl.accumulation_steps)
+    trained = offset = 0  # offset: the global number of the step's first micro-batch
     for done, step in enumerate(shuffled_steps(len(batches), rl.epochs, rl.accumulation_steps, gens["shuffle"]), 1):
         chunk = [batches[b] for b in step]
-        # one rank trains (a "main" stage): no cross-rank reduction even under torchrun
-        accumulate_gradients(state, loss_of, chunk, [len(idx) for idx in chunk], across_ranks=False)
+        mine = rank_slice(len(chunk), rank, world)
+        skip(chunk[: mine.start])
+        position[0] = offset + mine.start
+        with no_sync():
+            accumulate_gradients(state, loss_of, chunk[mine.start : mine.stop],
+                                 [len(idx) for idx in chunk[mine.start : mine.stop]], across_ranks=world > 1)
+        skip(chunk[mine.stop :])
+        trained += sum(len(idx) for idx in chunk[mine.start : mine.stop])
+        offset += len(chunk)
         stats = state.optimizer_step()
-        sums["update/grad_norm"].append(stats.grad_norm)
-        sums["update/lr"].append(stats.lr)
+        sums["update/grad_norm"].append((done, stats.grad_norm))
+        sums["update/lr"].append((done, stats.lr))
         if on_step is not None:
             on_step(done, total_steps)
-    out = {k: _mean(v) for k, v in sums.items()}
+    out = _gathered_means(sums) if world > 1 else {k: _mean([x for _, x in v]) for k, v in sums.items()}
     out["update/micro_batches"] = float(len(batches) * rl.epochs)
     out["update/optimizer_steps"] = float(total_steps)
+    out["update/samples"] = float(trained)
     return out
 
 
@@ -314,7 +368,13 @@ def train_arcopo_adapter(cfg: RunConfig, groups: Sequence[PivotGroupData], conte
 
 
 def run_arcopo(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int) -> StageResult:
-    """The stage with ``rl.algorithm: arcopo`` (module docstring)."""
+    """The stage with ``rl.algorithm: arcopo`` (module docstring); one process only (no rank slicing yet)."""
+    _, world = dist_rank_world()
+    if world > 1:
+        raise NotImplementedError(
+            f"rl.algorithm='arcopo' under torchrun (world size {world}): the AR-CoPO update is not sliced across "
+            "ranks yet; run nft_update in one process (no torchrun) or use rl.algorithm='nft'"
+        )
     t0 = time.perf_counter()
     groups, skipped = read_labelled_groups(Path(inputs["rollout"]), Path(inputs["labels"]))
     if not groups:
@@ -355,9 +415,11 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     for name in ("rollout", "labels"):
         if name not in inputs:
             raise KeyError(f"the nft_update stage needs inputs[{name!r}]")
-    if cfg.parallel.strategy != "none":
-        raise ValueError(f"parallel.strategy={cfg.parallel.strategy!r}: nft_update trains on one rank for now "
-                         "(DDP/FSDP across ranks is not wired into the stage yet); set parallel.strategy=none")
+    if cfg.parallel.strategy == "fsdp":
+        raise NotImplementedError(
+            "parallel.strategy='fsdp': nft_update cannot checkpoint FSDP-sharded training state yet (the "
+            "torch.distributed.checkpoint path is not written); use parallel.strategy=ddp or none"
+        )
     if cfg.rl.algorithm == "arcopo":  # AR-CoPO payload and loss
         return run_arcopo(cfg, inputs, out_dir, iteration)
     t0 = time.perf_counter()
@@ -383,14 +445,18 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     end_phase(state, metrics, iteration)
     t_train = time.perf_counter() - t1
     state.extra = {"iteration": iteration, "trained_records": len(cands)}
-    state.save(checkpoint_state_dir(out_dir))
-    log.info("nft_update it%d: %d samples, %d steps, loss %.4g, kl %.3g", iteration, len(cands),
-             int(metrics["update/optimizer_steps"]), metrics.get("loss/total", float("nan")),
-             metrics.get("loss/kl", float("nan")))
+    rank, world = dist_rank_world()
+    samples_per_rank = [int(n) for n in gather_objects(int(metrics.pop("update/samples")))]
+    if rank == 0:  # every rank holds the same state; one writes it
+        state.save(checkpoint_state_dir(out_dir))
+        log.info("nft_update it%d: %d samples, %d steps, loss %.4g, kl %.3g", iteration, len(cands),
+                 int(metrics["update/optimizer_steps"]), metrics.get("loss/total", float("nan")),
+                 metrics.get("loss/kl", float("nan")))
     return StageResult(
         counts={"records": len(cands) + skipped, "trained": len(cands), "skipped_nan_r": skipped,
                 "optimizer_steps": int(metrics["update/optimizer_steps"]), "step": state.step},
         seeds={"lora_seed": cfg.rl.lora_seed, "from_checkpoint": str(ckpt) if ckpt else None},
         timings={"build": t_build, "train": t_train},
         metrics=finite_metrics(metrics),
+        extra={"world_size": world, "samples_per_rank": samples_per_rank},
     )

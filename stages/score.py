@@ -10,25 +10,32 @@ The cache key holds each reward's :meth:`Reward.identity` (name, version, weight
 sampling, resolution, options) and nothing else: weights and normalisation are read by
 ``label_uncertainty``, so changing them, or swapping one judge, reruns only what depends on it.
 
-Single process only (no rank slicing yet).
+Under torchrun (a ``"sliced"`` stage) rank ``k`` of ``W`` scores the contiguous share :func:`rank_slice` of
+the records (in shard order), its reward models loaded once, and writes ``rewards-rNNN.zarr``; rank 0 then
+concatenates the parts in rank order into ``rewards.zarr`` (:func:`merge_ranks`), removes them and
+computes the metrics: the same table and metrics as one process.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import re
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from astrolabe.artifacts.ranks import rank_filename, rank_slice
 from astrolabe.artifacts.stage import StageInfo, StageResult
 from astrolabe.config import RunConfig
-from astrolabe.data.arrays import write_columns
-from astrolabe.data.shards import list_shards, read_rollout_shards
+from astrolabe.data.arrays import read_columns, write_columns
+from astrolabe.data.shards import index_shards, list_shards, read_rollout_shards
+from astrolabe.distributed import dist_rank_world
 from astrolabe.data.video import decode_mp4
 from astrolabe.rewards import Reward, RewardOutput, RewardSpec, build_rewards, score_all
 
@@ -54,7 +61,8 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     return {"rewards": reward_identities(cfg.rewards.rewards)}
 
 
-STAGE = StageInfo(name="score", code_version="1", config_subset=_config_subset, per_iteration=True)
+STAGE = StageInfo(name="score", code_version="1", config_subset=_config_subset, per_iteration=True,
+                  distribution="sliced")  # every count is summed over the ranks; metrics come from merge_ranks
 
 
 # ----------------------------------------------------------------------------------- batching
@@ -147,19 +155,69 @@ def reward_metrics(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> d
     return {f"reward/{name}/{k}": v for name in names if name in columns for k, v in column_stats(columns[name]).items()}
 
 
+# ----------------------------------------------------------------------------------- ranks
+
+
+def write_rank_part(out_dir: Path, stem: str, rank: int, keys: Sequence[str], columns: Mapping[str, np.ndarray],
+                    attrs: Mapping[str, Any]) -> None:  # fmt: skip
+    """This rank's rows as ``<stem>-rNNN.zarr`` (nothing for an empty share)."""
+    if keys:
+        write_columns(out_dir / rank_filename(stem, rank, ".zarr"), keys, columns, attrs=attrs)
+
+
+def merge_rank_parts(out_dir: Path, stem: str) -> tuple[list[str], dict[str, np.ndarray], dict[str, Any]]:
+    """The ``<stem>-rNNN.zarr`` parts concatenated in rank order (a column missing from a part is NaN there),
+    the parts removed; returns ``(keys, columns, attrs of rank 0's part)``."""
+    parts = sorted(out_dir.glob(f"{stem}-r[0-9][0-9][0-9].zarr"))
+    if not parts:
+        raise ValueError(f"no {stem}-rNNN.zarr part in {out_dir}: no rank had anything to score")
+    read = [read_columns(p) for p in parts]
+    names = sorted({c for _, cols, _ in read for c in cols})
+    keys = [k for ks, _, _ in read for k in ks]
+    columns = {c: np.concatenate([cols.get(c, np.full(len(ks), np.nan, np.float32)) for ks, cols, _ in read])
+               for c in names}
+    for p in parts:
+        shutil.rmtree(p)
+    return keys, columns, read[0][2]
+
+
+def _finish(out_dir: Path, keys: list[str], columns: dict[str, np.ndarray], identities: Mapping[str, Any],
+            where: Path) -> tuple[dict[str, int], dict[str, float]]:  # fmt: skip
+    """Write ``rewards.zarr``; returns the NaN counts and the metrics of the whole table."""
+    if not keys:
+        raise ValueError(f"the rollout shards in {where} hold no records; rerun the rollout stage")
+    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": dict(identities)})
+    nan = {f"nan/{name}": int(np.isnan(columns[name]).sum()) for name in identities}
+    log.info("score: %d records, NaN per reward %s", len(keys), nan)
+    return nan, reward_metrics(columns, list(identities))
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     rollout = Path(inputs["rollout"])
     paths = list_shards(rollout)
     if not paths:
         raise ValueError(f"no rollout shards (*.tar) in {rollout}; run the rollout stage first")
-    rewards = build_rewards(cfg.rewards.rewards)
-    keys, columns, counts = score_records(rewards, read_rollout_shards(paths), cfg.rewards.batch_size)
-    if not keys:
-        raise ValueError(f"the rollout shards in {rollout} hold no records; rerun the rollout stage")
-    for r in rewards:
-        counts[f"nan/{r.name}"] = int(np.isnan(columns[r.name]).sum())
+    rank, world = dist_rank_world()
+    mine = rank_slice(len(index_shards(paths)), rank, world) if world > 1 else None
+    records = read_rollout_shards(paths)
+    if mine is not None:
+        records = itertools.islice(records, mine.start, mine.stop)
+    rewards = build_rewards(cfg.rewards.rewards)  # once per rank
+    keys, columns, counts = score_records(rewards, records, cfg.rewards.batch_size)
     identities = {r.name: r.identity() for r in rewards}
-    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": identities})
-    log.info("score: %d records, NaN per reward %s", len(keys), {k: v for k, v in counts.items() if k.startswith("nan/")})
-    metrics = reward_metrics(columns, [r.name for r in rewards])
-    return StageResult(counts=counts, metrics=metrics, extra={"columns": sorted(columns)})
+    if mine is not None:  # rank 0 merges the parts (merge_ranks)
+        write_rank_part(out_dir, "rewards", rank, keys, columns, {"rewards": identities})
+        return StageResult(counts=counts)
+    nan, metrics = _finish(out_dir, keys, columns, identities, rollout)
+    return StageResult(counts=counts | nan, metrics=metrics, extra={"columns": sorted(columns)})
+
+
+def merge_ranks(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None,
+                merged: StageResult) -> StageResult:  # fmt: skip
+    """Rank 0, after every rank scored its share: one ``rewards.zarr``, the counts and metrics of all records."""
+    keys, columns, attrs = merge_rank_parts(out_dir, "rewards")
+    nan, metrics = _finish(out_dir, keys, columns, attrs["rewards"], Path(inputs["rollout"]))
+    merged.counts |= nan
+    merged.metrics = metrics
+    merged.extra = {"columns": sorted(columns)}
+    return merged

@@ -40,6 +40,23 @@ def test_rollout_bench_smoke():
     assert "rollout bench" in rollout.format_table(r).title
 
 
+def test_update_scaling_bench_runs_two_ranks_and_writes_the_numbers(tmp_path):
+    """`astrolabe bench update --world-size 2`: world size 1 and 2 measured in one run (no timing assertions)."""
+    out = tmp_path / "scaling.json"
+    res = CliRunner().invoke(app, ["bench", "update", "--world-size", "2", "--json", str(out)],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert [row["world_size"] for row in r["rows"]] == [1, 2] and r["settings"]["backend"] == "gloo"
+    assert [row["samples"] for row in r["rows"]] == [3, 6]  # 3 steps x 1 sample per rank
+    for k in ("speedup", "scaling_efficiency"):
+        assert _positive(r[k]), k
+    assert all(_positive(row["samples_per_s"]) for row in r["rows"])
+    assert "update scaling bench" in res.output
+    with pytest.raises(ValueError, match="world_size must be >= 2"):
+        update.run_scaling(1)
+
+
 def test_update_bench_smoke():
     r = update.run(
         prefix_frames=(0, 3), window_frames=3, setup=StreamSetup(latent_hw=(4, 4), window=6), fresh_process=False

@@ -260,3 +260,48 @@ def test_eval_rewards_default_to_rewards():
     with pytest.raises(ValueError, match="eval_seeds"):
         evaluate.eval_plan(2, ())
 
+
+
+# ----------------------------------------------------------------------------------- 2 gloo ranks
+
+
+def _rank_worker(rank: int, port: int, run: str, inputs: dict, result: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from astrolabe.distributed import init_distributed
+
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    try:
+        m = execute(evaluate, _cfg(), Path(run), inputs, iteration=1)
+        Path(result, f"r{rank}.json").write_text(json.dumps({"key": m.key, "world_size": m.world_size,
+                                                              "counts": m.counts, "metrics": m.metrics,
+                                                              "reports": m.reports, "seeds": m.seeds}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(runs, tmp_path):
+    """Each rank generates and scores 2 of the 4 videos; rank 0 merges: same table, metrics, grid as one process."""
+    from spawn_helpers import free_port, run_ranks
+
+    port = free_port()
+    inputs = {"prompts": runs.prompts, "checkpoint": runs.ckpt, "baseline": runs.d0}
+    codes = run_ranks(_rank_worker, lambda r: (r, port, str(tmp_path / "run"), inputs, str(tmp_path)), timeout=240)
+    assert codes == [0, 0]
+    m0, m1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
+    assert m0 == m1 and m0["key"] == runs.m1.key and m0["world_size"] == 2
+    d = _out(tmp_path / "run", 1, m0["key"])
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in runs.d1.iterdir())  # no rank parts left
+    (k2, c2, a2), (k1, c1, a1) = read_columns(d / evaluate.REWARDS_FILE), read_columns(runs.d1 / evaluate.REWARDS_FILE)
+    assert k2 == k1 == KEYS and c2.keys() == c1.keys() and a2 == a1
+    worst = max(float(np.abs(c2[c] - c1[c]).max()) for c in c1)
+    print(f"evaluate 2 ranks vs 1 process: max abs diff {worst:.3g}")
+    assert worst <= 1e-5
+    assert json.loads((d / evaluate.METRICS_FILE).read_text()) == pytest.approx(
+        json.loads((runs.d1 / evaluate.METRICS_FILE).read_text()), rel=1e-6)
+    assert m0["counts"] == runs.m1.counts and m0["reports"] == runs.m1.reports and m0["seeds"] == runs.m1.seeds
+    assert _eval_metrics(types.SimpleNamespace(metrics=m0["metrics"])) == pytest.approx(_eval_metrics(runs.m1), rel=1e-6)
+    assert np.array_equal(cv2.imread(str(d / "grid.png")), cv2.imread(str(runs.d1 / "grid.png")))

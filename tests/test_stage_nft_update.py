@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.plan import build_plan, eval_points, plan_status
 from astrolabe.artifacts.stage import StageInfo, StageResult
 from stages import STAGES
+from spawn_helpers import free_port, run_ranks
 
 OVERRIDES = [
     "rollout.prompts_per_iteration=2", "rollout.group_size=2", "rl.optim.precision=fp32", "rl.optim.lr=1e-3",
@@ -117,9 +119,77 @@ def test_update_runs_through_parallelize_and_the_one_accumulation(chain, tmp_pat
     assert seen["parallelize"] == [cfg.parallel]
     assert seen["sizes"] == [[1, 1, 1], [1]] and res.counts["optimizer_steps"] == 2  # 4 micro-batches of 1
     assert seen["checkpointed"] == 4 * len(dit_module.WanDiT(tiny()).blocks)  # each trained forward, each block
-    with pytest.raises(ValueError, match="parallel.strategy='ddp'"):
+    with pytest.raises(RuntimeError, match="parallel.strategy='ddp' needs an initialised"):
         nft_update.run(cfg.model_copy(update={"parallel": ParallelConfig(strategy="ddp")}),
                        {"rollout": r, "labels": lab}, tmp_path / "o2", 0)
+
+
+# ----------------------------------------------------------------------------------- 2 gloo ranks
+
+# micro-batches of 1 sample, 3 per step: step 1 = 2 micro-batches on rank 0 + 1 on rank 1, step 2 = 1 on rank 0
+# and none on rank 1 (it still takes part in the reduction)
+RANK_OVERRIDES = ["rl.micro_batch_size=1", "rl.accumulation_steps=3"]
+
+
+def _rank_worker(rank: int, port: int, overrides: list[str], inputs: dict, run: str, result: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from astrolabe.distributed import init_distributed
+
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    try:
+        m = execute(nft_update, load_config("configs/tiny.yaml", overrides), Path(run), inputs, 0)
+        Path(result, f"r{rank}.json").write_text(json.dumps({"dir": str(_out(Path(run), m)), "extra": m.extra,
+                                                              "world_size": m.world_size, "counts": m.counts,
+                                                              "metrics": m.metrics}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _state_tensors(state: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a TrainingState directory: adapters (PEFT + stored policies), optimizer state, the update's
+    generators (not the process-global RNG states: the test processes differ in what ran before)."""
+    out = {}
+    for f in [state / "lora" / "adapter_model.safetensors", *sorted((state / "adapters").glob("*.safetensors"))]:
+        out |= {f"{f.relative_to(state)}:{k}": v for k, v in load_file(str(f)).items()}
+    opt = torch.load(state / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+    out |= {f"optimizer:{i}:{k}": v for i, st in opt.items() for k, v in st.items() if torch.is_tensor(v)}
+    rng = torch.load(state / "rng.pt", weights_only=False)
+    out |= {f"rng:{k}": v for k, v in rng["torch_generators"].items()}
+    return out
+
+
+def test_two_rank_ddp_update_equals_the_one_process_update(chain, tmp_path):
+    cfg, run, r, lab, _ = chain
+    overrides = [*OVERRIDES, *RANK_OVERRIDES, f"pipeline.runs_root={run.parent}"]
+    one = tmp_path / "one"
+    one.mkdir()
+    res1 = nft_update.run(load_config("configs/tiny.yaml", overrides), {"rollout": r, "labels": lab}, one, 0)
+    port = free_port()
+    ddp = [*overrides, "parallel.strategy=ddp"]
+    codes = run_ranks(_rank_worker, lambda k: (k, port, ddp, {"rollout": r, "labels": lab}, str(tmp_path / "run"),
+                                               str(tmp_path)), timeout=240)
+    assert codes == [0, 0]
+    m0, m1 = (json.loads((tmp_path / f"r{k}.json").read_text()) for k in range(2))
+    assert m0 == m1
+    assert m0["world_size"] == 2 and m0["extra"] == {"world_size": 2, "samples_per_rank": [3, 1]}
+    assert m0["counts"] == res1.counts and res1.extra == {"world_size": 1, "samples_per_rank": [4]}
+    for k in ("loss/total", "update/grad_norm"):
+        assert m0["metrics"][k] == pytest.approx(res1.metrics[k], rel=1e-5, abs=1e-7), k
+    a, b = _state_tensors(one / "state"), _state_tensors(Path(m0["dir"]) / "state")
+    assert a.keys() == b.keys() and any(k.startswith("optimizer:") for k in a) and {"rng:sigma", "rng:noise", "rng:shuffle"} <= a.keys()
+    assert [k for k in a if k.startswith("rng:") and not torch.equal(a[k], b[k])] == []  # generators advanced alike
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if not k.startswith("rng:"))
+    print(f"2-rank DDP vs 1 process: max abs diff {worst:.3g}")
+    assert worst <= 1e-5
+
+
+def test_fsdp_update_is_refused_until_its_checkpoint_exists(chain, tmp_path):
+    cfg, run, r, lab, _ = chain
+    fsdp = cfg.model_copy(update={"parallel": ParallelConfig(strategy="fsdp")})
+    with pytest.raises(NotImplementedError, match="parallel.strategy='fsdp'"):
+        nft_update.run(fsdp, {"rollout": r, "labels": lab}, tmp_path / "o", 0)
 
 
 def test_nan_group_is_skipped_and_all_nan_is_an_error(chain, tmp_path):

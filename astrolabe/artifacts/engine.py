@@ -14,6 +14,10 @@ rank with the same arguments. Rank 0 decides "cached?" and creates the temporary
 ``"main"`` stage runs on rank 0 while the others wait. The ranks' outcomes are all-gathered: if any rank
 failed, rank 0 removes the temporary directory and every rank raises :class:`StageRankError` naming it;
 otherwise rank 0 publishes the merged result (:func:`merge_results`) and every rank returns the manifest.
+A sliced stage whose ranks write partial files that must become one (the score table of ``score``) defines
+``merge_ranks(cfg, inputs, out_dir, iteration, merged) -> StageResult``: rank 0 calls it after every rank
+succeeded, with the merged result, before publishing (at world size N > 1 only; one process writes the
+final files itself).
 """
 
 from __future__ import annotations
@@ -254,12 +258,17 @@ def _failure_message(name: str, iteration: int | None, world_size: int, failed: 
             "published. Fix the cause (see that rank's log) and rerun: the stage starts over.")
 
 
-def _publish_on_rank0(sd: StageDir, stage: StageModule, cfg: RunConfig, plan: _RankPlan,
+def _publish_on_rank0(sd: StageDir, stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path], plan: _RankPlan,
                       outcomes: Sequence[_RankOutcome], force: bool) -> str | None:  # fmt: skip
-    """Merge the ranks' results and publish; returns the error text of a failure (the tmp dir is then gone)."""
+    """Merge the ranks' results (and their files: the stage's ``merge_ranks``) and publish; returns the error
+    text of a failure (the tmp dir is then gone)."""
     ran = [o.result for o in outcomes if o.result is not None]
     try:
         merged = merge_results(ran, stage.STAGE.rank_invariant_counts, stage.STAGE.rank_summed_metrics)
+        merge_ranks = getattr(stage, "merge_ranks", None)
+        if merge_ranks is not None and len(ran) > 1:
+            assert plan.tmp is not None
+            merged = merge_ranks(cfg, inputs, Path(plan.tmp), plan.iteration, merged)
         _publish(sd, stage, cfg, plan.identities, merged, force, world_size=len(ran))
     except Exception as e:
         sd.abort()
@@ -291,7 +300,7 @@ def _execute_ranks(ctx: DistContext, stage: StageModule, cfg: RunConfig, run_pat
         if ctx.is_main:
             sd.abort()
         raise StageRankError(_failure_message(name, plan.iteration, ctx.world_size, failed))
-    error = broadcast_object(_publish_on_rank0(sd, stage, cfg, plan, outcomes, force) if ctx.is_main else None)
+    error = broadcast_object(_publish_on_rank0(sd, stage, cfg, inputs, plan, outcomes, force) if ctx.is_main else None)
     if error is not None:
         raise StageRankError(f"{name} (iteration {plan.iteration}): publishing on rank 0 failed: {error}")
     return sd.load_manifest()

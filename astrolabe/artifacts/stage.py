@@ -31,7 +31,8 @@ class StageInfo:
     rank 0 runs it, the other ranks wait. ``rank_invariant_counts`` name counts that every rank of a sliced
     stage reports with the same value (kept once, not summed); ``rank_summed_metrics`` name metrics that are
     summed over ranks (every other metric must be equal on the ranks that report it), see
-    :func:`astrolabe.artifacts.engine.merge_results`.
+    :func:`astrolabe.artifacts.engine.merge_results`. A sliced stage may also define ``merge_ranks`` (see
+    :mod:`astrolabe.artifacts.engine`) to merge the ranks' files on rank 0 before publication.
     """
 
     name: str

@@ -175,3 +175,158 @@ def run_gpu(**overrides: Any) -> dict[str, Any]:
     checkpointing; needs CUDA."""
     GPU_SETUP.require_cuda("update")
     return run(**{"setup": GPU_SETUP, "gradient_checkpointing": True, **overrides})
+
+
+# ----------------------------------------------------------------------------------- data-parallel scaling
+
+
+def scaling_worker(
+    rank: int, world_size: int, port: int, out_path: str, steps: int, batch: int, prefix_frames: int,
+    window_frames: int, strategy: str, size: str, device: str, dtype: str, latent_hw: list[int], window: int | None,
+    sink: int, block: int, threads: int | None,
+) -> None:  # fmt: skip
+    """One rank of the scaling bench: the production update path (LoRA policies, DDP in ``no_sync``, the
+    sample-weighted cross-rank accumulation, one optimizer step) on ``batch`` samples per rank and step;
+    writes ``{"time_s", "samples"}`` (the measured steps, after one warm-up step) to ``out_path``."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from astrolabe.parallel import ParallelConfig, parallelize
+    from astrolabe.rl.accumulation import accumulate_step
+    from astrolabe.rl.lora import LoRAConfig
+    from astrolabe.rl.optim import OptimConfig
+    from astrolabe.rl.policies import PolicyConfig, PolicySet
+    from astrolabe.rl.state import TrainingState
+
+    set_threads(threads)
+    distributed = world_size > 1
+    if distributed:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world_size)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    try:
+        model = build_model(size, device, dtype)
+        ps = PolicySet.build(model.requires_grad_(False), LoRAConfig(rank=4, alpha=4.0), PolicyConfig(),
+                             generator=torch.Generator().manual_seed(0))
+        state = TrainingState(ps, OptimConfig(lr=1e-4, precision="fp32"))
+        wrapped = parallelize(ps.model, ParallelConfig(strategy=strategy if distributed else "none"))  # type: ignore[arg-type]
+        no_sync = wrapped.no_sync if hasattr(wrapped, "no_sync") else contextlib.nullcontext
+        stream = make_stream(tuple(latent_hw), window, sink, block, model.config.in_dim)
+        data = _batch(model, prefix_frames, window_frames, latent_hw, batch, device, dtype)
+        policies = {"default": lambda: ps.use("default"), "old": lambda: ps.use("old")}
+        gens = (torch.Generator().manual_seed(rank), torch.Generator().manual_seed(100 + rank))
+        nft = NFTConfig()
+
+        def step() -> None:
+            with no_sync():
+                accumulate_step(state, lambda b: window_nft_step(policies, wrapped, stream, b, nft, *gens,
+                                                                 backward=False)[0],
+                                [data], [batch], across_ranks=distributed)
+
+        step()  # warm-up
+        if distributed:
+            dist.barrier()
+        with measure(torch.device(device), track_tensors=False) as m:
+            for _ in range(steps):
+                step()
+            if distributed:
+                dist.barrier()
+        with open(out_path, "w", encoding="utf-8") as f:
+            json.dump({"time_s": m["time_s"], "samples": steps * batch}, f)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _measure_world(world_size: int, timeout_s: float, **kwargs: Any) -> dict[str, Any]:
+    """Run :func:`scaling_worker` on ``world_size`` spawned processes; samples/s of the slowest rank's time."""
+    import json
+    import multiprocessing
+    import tempfile
+    from pathlib import Path
+
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="astrolabe-bench-scaling-") as tmp:
+        outs = [str(Path(tmp) / f"r{r}.json") for r in range(world_size)]
+        procs = [ctx.Process(target=scaling_worker, args=(r, world_size, port, outs[r]), kwargs=kwargs)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout_s)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"scaling bench at world size {world_size}: rank(s) {failed} failed or hung "
+                               f"(exit codes {[p.exitcode for p in procs]}); see their output above")
+        rows = [json.loads(Path(o).read_text()) for o in outs]
+    time_s = max(r["time_s"] for r in rows)
+    samples = sum(r["samples"] for r in rows)
+    return {"world_size": world_size, "time_s": time_s, "samples": samples, "samples_per_s": samples / time_s}
+
+
+def run_scaling(
+    world_size: int = 2,
+    steps: int = 3,
+    batch: int = 1,
+    prefix_frames: int = 3,
+    window_frames: int = 3,
+    strategy: str = "ddp",
+    setup: StreamSetup = StreamSetup(latent_hw=(4, 4), window=6),
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Data-parallel update throughput at world size 1 and ``world_size`` (weak scaling: ``batch`` samples per
+    rank and step), measured in one run (gloo on CPU, nccl on CUDA)::
+
+        samples/s(N) = N * steps * batch / (slowest rank's time for ``steps`` steps)
+        efficiency(N) = samples/s(N) / (N * samples/s(1))
+
+    On a CPU machine the ranks share its cores, so the efficiency measures the communication and the
+    contention, not what N GPUs give.
+    """
+    if world_size < 2:
+        raise ValueError(f"world_size must be >= 2 (it is compared with world size 1), got {world_size}")
+    common = dict(steps=steps, batch=batch, prefix_frames=prefix_frames, window_frames=window_frames,
+                  strategy=strategy, **setup.worker_kwargs())  # fmt: skip
+    rows = [_measure_world(n, timeout_s, **common) for n in (1, world_size)]
+    one, many = rows
+    result = {
+        "settings": {**common, "world_size": world_size,
+                     "backend": "nccl" if setup.device.startswith("cuda") else "gloo"},
+        "rows": rows,
+        "speedup": ratio(many["samples_per_s"], one["samples_per_s"]),
+        "scaling_efficiency": ratio(many["samples_per_s"], world_size * one["samples_per_s"]),
+    }
+    log.info("update scaling bench: %s", {k: result[k] for k in ("speedup", "scaling_efficiency")})
+    return result
+
+
+def format_scaling_table(result: dict[str, Any]):
+    """A rich table: samples/s per world size, speed-up and scaling efficiency."""
+    from rich.table import Table
+
+    s = result["settings"]
+    table = Table(title=f"update scaling bench ({s['size']}, {s['device']}/{s['backend']}, {s['strategy']}, "
+                        f"{s['batch']} sample(s) per rank and step); efficiency at {s['world_size']}: "
+                        f"{result['scaling_efficiency']:.3f}")  # fmt: skip
+    for col in ("world size", "samples", "time s", "samples/s"):
+        table.add_column(col)
+    for row in result["rows"]:
+        table.add_row(str(row["world_size"]), str(row["samples"]), f"{row['time_s']:.3f}",
+                      f"{row['samples_per_s']:.3f}")
+    return table
