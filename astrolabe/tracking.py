@@ -329,6 +329,66 @@ class Tracker:
 # comparison
 
 
+def missing_store(uri: str) -> str | None:
+    """The path of a local sqlite store ``uri`` names when that file does not exist (None otherwise: it exists,
+    or the store is a server). Reading commands check this first, so they never create an empty store."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return None if Path(path).is_file() else path
+    return None
+
+
+def metric_histories(run_ids: Mapping[str, str], metrics: Sequence[str], tracking_uri: str
+                     ) -> dict[str, dict[str, list[tuple[float, float]]]]:  # fmt: skip
+    """``{metric: {label: [(step, value), ...]}}`` of the runs ``{label: run_id}`` (runs without it left out)."""
+    client = _client(_check_uri(tracking_uri))
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for m in metrics:
+        for label, run_id in run_ids.items():
+            points = [(float(h.step), float(h.value)) for h in client.get_metric_history(run_id, m)]
+            if points:
+                out.setdefault(m, {})[label] = sorted(points)
+    return out
+
+
+def plot_runs(
+    histories: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | os.PathLike[str],
+    title: str | None = None,
+) -> Path:
+    """One subplot per metric with one line per run (``{metric: {run label: points}}``, see
+    :func:`metric_histories`), saved as PNG with the Agg canvas; the file is written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from astrolabe.artifacts.atomic import write_bytes
+
+    if not histories:
+        raise ValueError("none of the runs has any of these metrics: nothing to plot (choose them with --metric)")
+    names = list(histories)
+    ncols = min(3, len(names))
+    nrows = -(-len(names) // ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for label, points in histories[name].items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="." if len(points) < 50 else None, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes(out, buf.getvalue())
+
+
 def _iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
 

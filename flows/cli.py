@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from astrolabe.artifacts.atomic import write_json
@@ -29,6 +30,22 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured 
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
+
+_OPTIONS = {"debug": False}  # global options (app callback)
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+) -> None:
+    """Astrolabe: RL post-training of AR video models."""
+    _OPTIONS["debug"] = debug
+
+
+def _error(message: str) -> None:
+    """Print ``message`` in red, verbatim: rich markup in it (``[abc]``, ``[#]`` of a scene prompt) is escaped."""
+    console.print(f"[red]{escape(message)}[/red]")
+
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: tiny CPU run).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set rl.nft.beta=0.2 (repeatable).")]
@@ -48,7 +65,7 @@ def _load(config: Path | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
+        _error(f"{e}")
         raise typer.Exit(2) from None
 
 
@@ -85,7 +102,8 @@ def generate(
     num_frames: Annotated[int | None, typer.Option("--num-frames", help="Pixel frames, 1 + 4k (e.g. 81).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first prompt; prompt i uses seed + i.")] = 0,
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="PEFT LoRA dir, or a checkpoint dir containing lora/.")
+        Path | None, typer.Option("--checkpoint", help="PEFT LoRA dir, a checkpoint dir containing lora/, or a "
+                                  "run directory (runs/<name>: its last policy).")
     ] = None,
     set_: SetOpt = None,
     verbose: bool = False,
@@ -96,20 +114,24 @@ def generate(
     from astrolabe.sampling.generation import check_plans, generate_video, latent_frames_for_pixels, warn_tiny_text
 
     if (prompt is None) == (prompt_file is None):
-        console.print("[red]give exactly one of --prompt TEXT or --prompt-file FILE[/red]")
+        _error("give exactly one of --prompt TEXT or --prompt-file FILE")
         raise typer.Exit(2)
     if prompt_file is not None:
         if not prompt_file.is_file():
-            console.print(f"[red]prompt file {prompt_file} does not exist[/red]")
+            _error(f"prompt file {prompt_file} does not exist")
             raise typer.Exit(2)
         prompts = [ln.strip() for ln in prompt_file.read_text().splitlines() if ln.strip()]
         if not prompts:
-            console.print(f"[red]prompt file {prompt_file} has no prompts (one per line)[/red]")
+            _error(f"prompt file {prompt_file} has no prompts (one per line)")
             raise typer.Exit(2)
     else:
         prompts = [prompt]
     cfg = _load(config, set_)
     try:
+        if checkpoint is not None:
+            from flows.run import resolve_checkpoint
+
+            checkpoint = resolve_checkpoint(checkpoint)
         stack, base = build_generation_stack(cfg, lora=checkpoint)
         stack.stream = dataclasses.replace(stack.stream, rope=cfg.sampling.rope)
         requested = latent_frames_for_pixels(num_frames, stack.stream.block_frames) if num_frames is not None else None
@@ -118,8 +140,7 @@ def generate(
         if base.text_encoder_kind == "tiny":
             warn_tiny_text(plans)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        _fail(e, 2)
     output_dir.mkdir(parents=True, exist_ok=True)
     with _progress() as progress:
         for i, plan in enumerate(plans):
@@ -164,19 +185,35 @@ RootOpt = Annotated[Path | None, typer.Option("--runs-root", help="Where run nam
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError)
 
 
-def _fail(e: BaseException, code: int = 1) -> None:
+def error_text(e: BaseException) -> str:
+    """``<type>: <message>`` of an error the CLI explains; a storage failure (disk full, read-only, no
+    permission) anywhere in its chain becomes its one-line explanation."""
+    from astrolabe.artifacts.atomic import StorageError, storage_error
+
+    se = storage_error(e)
+    if se is not None:
+        return str(se) if isinstance(e, StorageError) or se.context else f"{type(e).__name__}: {se}"
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    console.print(f"[red]{type(e).__name__}: {msg}[/red]")
+    return f"{type(e).__name__}: {msg}"
+
+
+def _fail(e: BaseException, code: int = 1) -> None:
+    if _OPTIONS["debug"]:
+        raise e
+    _error(error_text(e))
     raise typer.Exit(code) from None
 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Known failures become one red line and an exit code: 3 run locked, 2 bad config/input, 1 stage error."""
+    """Known failures become one red line and an exit code: 3 run locked, 2 bad config/input, 1 stage error
+    (``--debug`` raises them with their traceback instead)."""
     from astrolabe.artifacts.lock import RunLockedError
 
     try:
         yield
+    except typer.Exit:  # a RuntimeError too: an exit already decided is no error to explain
+        raise
     except RunLockedError as e:
         _fail(e, 3)
     except ConfigError as e:
@@ -230,19 +267,26 @@ def _print_summary(summary: dict) -> None:
     evals = summary.get("eval") or {}
     if evals:
         margins = summary.get("eval_margin_std") or {}
+        deltas = summary.get("eval_delta") or {}
         names = sorted({k for m in evals.values() for k in m if k.endswith("/mean")})
-        table = Table("eval iteration", *names, caption="(change since the first eval, in units of its std)")
+        videos = min((m["n"] for m in evals.values() if "n" in m), default=None)
+        caption = ("(change since the first eval, in units of its std)" if any(margins.values()) else
+                   "(absolute change since the first eval"
+                   + ("" if videos is None else f"; {videos:.0f} videos per eval, too few for std units") + ")")
+        table = Table("eval iteration", *names, caption=caption)
         for it in sorted(evals, key=int):
-            table.add_row(str(it), *[_eval_cell(evals[it].get(n), margins.get(it, {}).get(n[: -len("/mean")]))
-                                     for n in names])
+            table.add_row(str(it), *[_eval_cell(evals[it].get(n), margins.get(it, {}).get(n[: -len("/mean")]),
+                                                deltas.get(it, {}).get(n[: -len("/mean")])) for n in names])
         Console().print(table)
 
 
-def _eval_cell(mean: float | None, margin: float | None) -> str:
-    """``0.7906 (+1.81 sd)``; ``-`` when the metric is missing."""
+def _eval_cell(mean: float | None, margin: float | None, delta: float | None = None) -> str:
+    """``0.7906 (+1.81 sd)`` with a margin, ``0.7906 (+0.0123)`` with an absolute change; ``-`` when missing."""
     if mean is None:
         return "-"
-    return f"{mean:.4f}" if margin is None else f"{mean:.4f} ({margin:+.2f} sd)"
+    if margin is not None:
+        return f"{mean:.4f} ({margin:+.2f} sd)"
+    return f"{mean:.4f}" if delta is None else f"{mean:.4f} ({delta:+.4f})"
 
 
 @app.command()
@@ -262,7 +306,7 @@ def train(
     sets = list(set_ or []) + ([f"name={run_name}"] if run_name else [])
     cfg = _load(config, sets)
     if engine not in ("prefect", "local"):
-        console.print(f"[red]--engine {engine!r}: use 'prefect' or 'local'[/red]")
+        _error(f"--engine {engine!r}: use 'prefect' or 'local'")
         raise typer.Exit(2)
     with _user_errors(), _ranks(cfg.model.device, engine) as is_main:
         if engine == "prefect":
@@ -344,29 +388,50 @@ def rescore(
 
 
 @app.command()
-def status(run: Annotated[str, typer.Argument(help="Run directory or name.")], runs_root: RootOpt = None) -> None:
-    """A table of stages x iterations: done / stale / missing."""
-    from rich.table import Table
+def status(
+    run: Annotated[str, typer.Argument(help="Run directory or name.")],
+    runs_root: RootOpt = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Check file sizes only, not checksums.")] = False,
+) -> None:
+    """Iterations x stages: done / damaged / stale / missing (fits 80 columns for any number of iterations)."""
+    from rich.text import Text
 
     from astrolabe.artifacts.plan import plan_status
     from flows.run import load_run_config, resolve_run_path
-    from stages import STAGE_ORDER, STAGES
+    from flows.views import status_lines
+    from stages import STAGES
 
-    try:
+    with _user_errors():
         run_path = resolve_run_path(run, runs_root)
         cfg = load_run_config(run_path)
-    except ConfigError as e:
-        _fail(e, 2)
-    cells: dict[tuple[str, int | None], str] = {s.node.id: s.status for s in plan_status(cfg, run_path, STAGES)}
-    iters = sorted({i for _, i in cells if i is not None})
-    style = {"done": "[green]done[/green]", "stale": "[yellow]stale[/yellow]", "missing": "[dim]missing[/dim]"}
-    table = Table("stage", *[str(i) for i in iters], title=f"{run_path} ({cfg.pipeline.iterations} iterations)")
-    for st in (st for st in STAGE_ORDER if any(node[0] == st for node in cells)):  # stages this run plans
-        if (st, None) in cells:
-            table.add_row(st, style[cells[(st, None)]], *[""] * (len(iters) - 1))
-        else:
-            table.add_row(st, *[style[cells[(st, i)]] if (st, i) in cells else "" for i in iters])
-    Console().print(table)
+        statuses = plan_status(cfg, run_path, STAGES, check_sha=not quick)
+    out = Console()
+    for line in status_lines(statuses, f"{run_path.name}: {cfg.pipeline.iterations} iterations"):
+        out.print(Text.assemble(*line), soft_wrap=True)
+
+
+@app.command()
+def verify(
+    run: Annotated[str, typer.Argument(help="Run directory or name.")],
+    runs_root: RootOpt = None,
+) -> None:
+    """Check every stage output of a run against its manifest (sizes and checksums).
+
+    Exit 0 when all are complete and intact; otherwise 1, listing damaged / missing / stale outputs and the
+    command that recomputes them.
+    """
+    from astrolabe.artifacts.plan import plan_status
+    from flows.run import load_run_config, resolve_run_path
+    from flows.views import verify_report
+    from stages import STAGES
+
+    with _user_errors():
+        run_path = resolve_run_path(run, runs_root)
+        ok, lines = verify_report(plan_status(load_run_config(run_path), run_path, STAGES), run_path)
+    for line in lines:
+        console.print(escape(line), soft_wrap=True, style=None if ok else "red")
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -376,25 +441,33 @@ def compare(
                                                      "sqlite:///runs/mlflow.db")] = None,
     experiment: str = "astrolabe",
     metric: Annotated[list[str] | None, typer.Option("--metric", help="Metrics to show (default: eval means).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the runs' curves of these metrics into "
+                                              "one PNG.")] = None,
 ) -> None:
-    """A table of runs from MLflow: status, and the last value of each chosen metric."""
-    import os
-
+    """A table of runs from MLflow: status, and the last value of each chosen metric (creates nothing)."""
     from rich.table import Table
 
-    from astrolabe.tracking import compare_runs
+    from astrolabe.tracking import compare_runs, metric_histories, missing_store, plot_runs
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str(Path("runs/mlflow.db").resolve())
-    rows = compare_runs(runs or None, uri, experiment)
-    if not rows:
-        console.print(f"no runs in experiment {experiment!r} at {uri}")
-        raise typer.Exit(1)
-    names = metric or sorted({k for r in rows for k in r["metrics"] if k.startswith("eval/") and k.endswith("/mean")})
-    table = Table("run", "status", "started", *names)
-    for r in rows:
-        table.add_row(r["run_name"], r["status"], r["start_time"],
-                      *[f"{r['metrics'][n]:.4f}" if n in r["metrics"] else "-" for n in names])
-    Console().print(table)
+    with _user_errors():
+        if (absent := missing_store(uri)) is not None:
+            _error(f"no MLflow store at {absent}: train a run first, or pass --tracking-uri")
+            raise typer.Exit(1)
+        rows = compare_runs(runs or None, uri, experiment)
+        if not rows:
+            console.print(escape(f"no runs in experiment {experiment!r} at {uri}"))
+            raise typer.Exit(1)
+        names = metric or sorted({k for r in rows for k in r["metrics"] if k.startswith("eval/") and k.endswith("/mean")})
+        table = Table("run", "status", "started", *names)
+        for r in rows:
+            table.add_row(escape(r["run_name"]), r["status"], r["start_time"],
+                          *[f"{r['metrics'][n]:.4f}" if n in r["metrics"] else "-" for n in names])
+        Console().print(table)
+        if plot is not None:
+            ids = {f"{r['run_name']} ({r['run_id'][:6]})": r["run_id"] for r in rows}
+            plot_runs(metric_histories(ids, names, uri), plot, title=f"{experiment}: {len(rows)} runs")
+            console.print(escape(f"wrote {plot}"))
 
 
 def _bench_output(result: dict, table, json_out: Path | None) -> None:
@@ -451,7 +524,7 @@ def bench_gpu(
     from astrolabe.bench import gpu
 
     if attention_backend not in ("auto", "sdpa", "flash"):
-        console.print(f"[red]--attention-backend must be auto, sdpa or flash, got {attention_backend!r}[/red]")
+        _error(f"--attention-backend must be auto, sdpa or flash, got {attention_backend!r}")
         raise typer.Exit(2)
     if not tiny and not torch_cuda_available():
         console.print("[yellow]no CUDA device: running the tiny CPU variant (--tiny)[/yellow]")
@@ -489,7 +562,14 @@ def bench_rewards(
 
 
 def main() -> None:  # pragma: no cover
-    app()
+    """The ``astrolabe`` entry point: an unexpected error is one line too (``--debug`` shows the traceback)."""
+    try:
+        app(standalone_mode=True)
+    except Exception as e:  # noqa: BLE001 - the last line of defence of the command line
+        if _OPTIONS["debug"] or "--debug" in sys.argv:
+            raise
+        _error(f"{error_text(e)} (an unexpected error: rerun with --debug for the traceback and report it)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

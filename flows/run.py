@@ -8,6 +8,9 @@ A run lives in ``<pipeline.runs_root>/<name>/``::
     mlflow_run_id.txt     the MLflow run continued on resume
     tracking-logged.json  stage outputs already logged to MLflow (a resumed run does not log twice)
     run-summary.json      wall time, time per stage, bookkeeping overhead of the last attempt
+    reward_curves.png     reward / eval curves so far, rewritten after every evaluation
+    latest/               stable names (symlinks) of the newest results: checkpoint (a policy for
+                          `astrolabe generate --checkpoint`), eval (directory), grid.png, grid.mp4, metrics.json
     filter_prompts/<key>/  iter-0000/<stage>/<key>/ ...
 
 The flows (``flows/train.py`` ...) wrap :func:`train_run` etc. in Prefect; the CLI can also call them
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -33,15 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astrolabe.artifacts import atomic
 from astrolabe.artifacts.atomic import write_json, write_text
 from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.lock import RunLock
 from astrolabe.artifacts.manifest import Manifest
 from astrolabe.artifacts.plan import NodeResult, RunResults, Runner, explain_change, plan_status, run_plan
-from astrolabe.artifacts.stagedir import run_dir
+from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
 from astrolabe.distributed import current_context, rank0_run_lock
-from astrolabe.tracking import Tracker
+from astrolabe.tracking import Tracker, plot_curves
 from stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,11 @@ CONFIG_FILE = "config.yaml"
 HISTORY_DIR = "config-history"
 LOGGED_FILE = "tracking-logged.json"
 SUMMARY_FILE = "run-summary.json"
+CURVES_FILE = "reward_curves.png"
+LATEST_DIR = "latest"
+CHECKPOINT_SUBDIR = "state"  # = stages.nft_update.STATE_SUBDIR: the policy inside an nft_update output
+EVAL_FILES = ("grid.png", "grid.mp4", "metrics.json")  # of an evaluate output, linked under latest/
+MIN_STD_SAMPLES = 8  # fewer eval videos than this: margins are absolute differences, not in baseline std
 
 
 # ----------------------------------------------------------------------------------- run directory
@@ -74,6 +84,51 @@ def resolve_run_path(run: str | Path, runs_root: Path | None = None) -> Path:
     if (cand / CONFIG_FILE).is_file():
         return cand
     raise ConfigError(f"no run at {p} or {cand} (a run directory holds {CONFIG_FILE}); pass --run <dir or name>")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A policy for generation: ``path`` itself, or for a run directory (it holds ``config.yaml``) the state
+    of its newest completed ``nft_update``."""
+    if not (Path(path) / CONFIG_FILE).is_file():
+        return Path(path)
+    for k in reversed(list_iterations(path)):
+        current = find_current(path, "nft_update", k)
+        if current is not None:
+            log.info("using the last policy of run %s: %s", path, current.path / CHECKPOINT_SUBDIR)
+            return current.path / CHECKPOINT_SUBDIR
+    raise ConfigError(f"run {path} has no completed nft_update yet: train it first, or pass a checkpoint directory")
+
+
+def link_latest(run_path: Path, res: NodeResult) -> list[Path]:
+    """Point ``<run>/latest/...`` at a node's output (relative symlinks): ``checkpoint`` for an nft_update,
+    ``eval`` and its grid / metrics files for an evaluate. Returns the links written."""
+    latest = run_path / LATEST_DIR
+    targets: dict[str, Path] = {}
+    if res.node.stage == "nft_update":
+        targets["checkpoint"] = res.path / CHECKPOINT_SUBDIR
+    elif res.node.stage == "evaluate":
+        targets["eval"] = res.path
+        targets |= {name: res.path / name for name in EVAL_FILES if (res.path / name).is_file()}
+    written = []
+    for name, target in targets.items():
+        rel, link = os.path.relpath(target, latest), latest / name
+        if target.exists() and not (link.is_symlink() and os.readlink(link) == rel):
+            written.append(atomic.symlink(rel, link))
+    return written
+
+
+def write_curves(run_path: Path, history: Mapping[str, list[tuple[float, float]]], title: str) -> Path | None:
+    """``<run>/reward_curves.png`` of ``history`` (atomically replaced); None when there is nothing to plot."""
+    if not history:
+        return None
+    final = run_path / CURVES_FILE
+    tmp = atomic.tmp_sibling(final)
+    try:
+        plot_curves(history, tmp, title=title)
+        atomic.publish_file(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def record_config(run_path: Path, cfg: RunConfig) -> str | None:
@@ -128,6 +183,9 @@ class RunLogger:
                 self.history[k].append((step, v))
         if not res.cached:
             self.computed[res.node.label] = res.manifest.timings["total"]
+        link_latest(self.run_path, res)
+        if any(k.startswith("eval/") for k in metrics) and (not res.cached or not (self.run_path / CURVES_FILE).exists()):
+            write_curves(self.run_path, self.history, self.run_path.name)
         ident = f"{res.node.label}:{res.manifest.key}:{res.manifest.instance}"
         if ident in self.logged:
             return
@@ -167,19 +225,25 @@ class TrainSummary:
             "computed_nodes": self.computed_nodes, "cached_nodes": self.cached_nodes,
             "overhead_fraction": _finite(self.overhead_fraction), "eval": {str(k): v for k, v in self.eval.items()},
             "eval_margin_std": {str(k): v for k, v in eval_margins(self.eval).items()},
+            "eval_delta": {str(k): v for k, v in eval_deltas(self.eval).items()},
             "config_change": self.config_change,
         }
 
 
-def eval_margins(evals: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str, float]]:
+def eval_margins(evals: Mapping[int, Mapping[str, float]],
+                 min_samples: int = MIN_STD_SAMPLES) -> dict[int, dict[str, float]]:  # fmt: skip
     """Each eval mean's change since the first evaluated iteration, in units of that baseline's std.
 
     ``margin_k[name] = (mean_k - mean_0) / std_0`` for every ``<name>/mean`` with a ``<name>/std`` at the
     baseline (iteration 0 when it was evaluated); names whose baseline std is 0 or missing are left out.
+    A std from fewer than ``min_samples`` videos (the baseline's ``n``, when recorded) is too noisy to be a
+    unit (2 videos gave "+468 std"): then there are no margins, see :func:`eval_deltas`.
     """
     if not evals:
         return {}
     base = evals[min(evals)]
+    if base.get("n", min_samples) < min_samples:
+        return {}
     out: dict[int, dict[str, float]] = {}
     for it in sorted(evals):
         row = {}
@@ -194,13 +258,24 @@ def eval_margins(evals: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str
     return out
 
 
+def eval_deltas(evals: Mapping[int, Mapping[str, float]]) -> dict[int, dict[str, float]]:
+    """Each eval mean's absolute change since the first evaluated iteration: ``mean_k - mean_0``."""
+    if not evals:
+        return {}
+    base = evals[min(evals)]
+    return {it: {k[: -len("/mean")]: v - base[k] for k, v in row.items()
+                 if k.endswith("/mean") and k in base and math.isfinite(v - base[k])}
+            for it, row in sorted(evals.items())}
+
+
 def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:
     """``{iteration: {name: value}}`` of the ``eval/<name>`` metrics of the outputs that have some."""
     out: dict[int, dict[str, float]] = {}
     for r in results.by_id.values():
         evals = in_namespace(r.manifest.metrics, "eval")
         if evals and r.node.iteration is not None:
-            out[r.node.iteration] = evals
+            out[r.node.iteration] = evals | ({"n": float(r.manifest.counts["videos"])} if "videos" in r.manifest.counts
+                                             else {})
     return out
 
 

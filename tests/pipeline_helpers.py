@@ -91,7 +91,7 @@ def copy_run(src: Path, name: str, keep_mlflow: bool = False) -> Path:
     dst = src.parent / name
     assert not dst.exists(), f"{dst} exists: use a unique run name per test"
     drop = {".lock", "run-summary.json"} | (set() if keep_mlflow else {"mlflow_run_id.txt", "tracking-logged.json"})
-    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == src and n in drop])
+    shutil.copytree(src, dst, symlinks=True, ignore=lambda d, names: [n for n in names if Path(d) == src and n in drop])
     cfg = load_config(dst / "config.yaml", [f"name={name}"])
     (dst / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     return dst
@@ -100,7 +100,8 @@ def copy_run(src: Path, name: str, keep_mlflow: bool = False) -> Path:
 def node_dir(run: Path, stage: str, iteration: int | None) -> Path:
     """The one complete output directory of a node (asserts there is exactly one)."""
     root = stage_root(run, stage, iteration)
-    dirs = [p for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()]
+    dirs = [p for p in root.iterdir()
+            if not p.name.startswith(".") and ".damaged-" not in p.name and (p / MANIFEST_NAME).is_file()]
     assert len(dirs) == 1, f"{root}: expected one complete output, found {[p.name for p in dirs]}"
     return dirs[0]
 
@@ -114,8 +115,10 @@ def manifests(run: Path) -> dict[tuple[str, int | None, str], Manifest]:
     """Every complete stage output of a run: ``(stage, iteration, key) -> manifest``."""
     out = {}
     for m_path in [*run.glob(f"*/*/{MANIFEST_NAME}"), *run.glob(f"iter-*/*/*/{MANIFEST_NAME}")]:
-        if m_path.parent.name.startswith(".") or m_path.parts[-3].startswith("iter-"):
-            continue  # a temporary directory, or a stage root directly under an iteration
+        if m_path.parent.name.startswith(".") or m_path.parts[-3].startswith("iter-") or m_path.parts[-3] == "latest":
+            continue  # a temporary directory, a stage root directly under an iteration, a latest/ link
+        if ".damaged-" in m_path.parent.name:
+            continue  # a damaged output moved aside
         m = Manifest.load(m_path.parent)
         out[(m.stage, m.iteration, m.key)] = m
     return out

@@ -12,12 +12,17 @@ aside to ``.<name>.old-<pid>``, the new one renamed into place, the parent fsync
 Files written *inside* such a temporary directory (a stage's output, a checkpoint) need no rename of
 their own: the directory publish makes them appear together.
 
+A write that fails for a reason of the storage (disk full, quota, read-only file system, no permission)
+raises :class:`StorageError`: an ``OSError`` whose message is one line naming the path and what to do
+(:func:`storage_error` finds such a cause anywhere in an exception's chain).
+
 This is the only module that renames files (``tests/test_architecture.py`` checks it). The helpers are
 module-level functions so tests can inject failures (``monkeypatch.setattr(atomic, "rename_dir", ...)``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -56,6 +61,51 @@ def fsync_tree(path: PathLike) -> None:
         fsync_path(dirpath)
 
 
+# ----------------------------------------------------------------------------------- storage errors
+
+# errno -> (what happened, what to do); the errors a user fixes on the machine, not in the code
+STORAGE_ERRNOS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on device", "free disk space there"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+    errno.EROFS: ("read-only file system", "make it writable or choose another pipeline.runs_root"),
+    errno.EACCES: ("permission denied", "fix the permissions (chmod / chown) or choose another pipeline.runs_root"),
+    errno.EPERM: ("operation not permitted", "fix the permissions (chmod / chown) or choose another pipeline.runs_root"),
+}
+
+
+class StorageError(OSError):
+    """A write failed because of the storage; ``str()`` is one line: the path, the reason and the fix."""
+
+    def __init__(self, code: int, path: PathLike | None, context: str = "") -> None:
+        super().__init__(code, STORAGE_ERRNOS[code][0], None if path is None else str(path))
+        self.context = context
+
+    def __str__(self) -> str:
+        reason, advice = STORAGE_ERRNOS[self.errno]
+        where = f"cannot write {self.filename}" if self.filename else "cannot write"
+        head = f"{self.context}: {where}" if self.context else where[0].upper() + where[1:]
+        return (f"{head}: {reason}. Nothing partial was left behind; {advice}, then rerun the same command "
+                "(it resumes where it stopped).")
+
+
+def storage_error(exc: BaseException, path: PathLike | None = None, context: str = "") -> StorageError | None:
+    """A :class:`StorageError` for the first storage ``OSError`` in ``exc``'s chain (cause / context); None if none.
+
+    ``path`` (default: the ``OSError``'s file name) is the path named in the message.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            if isinstance(e, StorageError) and not context and path is None:
+                return e
+            ctx = context or (e.context if isinstance(e, StorageError) else "")
+            return StorageError(e.errno, path if path is not None else e.filename, ctx)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 # ----------------------------------------------------------------------------------- files
 
 
@@ -81,8 +131,10 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
     try:
         write_durable(tmp, data)
         publish_file(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if (se := storage_error(e, final)) is not None:
+            raise se from e
         raise
     return final
 
@@ -128,6 +180,40 @@ def publish_dir(tmp: PathLike, final: PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def set_aside(path: PathLike, label: str) -> Path:
+    """Rename ``path`` to ``<path>.<label>-<UTC timestamp>`` next to it (kept for inspection); returns the new path."""
+    from datetime import datetime, timezone
+
+    p = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    dst = p.with_name(f"{p.name}.{label}-{stamp}")
+    rename_dir(p, dst)
+    fsync_path(p.parent)
+    return dst
+
+
+def symlink(target: PathLike, link: PathLike) -> Path:
+    """Point the symbolic link ``link`` at ``target`` (relative targets stay relative), replacing it atomically.
+
+    A real directory under ``link`` (a copy made by following links, e.g. ``cp -rL``) is removed first.
+    """
+    link = Path(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(link)
+    tmp.unlink(missing_ok=True)
+    try:
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if (se := storage_error(e, link)) is not None:
+            raise se from e
+        raise
+    return link
+
+
 def fresh_dir(path: PathLike) -> Path:
     """Create ``path`` (parents too) as an empty directory, removing what was there."""
     p = Path(path)
@@ -140,14 +226,18 @@ def fresh_dir(path: PathLike) -> Path:
 @contextmanager
 def atomic_dir(final: PathLike) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``final`` to fill; published onto ``final`` (:func:`publish_dir`)
-    when the block succeeds, removed when it raises (``final`` is then untouched)."""
+    when the block succeeds, removed when it raises (``final`` is then untouched; a storage failure becomes
+    :class:`StorageError` naming ``final``)."""
     final = Path(final)
-    tmp = fresh_dir(tmp_sibling(final))
+    tmp = tmp_sibling(final)
     try:
+        fresh_dir(tmp)
         yield tmp
         publish_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (se := storage_error(e, final)) is not None:
+            raise se from e
         raise
 
 

@@ -8,6 +8,14 @@ stage into a temporary directory and publishes it (manifest written last, then a
 :mod:`astrolabe.artifacts.stagedir`). The manifest records the stage's typed result, its metrics plus the
 engine's own ``time/<stage>`` and ``memory/<stage>_peak_*_mib``.
 
+Integrity: before a stage reads its inputs, :func:`verify_inputs` checks every input's files against its
+manifest (sizes and sha256, each file version hashed at most once per process) and refuses a damaged one
+(:class:`astrolabe.artifacts.manifest.ArtifactDamagedError`), timed as ``timings["verify_inputs"]``. A
+stage's own output found damaged (:meth:`StageDir.damage`) is moved aside and recomputed; if the new
+files are identical its consumers stay valid (:func:`astrolabe.artifacts.stagedir.repaired_instance`).
+A storage failure while the stage runs (disk full, read-only, no permission) removes the temporary
+directory and becomes one :class:`astrolabe.artifacts.atomic.StorageError` naming the output.
+
 Under ``torchrun`` (world size N > 1, see :mod:`astrolabe.distributed`) :func:`execute` is called by every
 rank with the same arguments. Rank 0 decides "cached?" and creates the temporary directory; a
 ``"sliced"`` stage runs on every rank into that one directory (each rank its slice, rank-named files), a
@@ -32,8 +40,9 @@ from typing import Any
 
 import torch
 
+from astrolabe.artifacts.atomic import storage_error
 from astrolabe.artifacts.keys import stage_key
-from astrolabe.artifacts.manifest import Manifest
+from astrolabe.artifacts.manifest import ArtifactDamagedError, Manifest, file_problems
 from astrolabe.artifacts.stage import StageModule, StageResult, finite_metrics
 from astrolabe.artifacts.stagedir import StageDir
 from astrolabe.config import RunConfig
@@ -121,6 +130,43 @@ def merge_results(results: Sequence[StageResult], invariant_counts: Sequence[str
     )
 
 
+# ----------------------------------------------------------------------------------- integrity
+
+
+def verify_inputs(stage: str, inputs: Mapping[str, Path], iteration: int | None = None) -> float:
+    """Check every input directory against its manifest before the stage reads it; returns the seconds spent.
+
+    Raises :class:`ArtifactDamagedError` naming each damaged input, what differs and the fix.
+    """
+    start = time.perf_counter()
+    damaged = []
+    for name, path in sorted(inputs.items()):
+        problems = file_problems(path, Manifest.load(path))
+        if problems:
+            damaged.append(f"input {name!r} ({path}): " + "; ".join(problems))
+    if damaged:
+        raise ArtifactDamagedError(
+            f"{stage} (iteration {iteration}) refuses damaged inputs: " + " | ".join(damaged)
+            + ". Run `astrolabe train` on this run to recompute them (`astrolabe verify RUN` lists every damage)."
+        )
+    return time.perf_counter() - start
+
+
+def prepare_output(sd: StageDir, force: bool) -> tuple[bool, Manifest | None]:
+    """``(cached, repair_of)``: whether ``sd`` is done and intact (and not forced); a damaged complete output is
+    moved aside and its manifest returned, so the recomputed one can keep its identity when identical."""
+    problems = sd.damage()
+    if problems is None:
+        return False, None
+    if not problems:
+        return not force, None
+    return False, sd.set_aside(problems)
+
+
+def _storage_context(sd: StageDir) -> str:
+    return f"{sd.stage} (iteration {sd.iteration})" if sd.iteration is not None else sd.stage
+
+
 # ----------------------------------------------------------------------------------- running
 
 
@@ -141,7 +187,7 @@ def engine_metrics(stage: str, timings: Mapping[str, float]) -> dict[str, float]
 
 
 def _publish(sd: StageDir, stage: StageModule, cfg: RunConfig, identities: Mapping[str, str], result: StageResult,
-             force: bool, world_size: int = 1) -> Manifest:  # fmt: skip
+             force: bool, world_size: int = 1, repair_of: Manifest | None = None) -> Manifest:  # fmt: skip
     info = stage.STAGE
     manifest = sd.manifest(
         inputs=dict(identities),
@@ -156,7 +202,7 @@ def _publish(sd: StageDir, stage: StageModule, cfg: RunConfig, identities: Mappi
         instance=uuid.uuid4().hex if force else "",
         world_size=world_size,
     )
-    return sd.publish(manifest, replace=force)
+    return sd.publish(manifest, replace=force, repair_of=repair_of)
 
 
 def _stage_dir(stage: StageModule, cfg: RunConfig, run_path: Path, inputs: Mapping[str, Path],
@@ -178,8 +224,9 @@ def execute(
 
     ``force`` reruns a complete stage: the new publication gets a new ``instance``, so every artifact
     made from the old one becomes stale (its consumers' keys change) while upstream stays untouched.
-    Timings include ``total`` seconds and ``peak_rss_mib`` (and ``peak_cuda_mib`` on CUDA) of the run.
-    Under torchrun every rank calls this with the same arguments (module docstring).
+    A damaged output is recomputed (module docstring); damaged inputs are refused (:func:`verify_inputs`).
+    Timings include ``total`` seconds, ``verify_inputs`` seconds and ``peak_rss_mib`` (and ``peak_cuda_mib``
+    on CUDA) of the run. Under torchrun every rank calls this with the same arguments (module docstring).
     """
     # Subnormal floats (e.g. from a merged LoRA) make CPU kernels several times slower; flush them to zero.
     torch.set_flush_denormal(True)
@@ -187,16 +234,21 @@ def execute(
     if ctx.is_distributed:
         return _execute_ranks(ctx, stage, cfg, run_path, inputs, iteration, force)
     sd, identities = _stage_dir(stage, cfg, run_path, inputs, iteration)
-    if sd.is_complete() and not force:
-        log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
-        return sd.load_manifest()
-    out = sd.begin()
     try:
+        cached, repair_of = prepare_output(sd, force)
+        if cached:
+            log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
+            return sd.load_manifest()
+        checked = verify_inputs(stage.STAGE.name, inputs, sd.iteration)
+        out = sd.begin()
         result = _run_measured(stage, cfg, inputs, out, sd.iteration)
-    except BaseException:
+    except BaseException as e:
         sd.abort()
+        if (se := storage_error(e, sd.path, _storage_context(sd))) is not None:
+            raise se from e
         raise
-    return _publish(sd, stage, cfg, identities, result, force)
+    result.timings["verify_inputs"] = checked
+    return _publish(sd, stage, cfg, identities, result, force, repair_of=repair_of)
 
 
 # ----------------------------------------------------------------------------------- N ranks
@@ -212,6 +264,8 @@ class _RankPlan:
     cached: bool = False
     tmp: str | None = None
     error: str | None = None
+    repair_of: Manifest | None = None
+    verify_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -229,13 +283,17 @@ def _plan_on_rank0(stage: StageModule, cfg: RunConfig, run_path: Path, inputs: M
                    iteration: int | None, force: bool) -> _RankPlan:  # fmt: skip
     try:
         sd, identities = _stage_dir(stage, cfg, run_path, inputs, iteration)
-        if sd.is_complete() and not force:
+        cached, repair_of = prepare_output(sd, force)
+        if cached:
             log.info("%s (iteration %s) is cached at %s", sd.stage, sd.iteration, sd.path)
             return _RankPlan(sd.key, sd.iteration, identities, cached=True)
-        return _RankPlan(sd.key, sd.iteration, identities, tmp=str(sd.begin()))
+        checked = verify_inputs(stage.STAGE.name, inputs, sd.iteration)
+        return _RankPlan(sd.key, sd.iteration, identities, tmp=str(sd.begin()), repair_of=repair_of,
+                         verify_seconds=checked)
     except Exception as e:  # every rank raises it (below), none is left waiting
         log.exception("preparing %s failed on rank 0", stage.STAGE.name)
-        return _RankPlan(error=_error_text(e))
+        se = storage_error(e, context=stage.STAGE.name)
+        return _RankPlan(error=str(se) if se is not None else _error_text(e))
 
 
 def _run_on_rank(ctx: DistContext, stage: StageModule, cfg: RunConfig, inputs: Mapping[str, Path],
@@ -269,7 +327,8 @@ def _publish_on_rank0(sd: StageDir, stage: StageModule, cfg: RunConfig, inputs: 
         if merge_ranks is not None and len(ran) > 1:
             assert plan.tmp is not None
             merged = merge_ranks(cfg, inputs, Path(plan.tmp), plan.iteration, merged)
-        _publish(sd, stage, cfg, plan.identities, merged, force, world_size=len(ran))
+        merged.timings["verify_inputs"] = plan.verify_seconds
+        _publish(sd, stage, cfg, plan.identities, merged, force, world_size=len(ran), repair_of=plan.repair_of)
     except Exception as e:
         sd.abort()
         log.exception("publishing %s failed on rank 0", stage.STAGE.name)

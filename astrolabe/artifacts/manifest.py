@@ -4,7 +4,12 @@
 so its presence under the final name means "complete". It records the key, inputs, config subset, seeds,
 every file with size and sha256, counts, timings, the stage's namespaced metrics (``reward/<name>/mean``,
 ``loss/policy``, ``time/<stage>`` ...) and the files worth attaching to the tracking run (``reports``).
-:func:`verify` recomputes sizes and checksums and names every difference.
+:func:`verify` recomputes sizes and checksums and names every difference (:func:`file_problems`).
+
+Checksums stay cheap enough to check before every read: a file's sha256 is computed at most once per
+process per version of the file. :data:`_HASHED` remembers it by ``(device, inode, size, mtime_ns,
+ctime_ns)``: publishing seeds it (the rename keeps the inode), and any write or replacement changes
+the stat key, so a damaged file is hashed again.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class ArtifactPublishError(ArtifactError):
 
 class ArtifactVerificationError(ArtifactError):
     """Files of a published artifact do not match its manifest."""
+
+
+class ArtifactDamagedError(ArtifactVerificationError):
+    """A stage's input is damaged (its files differ from its manifest); recompute it before reading it."""
 
 
 def now_utc() -> str:
@@ -100,13 +109,29 @@ class Manifest(Frozen):
 # ----------------------------------------------------------------------------------- integrity
 
 
+_HASHED: dict[tuple[int, int, int, int, int], str] = {}  # stat key -> sha256 of that version of a file
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in ``chunk_bytes`` blocks (artifact files, checkpoints, prompt sets)."""
+    """Hex SHA-256 of a file's bytes, read in ``chunk_bytes`` blocks (artifact files, checkpoints, prompt sets).
+
+    Remembered for this version of the file (module docstring): hashing it again in this process is free.
+    """
+    before = os.stat(path)
+    if (known := _HASHED.get(_stat_key(before))) is not None:
+        return known
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk_bytes):
             digest.update(block)
-    return digest.hexdigest()
+    hexdigest = digest.hexdigest()
+    if _stat_key(os.stat(path)) == _stat_key(before):  # not written to while we read it
+        _HASHED[_stat_key(before)] = hexdigest
+    return hexdigest
 
 
 def list_files(directory: Path) -> list[str]:
@@ -129,13 +154,11 @@ def compute_files(directory: str | os.PathLike[str], hash_files: bool = True) ->
     }
 
 
-def verify(directory: str | os.PathLike[str], check_sha: bool = True) -> Manifest:
-    """Recompute sizes (and sha256 unless ``check_sha=False``) and compare with the manifest.
-
-    Raises :class:`ArtifactVerificationError` listing every missing, unexpected or changed file.
-    """
+def file_problems(directory: str | os.PathLike[str], manifest: Manifest, check_sha: bool = True) -> list[str]:
+    """Every difference between ``directory``'s files and ``manifest.files`` (sizes, and sha256 unless
+    ``check_sha=False``): ``missing: <file>``, ``not in manifest: ...``, ``size changed: ...``, ``checksum
+    changed: ...``; empty when the output is intact."""
     d = Path(directory)
-    manifest = Manifest.load(d)
     present = set(list_files(d))
     listed = set(manifest.files)
     problems = [f"missing: {p}" for p in sorted(listed - present)]
@@ -147,6 +170,17 @@ def verify(directory: str | os.PathLike[str], check_sha: bool = True) -> Manifes
             problems.append(f"size changed: {rel} ({size} bytes, manifest says {entry.size})")
         elif check_sha and entry.sha256 is not None and sha256_file(path) != entry.sha256:
             problems.append(f"checksum changed: {rel}")
+    return problems
+
+
+def verify(directory: str | os.PathLike[str], check_sha: bool = True) -> Manifest:
+    """Recompute sizes (and sha256 unless ``check_sha=False``) and compare with the manifest.
+
+    Raises :class:`ArtifactVerificationError` listing every missing, unexpected or changed file.
+    """
+    d = Path(directory)
+    manifest = Manifest.load(d)
+    problems = file_problems(d, manifest, check_sha)
     if problems:
         raise ArtifactVerificationError(
             f"{d} does not match its manifest: " + "; ".join(problems) + ". Delete the directory and rerun the stage."

@@ -17,8 +17,9 @@ The plan of a run with ``N = pipeline.iterations``::
 
 A node's output directory is keyed by its config subset and its inputs' identities
 (:func:`astrolabe.artifacts.keys.key_from_identities`), so the status of every node follows from the config
-and what is on disk: ``done`` (the expected key is complete), ``stale`` (only outputs of other keys exist,
-e.g. made before a config change or before an input was forced), ``missing``. Running the plan skips
+and what is on disk: ``done`` (the expected key is complete and its files match its manifest), ``damaged``
+(the expected key is complete but a file was changed, deleted or added since), ``stale`` (only outputs of
+other keys exist, e.g. made before a config change or before an input was forced), ``missing``. Running the plan skips
 done nodes: that is resume. A *runner* executes one node; the default calls
 :func:`astrolabe.artifacts.engine.execute` directly, the Prefect flow wraps the same call in a task.
 
@@ -36,14 +37,15 @@ from typing import Literal
 
 from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.keys import input_identity, key_from_identities
-from astrolabe.artifacts.manifest import MANIFEST_NAME, Manifest
+from astrolabe.artifacts.manifest import MANIFEST_NAME, ArtifactError, Manifest
 from astrolabe.artifacts.stage import StageRegistry
 from astrolabe.artifacts.stagedir import StageDir, find_current, stage_root
 from astrolabe.config import RunConfig, config_to_dict
 
 log = logging.getLogger(__name__)
 
-Status = Literal["done", "stale", "missing"]
+Status = Literal["done", "damaged", "stale", "missing"]
+STATUSES: tuple[Status, ...] = ("done", "damaged", "stale", "missing")
 NodeId = tuple[str, "int | None"]
 
 
@@ -107,12 +109,18 @@ class NodeStatus:
     node: Node
     status: Status
     expected_key: str | None  # None when an input is not done (the key cannot be known yet)
-    path: Path | None  # the expected output (done) or the newest other output (stale)
+    path: Path | None  # the expected output (done, damaged) or the newest other output (stale)
+    problems: tuple[str, ...] = ()  # what differs from the manifest (damaged)
 
 
-def plan_status(cfg: RunConfig, run_path: Path, stages: StageRegistry,
-                iterations: int | None = None) -> list[NodeStatus]:  # fmt: skip
-    """Status of every node of the plan, from the config and the run directory only (nothing runs)."""
+def plan_status(cfg: RunConfig, run_path: Path, stages: StageRegistry, iterations: int | None = None,
+                check_sha: bool = True) -> list[NodeStatus]:  # fmt: skip
+    """Status of every node of the plan, from the config and the run directory only (nothing runs).
+
+    Every complete expected output is checked against its manifest: sizes always, sha256 unless
+    ``check_sha=False``. A damaged node still gives its dependents their keys (its manifest is intact):
+    they stay ``done`` when a recomputation reproduces it.
+    """
     done: dict[NodeId, Manifest] = {}
     out: list[NodeStatus] = []
     for node in build_plan(cfg, iterations):
@@ -121,9 +129,10 @@ def plan_status(cfg: RunConfig, run_path: Path, stages: StageRegistry,
         if all(src in done for _, src in node.inputs):
             key = key_from_identities(module, cfg, {n: input_identity(done[src]) for n, src in node.inputs})
             sd = StageDir(run_path, node.stage, key, node.iteration)
-            if sd.is_complete():
+            problems = sd.damage(check_sha)
+            if problems is not None:
                 done[node.id] = sd.load_manifest()
-                out.append(NodeStatus(node, "done", key, sd.path))
+                out.append(NodeStatus(node, "damaged" if problems else "done", key, sd.path, tuple(problems)))
                 continue
         other = find_current(run_path, node.stage, node.iteration)
         out.append(NodeStatus(node, "stale" if other else "missing", key, other.path if other else None))
@@ -180,18 +189,26 @@ def run_plan(
         inputs = {name: results.path(src) for name, src in node.inputs}
         before = _complete_keys(run_path, node)
         manifest = runner(node, inputs, False)
-        res = NodeResult(node, manifest, output_dir(run_path, manifest), cached=manifest.key in before)
+        res = NodeResult(node, manifest, output_dir(run_path, manifest), cached=before.get(manifest.key) == manifest.created)
         results.by_id[node.id] = res
         if on_done is not None:
             on_done(res, results)
     return results
 
 
-def _complete_keys(run_path: Path, node: Node) -> set[str]:
+def _complete_keys(run_path: Path, node: Node) -> dict[str, str]:
+    """``{key: created}`` of the node's published outputs (a recomputed one has a new ``created``)."""
     root = stage_root(run_path, node.stage, node.iteration)
     if not root.is_dir():
-        return set()
-    return {p.name for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()}
+        return {}
+    out = {}
+    for p in root.iterdir():
+        if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file():
+            try:
+                out[p.name] = Manifest.load(p).created
+            except ArtifactError:
+                continue
+    return out
 
 
 class StageInputError(RuntimeError):
@@ -223,8 +240,9 @@ def run_stage(cfg: RunConfig, run_path: Path, stages: StageRegistry, stage: str,
     for name, src in node.inputs:
         st = status[src]
         if st.status != "done" or st.path is None:
+            what = f"damaged ({'; '.join(st.problems)})" if st.status == "damaged" else st.status
             raise StageInputError(
-                f"input {name!r} of {node.label} ({st.node.label}) is {st.status}; run `astrolabe train` "
+                f"input {name!r} of {node.label} ({st.node.label}) is {what}; run `astrolabe train` "
                 "(or rerun that stage first) so every input is current"
             )
         inputs[name] = st.path
@@ -260,9 +278,10 @@ def explain_change(old: RunConfig, new: RunConfig, run_path: Path, stages: Stage
         return None
     lines = ["the config differs from the previous attempt of this run:"]
     lines += [f"  {k}: {a!r} -> {b!r}" for k, a, b in diff]
-    old_done = {s.node.id for s in plan_status(old, run_path, stages) if s.status == "done"}
-    new_status = {s.node.id: s.status for s in plan_status(new, run_path, stages)}
-    stale = [f"{s}[{i}]" if i is not None else s for (s, i) in old_done if new_status.get((s, i)) != "done"]
+    made = ("done", "damaged")  # a damaged output is recomputed either way: count it as made
+    old_done = {s.node.id for s in plan_status(old, run_path, stages, check_sha=False) if s.status in made}
+    new_status = {s.node.id: s.status for s in plan_status(new, run_path, stages, check_sha=False)}
+    stale = [f"{s}[{i}]" if i is not None else s for (s, i) in old_done if new_status.get((s, i)) not in made]
     if stale:
         lines.append("completed stages that will be recomputed: " + ", ".join(sorted(stale)))
     else:

@@ -13,6 +13,11 @@ lists every file with size and sha256, writes ``manifest.json`` **last** and pub
 final name always holds a complete artifact, and "manifest present, parseable, right key"
 (:meth:`StageDir.is_complete`) means done: skip it. That is resume.
 
+A complete directory whose files no longer match its manifest (:meth:`StageDir.damage`: a file changed,
+deleted or added) is *damaged*: the engine moves it aside to ``<key>.damaged-<UTC time>``
+(:meth:`StageDir.set_aside`) and recomputes it; the repaired output keeps the old ``instance`` when its
+files are identical (so its consumers stay valid), and gets a fresh one otherwise (they become stale).
+
 Distributed stages (``torchrun``): rank 0 calls ``begin()`` and broadcasts the temporary path; ranks write
 rank-named files into it; after a barrier rank 0 alone calls ``publish()`` (:mod:`astrolabe.artifacts.engine`).
 """
@@ -26,6 +31,7 @@ import os
 import re
 import shutil
 import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +42,10 @@ from astrolabe.artifacts.manifest import (
     OWNER_NAME,
     ArtifactError,
     ArtifactPublishError,
+    FileEntry,
     Manifest,
     compute_files,
+    file_problems,
     now_utc,
 )
 
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TMP_RE = re.compile(r"^\.(?P<key>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+DAMAGED_LABEL = "damaged"  # a damaged output moved aside: <key>.damaged-<UTC time>
 _ITER_RE = re.compile(r"^iter-(\d+)$")
 
 
@@ -167,6 +176,22 @@ class StageDir:
         """Manifest present, parseable, and for this stage and key."""
         return _read_complete(self.path, self.stage, self.key) is not None
 
+    def damage(self, check_sha: bool = True) -> list[str] | None:
+        """None when there is no complete output; else its files' differences from the manifest ([]: intact).
+
+        ``check_sha=False`` compares sizes and names only (see :func:`astrolabe.artifacts.manifest.file_problems`).
+        """
+        m = _read_complete(self.path, self.stage, self.key)
+        return None if m is None else file_problems(self.path, m, check_sha)
+
+    def set_aside(self, problems: list[str]) -> Manifest:
+        """Move a damaged complete output aside (``<key>.damaged-<time>``); returns its manifest (for a repair)."""
+        m = self.load_manifest()
+        dst = atomic.set_aside(self.path, DAMAGED_LABEL)
+        log.warning("%s/%s is damaged (%s): moved aside to %s (delete it when done looking) and recomputing",
+                    self.stage, self.key, "; ".join(problems), dst)
+        return m
+
     def load_manifest(self) -> Manifest:
         m = Manifest.load(self.path)
         if m.key != self.key or m.stage != self.stage:
@@ -192,11 +217,14 @@ class StageDir:
         """Remove the temporary directory (nothing is published)."""
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
-    def publish(self, manifest: Manifest, hash_files: bool = True, replace: bool = False) -> Manifest:
+    def publish(self, manifest: Manifest, hash_files: bool = True, replace: bool = False,
+                repair_of: Manifest | None = None) -> Manifest:  # fmt: skip
         """List files, write ``manifest.json`` last, fsync, rename into place; returns the written manifest.
 
         ``replace`` allows replacing a complete directory of the same key (a forced rerun); the old one
-        stays in place until the new one is complete.
+        stays in place until the new one is complete. ``repair_of`` is the manifest of the damaged output
+        this one replaces: identical files keep its ``instance`` (consumers stay valid), other files get a
+        fresh one (consumers become stale), see :func:`repaired_instance`.
 
         On any OS error the temporary directory is removed and :class:`ArtifactPublishError` is raised;
         the final directory is never left partial.
@@ -211,7 +239,10 @@ class StageDir:
         try:
             files = compute_files(self.tmp_path, hash_files=hash_files)
             (self.tmp_path / OWNER_NAME).unlink(missing_ok=True)
-            final = manifest.model_copy(update={"files": files})
+            update: dict[str, Any] = {"files": files}
+            if repair_of is not None:
+                update["instance"] = repaired_instance(repair_of, files)
+            final = manifest.model_copy(update=update)
             atomic.write_durable(self.tmp_path / MANIFEST_NAME, final.to_json().encode("utf-8"))
             self._check_replaceable(replace)
             atomic.publish_dir(self.tmp_path, self.path)
@@ -240,7 +271,28 @@ class StageDir:
                 f"{where}: no space left on device ({e}). Nothing was published and the temporary directory "
                 f"was removed; free disk space under {self.run_path} and rerun: the stage will redo this step."
             )
+        if e.errno in atomic.STORAGE_ERRNOS:
+            reason, advice = atomic.STORAGE_ERRNOS[e.errno]
+            return (f"{where}: {reason} ({e.filename or self.path}). Nothing was published and the temporary "
+                    f"directory was removed; {advice} and rerun: the stage will redo this step.")
         return f"{where}: {e}. Nothing was published; fix the cause and rerun the stage."
+
+
+def repaired_instance(damaged: Manifest, files: dict[str, FileEntry]) -> str:
+    """The ``instance`` of an output recomputed in place of the damaged ``damaged``.
+
+    Its own instance when the new files equal what its manifest recorded (same names, sizes and sha256:
+    the stage is deterministic, so consumers made from it stay valid); otherwise a fresh id, so every
+    consumer's key changes and they are recomputed.
+    """
+    same = files.keys() == damaged.files.keys() and all(
+        files[k].size == e.size and (e.sha256 is None or files[k].sha256 == e.sha256) for k, e in damaged.files.items()
+    )
+    if same:
+        return damaged.instance
+    log.warning("the recomputed %s/%s differs from the damaged one: its consumers will be recomputed",
+                damaged.stage, damaged.key)
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
