@@ -77,11 +77,21 @@ def stream_config(mc: ModelConfig, card: BaseModelCard, kv_cache: KVCacheMode | 
     )
 
 
+def _pretrained_world(mc: ModelConfig):
+    """The built world model (``pretrained="world"``) under ``<model.checkpoint_dir or runs>/world/<key>/``;
+    an error saying to run ``astrolabe world build`` if it is not there."""
+    from astrolabe.world.pretrain import load_world_model, world_model_root
+
+    return load_world_model(world_model_root(mc.checkpoint_dir))
+
+
 def build_dit(mc: ModelConfig, card: BaseModelCard) -> WanDiT:
     """The base DiT in eval mode on the configured device and dtype."""
     cfg = card.wan_config()
     backend = resolve_backend(mc.attention_backend, mc.device, _DTYPES[mc.dtype])
-    if card.checkpoint_format is None:
+    if card.pretrained == "world":
+        model = _pretrained_world(mc).dit
+    elif card.checkpoint_format is None:
         model = WanDiT(cfg, attention_backend=backend)
         model.init_weights(torch.Generator().manual_seed(mc.init_seed))
     else:
@@ -116,6 +126,8 @@ def build_vae(mc: ModelConfig, card: BaseModelCard) -> WanVAE:
 
 def build_text(mc: ModelConfig, card: BaseModelCard) -> WanTextEncoder:
     wan = card.wan_config()
+    if card.pretrained == "world":
+        return _pretrained_world(mc).text.to(mc.device)
     if card.text_encoder_kind == "tiny":
         cfg = TextEncoderConfig(kind="tiny", text_len=wan.text_len, dtype="float32")
     else:

@@ -45,7 +45,8 @@ class ModelConfig(Frozen):
         "prompts that share their first 15 bytes look identical to it.",
     )
     checkpoint_dir: Path | None = Field(
-        None, description="Local directory with the base model's files (None only for the tiny random model)."
+        None, description="Local directory with the base model's files (None only for the tiny random model). "
+        "For base 'world': the root of the world-model cache (ROOT/world/<key>/; None = runs).",
     )
     checkpoint_entry: Literal["default", "generator_ema", "generator"] = Field(
         "default", description="Which sub-dict of a .pt checkpoint to load; 'default' = the registry's choice."

@@ -27,8 +27,10 @@ from astrolabe.config import ConfigError, config_to_dict, dump_config, load_conf
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Astrolabe: RL post-training of AR video models.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one run).")
+world_app = typer.Typer(no_args_is_help=True, help="The tiny procedural world and its pretrained model.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.add_typer(world_app, name="world")
 console = Console(stderr=True)
 
 _OPTIONS = {"debug": False}  # global options (app callback)
@@ -322,6 +324,31 @@ def train(
                 summary = train_run(cfg, on_done=on_done).to_json()
     if is_main:
         _print_summary(summary)
+
+
+@world_app.command("build")
+def world_build(
+    root: Annotated[Path, typer.Option("--root", help="Cache root: the model lands in ROOT/world/<key>/.")] = Path("runs"),
+    steps: Annotated[int | None, typer.Option("--steps", help="Override the recipe's training steps.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Pretrain the world model (DiT + text encoder) unless already built; prints its directory."""
+    from astrolabe.world.pretrain import WorldModelRecipe, build_world_model, world_model_built
+
+    _setup_logging(verbose)
+    recipe = WorldModelRecipe() if steps is None else WorldModelRecipe(steps=steps)
+    if world_model_built(root, recipe):
+        console.print("world model already built (cached)")
+        typer.echo(str(build_world_model(root, recipe)))
+        return
+    with _user_errors(), _progress() as progress:
+        task = progress.add_task("world pretraining", total=recipe.steps)
+
+        def advance(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, description=f"world pretraining (loss {loss:.3f})")
+
+        path = build_world_model(root, recipe, advance)
+    typer.echo(str(path))
 
 
 @app.command()

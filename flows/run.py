@@ -292,6 +292,16 @@ def summarize(run_path: Path, start: float, results: RunResults, change: str | N
     )
 
 
+def ensure_base_model(cfg: RunConfig) -> None:
+    """Build what the base model needs locally before any stage runs (the world model, cached)."""
+    from astrolabe.models.registry import get_base_model
+
+    if get_base_model(cfg.model.base).pretrained == "world":
+        from astrolabe.world.pretrain import ensure_world_model
+
+        log.info("world model: %s", ensure_world_model(cfg.model.checkpoint_dir))
+
+
 def train_run(
     cfg: RunConfig,
     runner_factory: Callable[[RunConfig, Path], Runner] | None = None,
@@ -309,6 +319,7 @@ def train_run(
         if not current_context().is_main:
             runner = runner_factory(cfg, run_path) if runner_factory is not None else None
             return summarize(run_path, start, run_plan(cfg, run_path, STAGES, runner=runner), None)
+        ensure_base_model(cfg)
         change = record_config(run_path, cfg)
         if change:
             log.warning("%s", change)

@@ -21,6 +21,7 @@ is what ``huggingface-cli download <repo> <file> --local-dir <root>/<repo name>`
 | krea14b | 14B | same 4-step list | 3 | global (as Astrolabe trains it) | krea-realtime-video-14b.safetensors |
 | krea_served | 14B | 1000 937 833 625, unwarped | 3 | KV recompute: 3 context + 3 new | krea-realtime-video-14b.safetensors |
 | tiny | tiny | same 4-step list | 3 | global | none (random init) |
+| world | tiny_world | same 4-step list | 3 | global | built by ``astrolabe world build`` (``pretrained="world"``) |
 
 ``kv_cache`` says how the cache evolves between blocks: ``context_pass`` (SF, LongLive, CF and Astrolabe's
 training sampler: after each block, one t = 0 pass writes its keys/values; the cache grows or rolls) or
@@ -34,6 +35,10 @@ integer timesteps where the training sampler feeds the warped 937.5 and 833.33. 
 assumed); it is a generation mode (``astrolabe generate``, evaluation): rollouts and the RL update refuse it,
 so ``krea14b`` stays the card Astrolabe trains with. ``sampling.kv_cache`` overrides a card's mode (e.g. the
 recompute loop on the tiny model).
+
+``pretrained="world"``: the DiT and text-encoder weights are the world model's
+(:mod:`astrolabe.world.pretrain`), built locally under ``<model.checkpoint_dir or runs>/world/<key>/``; the VAE is
+the tiny preview one the world model was trained against.
 
 ``fill_base`` is the DiT whose weights fill keys a checkpoint lacks, only with
 ``model.fill_missing_from_base`` (Causal Forcing: upstream loads its files non-strictly over the
@@ -132,6 +137,7 @@ class BaseModelCard(Frozen):
     text_encoder: HubFile | None
     tokenizer: HubFile | None
     fill_base: HubFile | None
+    pretrained: Literal["world"] | None
 
     @model_validator(mode="after")
     def _check(self) -> BaseModelCard:
@@ -159,6 +165,8 @@ class BaseModelCard(Frozen):
         return self
 
     def _check_files(self) -> None:
+        if self.pretrained is not None and (self.checkpoint_format is not None or self.text_encoder_kind != "tiny"):
+            raise ValueError(f"pretrained={self.pretrained!r} takes no checkpoint_format and a tiny text encoder")
         if self.checkpoint_format is None:
             if self.checkpoint is not None or self.checkpoint_entry is not None or self.lora is not None:
                 raise ValueError("a card without checkpoint_format takes no checkpoint, entry or lora")
@@ -222,6 +230,7 @@ _VIDEO_1_3B = {
     "num_frames": 81,
     "fps": 16,
     "kv_cache": "context_pass",
+    "pretrained": None,
     **_SHARED_WAN_FILES,
 }
 _CF = "zhuhz22/Causal-Forcing"
@@ -298,7 +307,16 @@ def _build_registry() -> dict[str, BaseModelCard]:
             first_block_denoising_steps=None, warp_denoising_steps=True, frames_per_block=3, local_attn_frames=None,
             sink_frames=0, context_noise=0, height=64, width=64, num_frames=21, fps=16, checkpoint_format=None,
             checkpoint_entry=None, checkpoint=None, lora=None, vae=None, text_encoder=None, tokenizer=None,
-            kv_cache="context_pass", fill_base=None,
+            kv_cache="context_pass", fill_base=None, pretrained=None,
+        ),
+        BaseModelCard(
+            name="world", description="The tiny world model: tiny_world DiT + byte-level tiny UMT5 (text_len 64) "
+            "pretrained on the procedural world (astrolabe world build), preview VAE",
+            wan_size="tiny_world", text_encoder_kind="tiny", flow_shift=5.0, denoising_steps=_STEPS_4,
+            first_block_denoising_steps=None, warp_denoising_steps=True, frames_per_block=3, local_attn_frames=None,
+            sink_frames=0, context_noise=0, height=64, width=64, num_frames=21, fps=16, checkpoint_format=None,
+            checkpoint_entry=None, checkpoint=None, lora=None, vae=None, text_encoder=None, tokenizer=None,
+            kv_cache="context_pass", fill_base=None, pretrained="world",
         ),
     ]
     return {s.name: s for s in cards}

@@ -4,7 +4,15 @@
 (:mod:`astrolabe.models.wan.text_encoder`) is imported from its module, since it pulls in transformers.
 """
 
-from astrolabe.models.wan.config import BUILDERS, WanConfig, build_config, tiny, wan21_t2v_1_3b, wan21_t2v_14b
+from astrolabe.models.wan.config import (
+    BUILDERS,
+    WanConfig,
+    build_config,
+    tiny,
+    tiny_world,
+    wan21_t2v_1_3b,
+    wan21_t2v_14b,
+)
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.vae import StreamingDecoder, WanVAE, WanVAEConfig, tiny_vae, wan21_vae
 
@@ -18,6 +26,7 @@ __all__ = [
     "build_config",
     "tiny",
     "tiny_vae",
+    "tiny_world",
     "wan21_t2v_14b",
     "wan21_t2v_1_3b",
     "wan21_vae",

@@ -78,7 +78,19 @@ def tiny() -> WanConfig:
     return WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, text_len=16, num_heads=2, num_layers=2)
 
 
-BUILDERS = {"wan21_t2v_1_3b": wan21_t2v_1_3b, "wan21_t2v_14b": wan21_t2v_14b, "tiny": tiny}
+def tiny_world() -> WanConfig:
+    """The world model's DiT (:mod:`astrolabe.world.pretrain`): 3 layers of width 96 (3 heads of 32), text
+    features of the tiny encoder's width 32 over ``text_len = 64`` byte tokens, enough for every world caption
+    (at most 61 bytes + EOS)."""
+    return WanConfig(dim=96, ffn_dim=192, freq_dim=64, text_dim=32, text_len=64, num_heads=3, num_layers=3)
+
+
+BUILDERS = {
+    "wan21_t2v_1_3b": wan21_t2v_1_3b,
+    "wan21_t2v_14b": wan21_t2v_14b,
+    "tiny": tiny,
+    "tiny_world": tiny_world,
+}
 
 
 def build_config(name: str) -> WanConfig:

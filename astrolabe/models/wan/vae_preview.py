@@ -24,6 +24,8 @@ first. How the architecture computes it:
   is the only non-linearity.
 
 Only the decoder is set; the encoder keeps its random init (nothing in training encodes pixels).
+:func:`preview_latents` is the decoder's analytic inverse (what the world model is pretrained on): the
+mean pixel of each 8x8 cell and latent frame's pixel frames, desaturated, mapped to the least-norm ``z``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ __all__ = [
     "WAN21_LATENT_RGB_FACTORS",
     "PREVIEW_LEVEL",
     "init_preview_decoder_",
+    "preview_latents",
     "preview_pixels",
+    "preview_video",
 ]
 
 WAN21_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
@@ -70,6 +74,43 @@ def preview_pixels(z: Tensor) -> Tensor:
     p = torch.einsum("bcfhw,ck->bkfhw", z, factors) + bias  # (B, 3, F, h, w)
     level = PREVIEW_LEVEL
     return level * p / torch.sqrt(2.0 * p.square().sum(dim=1, keepdim=True) + level**2)
+
+
+def preview_video(z: Tensor, spatial: int = 8, temporal: int = 4) -> Tensor:
+    """What the preview-initialised decoder computes, without running it: normalised latents (B, 16, F, h, w)
+    -> pixels (B, 3, 1 + 4(F - 1), 8h, 8w) in [-1, 1] (:func:`preview_pixels` upsampled nearest x8, latent
+    frame 0 once and every later one 4 times). Equal to ``WanVAE.decode`` after :func:`init_preview_decoder_`
+    (tested), and much cheaper on CPU."""
+    cells = preview_pixels(z)  # (B, 3, F, h, w)
+    repeats = torch.tensor([1] + [temporal] * (z.shape[2] - 1), device=z.device)
+    frames = cells.repeat_interleave(repeats, dim=2)  # (B, 3, T, h, w)
+    pixels = frames.repeat_interleave(spatial, dim=3).repeat_interleave(spatial, dim=4)
+    return pixels.clamp(-1.0, 1.0)
+
+
+def preview_latents(video: Tensor, spatial: int = 8, temporal: int = 4, max_norm2: float = 1.95) -> Tensor:
+    """Least-norm normalised latents whose preview decode best fits ``video``: the preview decoder's inverse.
+
+    video (B, 3, 1 + 4k, H, W) in [-1, 1] -> z (B, 16, 1 + k, H / 8, W / 8). Per latent cell, ``y`` = mean
+    of its pixels (latent frame 0: pixel frame 0; frame j >= 1: pixel frames 4j-3 .. 4j, which the decoder
+    repeats), the L2-best constant. ``|y|^2`` is clipped to ``max_norm2 < 2`` (the saturation's range: very
+    bright colours are dimmed), then ``p = C y / sqrt(A^2 - 2 |y|^2)`` inverts ``y = A p / sqrt(2|p|^2 + C^2)``
+    and ``z = F (F^T F)^{-1} (p - b)`` is the least-norm solution of ``F^T z + b = p``.
+    """
+    b, c, t, h, w = video.shape
+    if c != _RGB or (t - 1) % temporal or h % spatial or w % spatial:
+        raise ValueError(f"video must be (B, 3, 1 + {temporal}k, H, W) with H, W multiples of {spatial}, got {tuple(video.shape)}")
+    first = video[:, :, :1]  # (B, 3, 1, H, W)
+    rest = video[:, :, 1:].reshape(b, c, (t - 1) // temporal, temporal, h, w).mean(dim=3)  # (B, 3, k, H, W)
+    frames = torch.cat([first, rest], dim=2)  # (B, 3, F, H, W)
+    y = frames.reshape(b, c, -1, h // spatial, spatial, w // spatial, spatial).mean(dim=(4, 6))  # (B, 3, F, h, w)
+    norm2 = y.square().sum(dim=1, keepdim=True)
+    y = y * torch.sqrt(torch.clamp(max_norm2 / norm2.clamp_min(1e-12), max=1.0))
+    p = PREVIEW_LEVEL * y / torch.sqrt(PREVIEW_LEVEL**2 - 2.0 * y.square().sum(dim=1, keepdim=True))
+    factors = torch.tensor(WAN21_LATENT_RGB_FACTORS, dtype=torch.float64)  # (16, 3)
+    solve = (factors @ torch.linalg.inv(factors.T @ factors)).to(video)  # (16, 3)
+    bias = torch.tensor(WAN21_LATENT_RGB_BIAS, dtype=video.dtype, device=video.device).view(1, _RGB, 1, 1, 1)
+    return torch.einsum("ck,bkfhw->bcfhw", solve.to(video.device), p - bias)
 
 
 def _zero_(module: nn.Module) -> None:

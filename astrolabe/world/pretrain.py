@@ -1,0 +1,364 @@
+r"""Pretraining the tiny world model: a block-causal ``WanDiT`` and a byte-level UMT5 text encoder, by flow
+matching with block-causal teacher forcing on preview latents of rendered world videos.
+
+The stack is the real one at a small size: :func:`~astrolabe.models.wan.config.tiny_world` DiT (3 layers,
+width 96, text_len 64 byte tokens: every caption whole), the tiny UMT5 with the ByT5 byte tokenizer, and
+the tiny Wan VAE whose decoder is the latent preview (:mod:`astrolabe.models.wan.vae_preview`). The VAE is
+not trained (2 CPU cores cannot train a video autoencoder in minutes): the latents of a video are the
+preview decoder's analytic inverse, :func:`~astrolabe.models.wan.vae_preview.preview_latents` (8x8 cell
+means, repeated over the 4 frames of a latent frame when decoded), which keeps colour, position and motion
+and loses detail below a cell (the detector still tells shapes apart from the cell coverage, about 2 in 3).
+
+Objective, per sample and block ``j`` of ``n`` (3 latent frames each), with ``x0`` the video's latents:
+
+    sigma ~ U{sigma_1..sigma_4}  (the 4 noise levels the few-step sampler visits: t = 1000, 937.5, 833.3, 625)
+    x_t   = (1 - sigma) x0_j + sigma eps,     eps ~ N(0, I)
+    L_j   = || G([x0_0 .. x0_{j-1} at t = 0,  x_t at t = 1000 sigma] | text)_j - (eps - x0_j) ||^2
+
+one non-cached forward with the block-causal mask per ``j`` (clean prefix at the context timestep, as the
+sampler's context passes write it: :func:`~astrolabe.sampling.streaming.rebuild_context` gives the same
+keys/values), loss on block ``j`` only, gradients through prefix and text encoder. The 4-step streaming
+sampler then sees exactly the inputs it was trained on, up to its own x0 errors.
+
+Data: pair ``i`` is a train caption drawn with ``numpy.random.default_rng([seed, i])`` (as
+:func:`~astrolabe.world.dataset.training_pair` draws it) rendered with its track centred in the frame and
+jittered by up to ``start_jitter * min(H, W)`` per axis, not anywhere in the frame. Why: the sampler's
+x0 predictions are posterior means (flow matching, no distillation), and a mean over uniformly placed objects
+is an empty background (measured: background right, colour and motion at chance); with little position
+entropy the mean is a recognisable, slightly soft object. Nothing the rewards judge depends on position.
+
+Randomness: the data as above (train captions only), the weights come from ``init_seed``, sigma and noise from one ``torch.Generator(seed)``:
+the recipe fixes the weights (on one machine and torch build).
+
+The build (:func:`build_world_model`) is cached like a stage artifact: ``<root>/world/<key>/`` with
+``dit.safetensors``, ``text_encoder.safetensors`` and a manifest written last; the key hashes the recipe
+and :data:`CODE_VERSION`, so a second build is a no-op and a changed recipe builds anew.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from astrolabe.artifacts.keys import cache_key
+from astrolabe.artifacts.stagedir import StageDir
+from astrolabe.configbase import Frozen
+from astrolabe.models.wan.attention import CausalWindow
+from astrolabe.models.wan.config import build_config
+from astrolabe.models.wan.dit import WanDiT
+from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
+from astrolabe.models.wan.vae_preview import preview_latents
+from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
+from astrolabe.world.grammar import WorldCaption, train_captions
+from astrolabe.world.render import UNIT_VECTORS, WorldConfig, render
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CODE_VERSION",
+    "DIT_FILE",
+    "STAGE",
+    "TEXT_FILE",
+    "WorldModel",
+    "WorldModelRecipe",
+    "WorldModelMissingError",
+    "build_world_model",
+    "ensure_world_model",
+    "load_world_model",
+    "teacher_forced_loss",
+    "train_world_model",
+    "world_latents",
+    "world_model_built",
+    "world_model_dir",
+    "world_model_key",
+    "world_model_root",
+]
+
+STAGE = "world"
+CODE_VERSION = "world-model-2"
+DIT_FILE = "dit.safetensors"
+TEXT_FILE = "text_encoder.safetensors"
+_WORLD_STEPS = (1000, 750, 500, 250)  # the tiny base models' raw 4-step list (models.registry)
+_FLOW_SHIFT = 5.0
+
+Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
+
+
+class WorldModelRecipe(Frozen):
+    """Everything that determines the pretrained world model (its cache key)."""
+
+    wan_size: str = Field("tiny_world", description="DiT size builder (models.wan.config).")
+    steps: int = Field(400, ge=0, description="Optimizer steps (few on purpose: above chance, far from perfect).")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    lr_half_life: float = Field(400.0, gt=0, description="Steps after warmup over which the learning rate halves.")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    block_frames: int = Field(3, ge=1, description="Latent frames per block (the base model's).")
+    identity_init: bool = Field(
+        False, description="Start the DiT at v ~= x_t (init_identity_flow_); off = Wan's random init (measured)."
+    )
+    start_jitter: float = Field(0.08, ge=0, le=0.5, description="Start offset from the centred track / min(H, W).")
+    seed: int = Field(0, description="Data stream, sigma and noise seed.")
+    init_seed: int = Field(0, description="Seed of the initial DiT and text-encoder weights.")
+    world: WorldConfig = Field(WorldConfig(num_frames=21), description="The videos: 21 frames = 6 latent frames.")
+
+
+@dataclass
+class WorldModel:
+    """The pretrained modules (eval mode, no grad) and where they came from."""
+
+    dit: WanDiT
+    text: WanTextEncoder
+    directory: Path | None = None
+
+
+class WorldModelMissingError(FileNotFoundError):
+    """The world model has not been built at the expected place."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def centred_start(attributes: WorldCaption, config: WorldConfig) -> np.ndarray:
+    """(x, y) start whose constant-velocity track is centred in the frame over ``config.num_frames``."""
+    step = np.array(UNIT_VECTORS[attributes.direction]) * config.speed_px(attributes.speed)  # px / frame
+    return np.array([config.width / 2, config.height / 2]) - step * (config.num_frames - 1) / 2
+
+
+def pretraining_pair(seed: int, index: int, recipe: WorldModelRecipe) -> tuple[str, torch.Tensor]:
+    """Pair ``index``: (caption, frames (T, 3, H, W) in [0, 1]), the track centred and jittered (module docstring)."""
+    generator = np.random.default_rng([seed, index])
+    pool = train_captions()
+    caption = pool[int(generator.integers(len(pool)))]
+    offset = (generator.random(2) * 2 - 1) * recipe.start_jitter * recipe.world.side
+    start = centred_start(caption, recipe.world) + offset
+    return caption.text, render(caption, generator, recipe.world, start=start).frames
+
+
+def pretraining_batch(seed: int, indices: range, recipe: WorldModelRecipe) -> tuple[list[str], torch.Tensor]:
+    """Pairs ``indices`` stacked: (captions, frames (B, T, 3, H, W))."""
+    pairs = [pretraining_pair(seed, i, recipe) for i in indices]
+    return [c for c, _ in pairs], torch.stack([f for _, f in pairs])
+
+
+def world_latents(frames: torch.Tensor) -> torch.Tensor:
+    """Rendered frames (B, T, 3, H, W) in [0, 1] -> DiT latents (B, F, 16, H / 8, W / 8) (preview inverse)."""
+    video = frames.permute(0, 2, 1, 3, 4) * 2.0 - 1.0  # (B, 3, T, H, W) in [-1, 1]
+    return preview_latents(video).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def train_sigmas() -> torch.Tensor:
+    """(4,) float64 sigmas of the warped 4-step schedule (shift 5): the levels the sampler visits."""
+    steps = StepSchedule.from_steps(FlowSchedule(_FLOW_SHIFT), _WORLD_STEPS, warp=True)
+    return torch.tensor(steps.sigmas, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+
+def teacher_forced_loss(
+    dit: WanDiT,
+    context: torch.Tensor,  # (B, L, text_dim)
+    x0: torch.Tensor,  # (B, F, C, h, w) clean latents
+    sigmas: torch.Tensor,  # (S,) noise levels to draw from
+    generator: torch.Generator,
+    block_frames: int,
+) -> torch.Tensor:
+    """Mean over blocks ``j`` of the flow-matching loss of block ``j`` given the clean blocks before it
+    (module docstring); one sigma per sample and block."""
+    b, f = x0.shape[:2]
+    if f % block_frames:
+        raise ValueError(f"{f} latent frames are not a whole number of {block_frames}-frame blocks")
+    causal = CausalWindow(block_frames)
+    losses = []
+    for start in range(0, f, block_frames):
+        end = start + block_frames
+        sigma = sigmas[torch.randint(len(sigmas), (b,), generator=generator)].to(x0)  # (B,)
+        eps = torch.randn(x0[:, start:end].shape, generator=generator, dtype=x0.dtype)
+        s = sigma.view(b, 1, 1, 1, 1)
+        x_t = (1 - s) * x0[:, start:end] + s * eps
+        inputs = torch.cat([x0[:, :start], x_t], dim=1)  # (B, end, C, h, w)
+        t = torch.cat([torch.zeros(b, start), (1000 * sigma)[:, None].expand(b, block_frames)], dim=1)  # (B, end)
+        v = dit(inputs, t, context, causal=causal)[:, start:end]
+        losses.append((v - (eps - x0[:, start:end])).square().mean())
+    return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def init_identity_flow_(dit: WanDiT, generator: torch.Generator) -> WanDiT:
+    """Start the DiT at ``v(x_t) ~= x_t`` (x0 ~= 0), so training need not first learn to pass the noise through.
+
+    Every block's residual outputs (``self_attn.o``, ``cross_attn.o``, ``ffn.2``) are zeroed (blocks start as
+    the identity); the patch embedding is ``Q`` with orthonormal columns orthogonal to the all-ones vector
+    (so the head's LayerNorm only rescales: ``LN(Q x) = sqrt(D) Q x / |x|``), and the head is
+    ``(sqrt(P) / sqrt(D)) Q^T`` with the patch's channel order, giving ``v = sqrt(P) x / |x| ~= x`` for a noise
+    patch ``x`` of ``P`` entries (|x| ~= sqrt(P)). Wan's own scheme zero-initialises the head instead.
+    """
+    cfg = dit.config
+    d, patch = cfg.dim, cfg.in_dim * cfg.patch_volume
+    basis = torch.randn(d, patch + 1, generator=generator, dtype=torch.float64)
+    basis[:, 0] = 1.0  # the first column spans the LayerNorm's mean direction: drop it after orthogonalising
+    q = torch.linalg.qr(basis).Q[:, 1:]  # (D, P) orthonormal, orthogonal to ones
+    weight = dit.patch_embedding.weight  # (D, C, p_t, p_h, p_w)
+    weight.copy_(q.view(weight.shape).to(weight))
+    dit.patch_embedding.bias.zero_()
+    channels_last = q.view(weight.shape).permute(0, 2, 3, 4, 1).reshape(d, patch)  # columns in (p_t, p_h, p_w, C)
+    dit.head.head.weight.copy_((channels_last.T * (patch**0.5 / d**0.5)).to(weight))
+    dit.head.head.bias.zero_()
+    for block in dit.blocks:
+        for linear in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    return dit
+
+
+def _fresh_modules(recipe: WorldModelRecipe) -> tuple[WanDiT, WanTextEncoder]:
+    cfg = build_config(recipe.wan_size)
+    dit = WanDiT(cfg)
+    generator = torch.Generator().manual_seed(recipe.init_seed)
+    dit.init_weights(generator)
+    if recipe.identity_init:
+        init_identity_flow_(dit, generator)
+    text = build_text_encoder(TextEncoderConfig(kind="tiny", text_len=cfg.text_len, dtype="float32"), recipe.init_seed + 2)
+    return dit, text
+
+
+def _lr_at(recipe: WorldModelRecipe, step: int) -> float:
+    """Linear warmup, then ``lr * 2^(-(step - warmup) / lr_half_life)``: a function of the step alone, so a
+    build of N steps is the first N steps of a longer one (stopping early is just fewer steps)."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    return recipe.lr * 0.5 ** ((step - recipe.warmup_steps) / recipe.lr_half_life)
+
+
+def train_world_model(recipe: WorldModelRecipe = WorldModelRecipe(), progress: Progress | None = None) -> WorldModel:
+    """Train DiT and text encoder from scratch for ``recipe.steps`` steps (module docstring)."""
+    dit, text = _fresh_modules(recipe)
+    dit.train().requires_grad_(True)
+    text.model.train().requires_grad_(True)
+    params = [*dit.parameters(), *text.model.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    sigmas = train_sigmas()
+    tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for step in range(recipe.steps):
+        indices = range(step * recipe.batch_size, (step + 1) * recipe.batch_size)
+        captions, frames = pretraining_batch(recipe.seed, indices, recipe)
+        x0 = world_latents(frames)  # (B, F, C, h, w)
+        for c in captions:
+            if c not in tokens:
+                ids, mask = text.tokenize([c])
+                tokens[c] = ids[0], mask[0]
+        ids = torch.stack([tokens[c][0] for c in captions])
+        mask = torch.stack([tokens[c][1] for c in captions])
+        context = text(ids, mask)  # (B, L, text_dim)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(recipe, step)
+        loss = teacher_forced_loss(dit, context, x0, sigmas, generator, recipe.block_frames)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        if progress is not None:
+            progress(step + 1, recipe.steps, float(loss.detach()))
+        if step % 50 == 0:
+            log.info("world pretraining step %d/%d loss %.4f", step, recipe.steps, float(loss.detach()))
+    dit.eval().requires_grad_(False)
+    text.model.eval().requires_grad_(False)
+    return WorldModel(dit, text)
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+_SHARED_KEY, _TIED_KEY = "shared.weight", "encoder.embed_tokens.weight"  # one tied tensor in UMT5
+
+
+def _untied_text_state(text: WanTextEncoder) -> dict[str, torch.Tensor]:
+    """The encoder's state dict without the tied copy of the embedding (safetensors stores no aliases)."""
+    return {k: v.contiguous() for k, v in text.model.state_dict().items() if k != _TIED_KEY}
+
+
+def world_model_key(recipe: WorldModelRecipe = WorldModelRecipe()) -> str:
+    """Content key of a build: the recipe and :data:`CODE_VERSION`."""
+    return cache_key(STAGE, recipe.model_dump(mode="json"), [], CODE_VERSION)
+
+
+DEFAULT_ROOT = Path("runs")
+
+
+def world_model_root(checkpoint_dir: str | Path | None) -> Path:
+    """Where the default recipe's build lives for a run: ``<checkpoint_dir or runs>/world/<key>``
+    (``model.checkpoint_dir`` of a ``model.base: world`` run names the root of the world cache)."""
+    return world_model_dir(DEFAULT_ROOT if checkpoint_dir is None else Path(checkpoint_dir))
+
+
+def world_model_dir(root: str | Path, recipe: WorldModelRecipe = WorldModelRecipe()) -> Path:
+    """``<root>/world/<key>``: where the build of ``recipe`` lives."""
+    return StageDir(root, STAGE, world_model_key(recipe)).path
+
+
+def world_model_built(root: str | Path, recipe: WorldModelRecipe = WorldModelRecipe()) -> bool:
+    """A complete build of ``recipe`` exists under ``root``."""
+    return StageDir(root, STAGE, world_model_key(recipe)).is_complete()
+
+
+def ensure_world_model(checkpoint_dir: str | Path | None, progress: Progress | None = None) -> Path:
+    """The default recipe's build for a ``model.base: world`` run, built first if missing (what ``train`` calls)."""
+    return build_world_model(DEFAULT_ROOT if checkpoint_dir is None else Path(checkpoint_dir), progress=progress)
+
+
+def build_world_model(
+    root: str | Path, recipe: WorldModelRecipe = WorldModelRecipe(), progress: Progress | None = None
+) -> Path:
+    """Train and publish the world model under ``<root>/world/<key>/`` unless already there; returns the path."""
+    stage_dir = StageDir(root, STAGE, world_model_key(recipe))
+    if stage_dir.is_complete():
+        log.info("world model %s already built", stage_dir.path)
+        return stage_dir.path
+    started = time.perf_counter()
+    model = train_world_model(recipe, progress)
+    seconds = time.perf_counter() - started
+    tmp = stage_dir.begin()
+    save_file({k: v.contiguous() for k, v in model.dit.state_dict().items()}, str(tmp / DIT_FILE))
+    save_file(_untied_text_state(model.text), str(tmp / TEXT_FILE))
+    manifest = stage_dir.manifest(
+        config=recipe.model_dump(mode="json"),
+        seeds={"seed": recipe.seed, "init_seed": recipe.init_seed},
+        counts={"steps": recipe.steps, "videos": recipe.steps * recipe.batch_size},
+        timings={"train": seconds},
+        code_version=CODE_VERSION,
+    )
+    stage_dir.publish(manifest)
+    log.info("world model built in %.1f s: %s", seconds, stage_dir.path)
+    return stage_dir.path
+
+
+def load_world_model(directory: str | Path, recipe: WorldModelRecipe = WorldModelRecipe()) -> WorldModel:
+    """The modules of a published build (eval mode, no grad); :class:`WorldModelMissingError` if absent."""
+    directory = Path(directory)
+    stage_dir = StageDir(directory.parent.parent, STAGE, directory.name)
+    if not stage_dir.is_complete():
+        raise WorldModelMissingError(
+            f"no world model at {directory} (no complete manifest): run `astrolabe world build` "
+            "(or `astrolabe train` with model.base=world, which builds it first)"
+        )
+    dit, text = _fresh_modules(recipe)
+    dit.load_state_dict(load_file(str(directory / DIT_FILE)), strict=True)
+    text_state = load_file(str(directory / TEXT_FILE))
+    text.model.load_state_dict({**text_state, _TIED_KEY: text_state[_SHARED_KEY]}, strict=True)
+    dit.eval().requires_grad_(False)
+    return WorldModel(dit, text, directory)
