@@ -17,7 +17,6 @@ from astrolabe.artifacts.plan import STATUSES, NodeStatus
 
 # column title of each per-iteration stage (``evaluate[k]`` is the policy after k iterations)
 COLUMNS: dict[str, str] = {
-    "arcopo_buffer": "buffer",  # shown only when the run plans it (AR-CoPO with arcopo.semi)
     "rollout": "rollout",
     "score": "score",
     "label_uncertainty": "labels",
@@ -41,23 +40,15 @@ def _fold(rows: Sequence[tuple[int, tuple[str, ...]]]) -> list[tuple[str, tuple[
     return out
 
 
-def planned_columns(statuses: Sequence[NodeStatus]) -> list[str]:
-    """The :data:`COLUMNS` stages the run plans at some iteration, in :data:`COLUMNS` order."""
-    planned = {s.node.stage for s in statuses if s.node.iteration is not None}
-    return [st for st in COLUMNS if st in planned]
-
-
 def status_grid(statuses: Sequence[NodeStatus]) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[str, ...]]]]:
     """``(once, rows)``: the iteration-independent nodes ``(label, status)``, and the per-iteration rows
-    ``(iterations, cells)`` with one cell per :func:`planned_columns` stage (``-``: not planned at that
-    iteration)."""
-    columns = planned_columns(statuses)
+    ``(iterations, cells)`` with one cell per :data:`COLUMNS` stage (``-``: not planned at that iteration)."""
     once = [(s.node.label, s.status) for s in statuses if s.node.iteration is None]
     by_iter: dict[int, dict[str, str]] = {}
     for s in statuses:
         if s.node.iteration is not None:
             by_iter.setdefault(s.node.iteration, {})[s.node.stage] = s.status
-    rows = [(k, tuple(by_iter[k].get(st, NOT_PLANNED) for st in columns)) for k in sorted(by_iter)]
+    rows = [(k, tuple(by_iter[k].get(st, NOT_PLANNED) for st in COLUMNS)) for k in sorted(by_iter)]
     return once, _fold(rows)
 
 
@@ -69,8 +60,8 @@ def status_lines(statuses: Sequence[NodeStatus], title: str) -> list[list[tuple[
     lines: list[list[tuple[str, str]]] = [[(title, "bold")]]
     for label, st in once:
         lines.append([(f"{label}: ", ""), (st, STYLES[st])])
-    header = "".join(COLUMNS[c].ljust(CELL_WIDTH) for c in planned_columns(statuses)).rstrip()
-    lines.append([("iteration".ljust(label_w) + "  " + header, "bold")])
+    lines.append([("iteration".ljust(label_w) + "  " + "".join(c.ljust(CELL_WIDTH) for c in COLUMNS.values()).rstrip(),
+                   "bold")])
     for label, cells in rows:
         line = [(label.rjust(label_w) + "  ", "")]
         for i, st in enumerate(cells):
