@@ -21,6 +21,7 @@ from astrolabe.parallel import ParallelConfig
 from astrolabe.presets import GPU_SCALES, check_gpus, derived_settings, gpu_scale
 from astrolabe.rewards.spec import RewardsConfig
 from astrolabe.rl.advantages import AdvantageConfig
+from astrolabe.rl.arcopo import ArCoPOConfig
 from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.nft import NFTConfig
 from astrolabe.rl.schedules import PolicyAveragingConfig, ReferenceRefreshConfig
@@ -159,8 +160,11 @@ class DataConfig(Frozen):
 
 
 class RLConfig(Frozen):
-    """The NFT update of one iteration: objective, labels, policies, LoRA, optimizer, passes."""
+    """The update of one iteration: algorithm, objective, labels, policies, LoRA, optimizer, passes."""
 
+    algorithm: Literal["nft", "arcopo"] = Field(
+        "nft", description="'nft': forward-process NFT (rl.nft); 'arcopo': AR-CoPO / Neighbor GRPO (section arcopo)."
+    )
     nft: NFTConfig = NFTConfig()
     advantage: AdvantageConfig = AdvantageConfig()
     selective_kl: SelectiveKLConfig | None = Field(None, description="None = KL on every sample.")
@@ -185,7 +189,9 @@ class PipelineConfig(Frozen):
     eval_max_prompts: int | None = Field(None, ge=1, description="Evaluate the first N held-out prompts; None = all.")
 
 
-PIPELINE_STAGES = ("filter_prompts", "rollout", "score", "label_uncertainty", "nft_update", "evaluate")
+PIPELINE_STAGES = (
+    "filter_prompts", "arcopo_buffer", "rollout", "score", "label_uncertainty", "nft_update", "evaluate",
+)
 
 
 class StageResources(Frozen):
@@ -294,6 +300,9 @@ class RunConfig(Frozen):
     data: DataConfig = DataConfig()
     pipeline: PipelineConfig = PipelineConfig()
     tracking: TrackingConfig = TrackingConfig()
+    arcopo: ArCoPOConfig = Field(
+        ArCoPOConfig(), description="AR-CoPO settings, read when rl.algorithm is 'arcopo'; G is rollout.group_size."
+    )
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="before")
@@ -316,6 +325,17 @@ class RunConfig(Frozen):
                 raise ValueError(
                     f"rl.selective_kl names rewards {missing} that are not in rewards.rewards {sorted(names)}"
                 )
+        if self.rl.algorithm == "arcopo" and self.arcopo.anchors > self.rollout.group_size:
+            raise ValueError(
+                f"arcopo.anchors ({self.arcopo.anchors}) must be <= rollout.group_size ({self.rollout.group_size}), "
+                "the G branches anchors are drawn from; lower arcopo.anchors or raise rollout.group_size"
+            )
+        if self.rl.algorithm == "arcopo" and self.rl.reference != "base":
+            raise ValueError(
+                "rl.algorithm 'arcopo' has no KL term (its reference is the base model): set rl.reference: base"
+            )
+        if self.rl.algorithm == "arcopo" and self.rl.selective_kl is not None:
+            raise ValueError("rl.algorithm 'arcopo' has no KL term to make selective: set rl.selective_kl: null")
         return self
 
 

@@ -28,6 +28,10 @@ Outputs in the stage directory:
   :data:`MAX_GRID_ROWS`; columns iteration 0 (from ``baseline``) and this iteration, or this
   iteration alone without a baseline (:mod:`astrolabe.data.grid`).
 
+With ``rl.algorithm: arcopo`` and ``arcopo.semi`` set, a checkpoint is evaluated as the merge sweep
+``W0 + dW_semi + s dW_on`` (:func:`merge_sweep`: every scale under ``merge/s<s>/``, the reported one at the
+top level, ``eval/merge/*`` metrics).
+
 Deterministic: the noise of each video is ``SampleNoise([s])``; nothing reads global RNG state.
 
 Under torchrun (a ``"sliced"`` stage) rank ``k`` of ``W`` generates and scores the contiguous share
@@ -41,8 +45,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +62,9 @@ from astrolabe.data.arrays import write_columns
 from astrolabe.data.grid import write_grid
 from astrolabe.data.video import decode_mp4
 from astrolabe.distributed import dist_rank_world
+from astrolabe.models.registry import BaseModelCard
 from astrolabe.rewards import RewardsConfig, build_rewards
+from astrolabe.rl.arcopo_semi import SEMI_STATE_SUBDIR, merge_adapters, merge_metrics, report_merge_scale, scale_name
 from astrolabe.sampling.generation import GenerationStack, generate_video
 from stages.nft_update import STATE_SUBDIR, checkpoint_state_dir
 from stages.score import merge_rank_parts, reward_identities, score_records, write_rank_part
@@ -70,6 +78,34 @@ METRICS_FILE = "metrics.json"
 GRID_MP4 = "grid.mp4"
 GRID_PNG = "grid.png"
 MAX_GRID_ROWS = 8
+MERGE_DIR = "merge"  # AR-CoPO merge sweep: merge/s<s>/ per scale (merge_sweep)
+
+
+@dataclass
+class Scored:
+    """Videos generated and scored into a directory, not yet summarized (:func:`generate_and_score`)."""
+
+    paths: list[Path]  # videos in plan order
+    keys: list[str]
+    columns: dict[str, np.ndarray]  # reward name -> (N,) raw scores
+    identities: dict[str, Any]  # reward name -> identity
+    score_counts: dict[str, int]
+    timings: dict[str, float]
+    card: BaseModelCard
+    num_latent_frames: int
+
+
+@dataclass
+class EvalOutcome:
+    """One policy's evaluation written into a directory (:func:`evaluate_policy`)."""
+
+    paths: list[Path]  # videos in plan order
+    metrics: dict[str, Any]  # summarize(); the metrics.json written
+    score_counts: dict[str, int]
+    timings: dict[str, float]
+    card: BaseModelCard
+    num_latent_frames: int
+
 
 def eval_rewards_config(cfg: RunConfig) -> RewardsConfig:
     """The rewards reported at evaluation: ``eval_rewards``, or the training ``rewards`` when unset."""
@@ -77,7 +113,7 @@ def eval_rewards_config(cfg: RunConfig) -> RewardsConfig:
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
-    return {
+    subset = {
         "seed": cfg.seed,
         "model": config_to_dict(cfg.model),
         "eval_rewards": reward_identities(eval_rewards_config(cfg).rewards),
@@ -86,6 +122,9 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
         "num_latent_frames": cfg.rollout.num_latent_frames,
         "video_crf": cfg.rollout.video_crf,
     }
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None:  # the merge sweep (merge_sweep)
+        subset["arcopo_merge"] = cfg.arcopo.merge.model_dump(mode="json")
+    return subset
 
 
 STAGE = StageInfo(name="evaluate", code_version="1", config_subset=_config_subset, per_iteration=True,
@@ -229,6 +268,115 @@ def write_comparison_grid(
     return {"grid_rows": layout.rows, "grid_cols": layout.cols}
 
 
+def generate_and_score(
+    cfg: RunConfig,
+    build: Callable[[], tuple[GenerationStack, BaseModelCard]],
+    prompts: Sequence[str],
+    plan: Sequence[tuple[int, int]],
+    out_dir: Path,
+    iteration: int,
+) -> Scored:
+    """Generate every planned video into ``out_dir/videos/`` with the stack ``build()`` returns and score
+    it (the reward models loaded once); nothing summarized or written besides the videos."""
+    rewards_cfg = eval_rewards_config(cfg)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stack, card = build()
+    timings["build"] = time.perf_counter() - t0
+    num_latent_frames = cfg.rollout.num_latent_frames or card.latent_frames
+    t0 = time.perf_counter()
+    paths = generate_all(stack, prompts, plan, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
+                         crf=cfg.rollout.video_crf)
+    timings["generation"] = time.perf_counter() - t0
+    del stack  # free the generator before loading judges
+
+    t0 = time.perf_counter()
+    rewards = build_rewards(rewards_cfg.rewards)
+    keys, columns, score_counts = score_records(
+        rewards, _records(paths, [prompts[i] for i, _ in plan]), rewards_cfg.batch_size
+    )
+    identities = {r.name: r.identity() for r in rewards}
+    timings["scoring"] = time.perf_counter() - t0
+    return Scored(paths, keys, columns, identities, score_counts, timings, card, num_latent_frames)
+
+
+def write_scores(cfg: RunConfig, out_dir: Path, iteration: int, keys: list[str], columns: Mapping[str, np.ndarray],
+                 identities: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Write ``eval_rewards.zarr`` and ``metrics.json`` of the scores into ``out_dir``; returns the metrics."""
+    write_columns(out_dir / REWARDS_FILE, keys, dict(columns),
+                  attrs={"rewards": dict(identities), "iteration": iteration})
+    weights = {r.name: r.weight for r in eval_rewards_config(cfg).rewards}
+    metrics = summarize({name: columns[name] for name in identities}, weights)
+    write_metrics(out_dir, metrics)
+    return metrics
+
+
+def evaluate_policy(
+    cfg: RunConfig,
+    build: Callable[[], tuple[GenerationStack, BaseModelCard]],
+    prompts: Sequence[str],
+    plan: Sequence[tuple[int, int]],
+    out_dir: Path,
+    iteration: int,
+) -> EvalOutcome:
+    """One process: generate every planned video with the stack ``build()`` returns, score it and write
+    ``videos/``, ``eval_rewards.zarr`` and ``metrics.json`` into ``out_dir``."""
+    sc = generate_and_score(cfg, build, prompts, plan, out_dir, iteration)
+    metrics = write_scores(cfg, out_dir, iteration, sc.keys, sc.columns, sc.identities)
+    return EvalOutcome(sc.paths, metrics, sc.score_counts, sc.timings, sc.card, sc.num_latent_frames)
+
+
+def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> None:
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------- AR-CoPO merge sweep
+
+
+def merge_sweep(cfg: RunConfig, inputs: Mapping[str, Path], state: Path, prompts: Sequence[str],
+                plan: Sequence[tuple[int, int]], out_dir: Path, iteration: int) -> EvalOutcome:  # fmt: skip
+    """AR-CoPO's two adapters: evaluate ``W0 + dW_semi + s dW_on`` for every ``s`` of ``arcopo.merge.scales``
+    into ``merge/s<s>/``, choose ``s`` (:func:`astrolabe.rl.arcopo_semi.report_merge_scale`, against the
+    ``baseline`` evaluation) and copy the reported scale's videos and rewards to the top level, so the grid,
+    ``reward/*`` and ``astrolabe compare`` read the merged model like any other evaluation. Adds
+    ``merge/s``, ``merge/s_rule`` and ``merge/s<s>/<metric>`` (:func:`astrolabe.rl.arcopo_semi.merge_metrics`).
+    """
+    semi_state = Path(state).parent / SEMI_STATE_SUBDIR
+    if not semi_state.is_dir():
+        raise FileNotFoundError(f"{semi_state} is missing: the checkpoint was trained without arcopo.semi")
+    mc = cfg.arcopo.merge
+    results: dict[float, EvalOutcome] = {}
+    for s in mc.scales:
+        dest = out_dir / MERGE_DIR / scale_name(s)
+        dest.mkdir(parents=True)
+
+        def build(s: float = s) -> tuple[GenerationStack, BaseModelCard]:
+            stack, card = build_generation_stack(cfg)
+            stack.dit = merge_adapters(stack.dit, [(semi_state, 1.0), (Path(state), s)])
+            return stack, card
+
+        results[s] = evaluate_policy(cfg, build, prompts, plan, dest, iteration)
+        log.info("evaluate it%d merge s=%g: %s %s, %s %s", iteration, s, mc.in_domain_metric,
+                 results[s].metrics.get(mc.in_domain_metric), mc.held_out_metric,
+                 results[s].metrics.get(mc.held_out_metric))
+    table = {s: r.metrics for s, r in results.items()}
+    baseline = inputs.get("baseline")
+    base = json.loads((Path(baseline) / METRICS_FILE).read_text(encoding="utf-8")) if baseline is not None else None
+    reported, chosen = report_merge_scale(table, base, mc)
+    if chosen is None:
+        log.warning("evaluate it%d: no merge scale beats the base on both %s and %s; reporting s=%g", iteration,
+                    mc.in_domain_metric, mc.held_out_metric, reported)
+    src = out_dir / MERGE_DIR / scale_name(reported)
+    shutil.copytree(src / VIDEOS_DIR, out_dir / VIDEOS_DIR)
+    shutil.copytree(src / REWARDS_FILE, out_dir / REWARDS_FILE)
+    out = results[reported]
+    metrics = {**out.metrics, **merge_metrics(table, reported, chosen, mc)}
+    write_metrics(out_dir, metrics)
+    timings = {k: sum(r.timings.get(k, 0.0) for r in results.values()) for k in ("build", "generation", "scoring")}
+    return EvalOutcome([out_dir / VIDEOS_DIR / p.name for p in out.paths], metrics, out.score_counts, timings,
+                       out.card, out.num_latent_frames)
+
+
 # ----------------------------------------------------------------------------------- stage
 
 
@@ -245,27 +393,58 @@ def _eval_prompts(cfg: RunConfig, inputs: Mapping[str, Path]) -> tuple[list[str]
     return prompts, eval_plan(len(prompts), cfg.pipeline.eval_seeds)
 
 
-def _finish(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int, keys: list[str],
-            columns: dict[str, np.ndarray], identities: Mapping[str, Any], fps: float,
-            timings: dict[str, float]) -> tuple[dict[str, int], dict[str, float], dict[str, str]]:  # fmt: skip
-    """Scores table, metrics.json and grid of every planned video; returns ``(counts, metrics, reports)``."""
+def _report(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int, metrics: Mapping[str, Any],
+            fps: float, timings: dict[str, float]) -> tuple[dict[str, int], dict[str, float], dict[str, str]]:  # fmt: skip
+    """The grid of every planned video (written into ``out_dir``) and the stage's ``(counts, metrics, reports)``."""
     prompts, plan = _eval_prompts(cfg, inputs)
-    rewards_cfg = eval_rewards_config(cfg)
-    write_columns(out_dir / REWARDS_FILE, keys, columns, attrs={"rewards": dict(identities), "iteration": iteration})
-    metrics = summarize({name: columns[name] for name in identities}, {s.name: s.weight for s in rewards_cfg.rewards})
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
     t0 = time.perf_counter()
     baseline = inputs.get("baseline")
     paths = [out_dir / VIDEOS_DIR / f"{sample_key(i, s)}.mp4" for i, s in plan]
     grid = write_comparison_grid(out_dir, paths, Path(baseline) if baseline is not None else None, iteration, fps=fps)
     timings["grid"] = time.perf_counter() - t0
 
-    nan_scores = sum(metrics[f"reward/{name}/nan"] for name in identities)
+    nan_scores = sum(metrics[f"reward/{r.name}/nan"] for r in eval_rewards_config(cfg).rewards)
     log.info("evaluate it%d: %d videos, combined/mean %s, %d NaN scores", iteration, len(paths),
              metrics["combined/mean"], nan_scores)
     return ({"nan_scores": nan_scores, **grid}, finite_metrics({k: v for k, v in metrics.items() if k != "n"},
             prefix="eval/"), eval_reports(out_dir, iteration))  # fmt: skip
+
+
+def _finish(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int, keys: list[str],
+            columns: dict[str, np.ndarray], identities: Mapping[str, Any], fps: float,
+            timings: dict[str, float]) -> tuple[dict[str, int], dict[str, float], dict[str, str]]:  # fmt: skip
+    """Scores table, metrics.json and grid of every planned video; returns ``(counts, metrics, reports)``."""
+    metrics = write_scores(cfg, out_dir, iteration, keys, columns, identities)
+    return _report(cfg, inputs, out_dir, iteration, metrics, fps, timings)
+
+
+def _extra(inputs: Mapping[str, Path], state: Path | None, iteration: int, fps: float) -> dict[str, Any]:
+    baseline = inputs.get("baseline")
+    return {"policy": str(state) if state is not None else "base", "iteration": iteration,
+            "baseline": str(baseline) if baseline is not None else None, "fps": fps}
+
+
+def run_merge_sweep(cfg: RunConfig, inputs: Mapping[str, Path], state: Path, out_dir: Path,
+                    iteration: int) -> StageResult:  # fmt: skip
+    """The stage for an AR-CoPO checkpoint with ``arcopo.semi`` (:func:`merge_sweep`); one process only."""
+    _, world = dist_rank_world()
+    if world > 1:
+        raise NotImplementedError(
+            f"the AR-CoPO merge sweep (rl.algorithm='arcopo' with arcopo.semi) under torchrun (world size {world}) "
+            "is not sliced across ranks yet; run evaluate in one process (no torchrun)"
+        )
+    prompts, plan = _eval_prompts(cfg, inputs)
+    ev = merge_sweep(cfg, inputs, state, prompts, plan, out_dir, iteration)
+    counts, metrics, reports = _report(cfg, inputs, out_dir, iteration, ev.metrics, float(ev.card.fps), ev.timings)
+    return StageResult(
+        counts={"prompts": len(prompts), "videos": len(ev.paths), "decode_failed": ev.score_counts["decode_failed"],
+                "num_latent_frames": ev.num_latent_frames, **counts},
+        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
+        timings=ev.timings,
+        metrics=metrics,
+        reports=reports,
+        extra=_extra(inputs, state, iteration, float(ev.card.fps)),
+    )
 
 
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
@@ -273,38 +452,20 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
         raise ValueError("the evaluate stage runs per iteration; pass iteration=<completed training iterations>")
     if "prompts" not in inputs:
         raise KeyError("the evaluate stage needs inputs['prompts'] (the filter_prompts directory)")
+    state = resolve_policy(inputs)
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None and state is not None:  # W0 + dW_semi + s dW_on
+        return run_merge_sweep(cfg, inputs, state, out_dir, iteration)
     prompts, plan = _eval_prompts(cfg, inputs)
     rank, world = dist_rank_world()
     mine = [plan[j] for j in rank_slice(len(plan), rank, world)]  # this rank's share, in plan order
-    state = resolve_policy(inputs)
-    rewards_cfg = eval_rewards_config(cfg)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    stack, card = build_generation_stack(cfg, lora=state)
-    timings["build"] = time.perf_counter() - t0
-    num_latent_frames = cfg.rollout.num_latent_frames or card.latent_frames
-    t0 = time.perf_counter()
-    paths = generate_all(stack, prompts, mine, num_latent_frames, out_dir / VIDEOS_DIR, iteration,
-                         crf=cfg.rollout.video_crf)
-    timings["generation"] = time.perf_counter() - t0
-    del stack  # free the generator before loading judges
-
-    t0 = time.perf_counter()
-    rewards = build_rewards(rewards_cfg.rewards)  # once per rank
-    keys, columns, score_counts = score_records(
-        rewards, _records(paths, [prompts[i] for i, _ in mine]), rewards_cfg.batch_size
-    )
-    identities = {r.name: r.identity() for r in rewards}
-    timings["scoring"] = time.perf_counter() - t0
-    baseline = inputs.get("baseline")
+    sc = generate_and_score(cfg, lambda: build_generation_stack(cfg, lora=state), prompts, mine, out_dir, iteration)
+    keys, columns, identities, card, timings = sc.keys, sc.columns, sc.identities, sc.card, sc.timings
     result = StageResult(
-        counts={"prompts": len(prompts), "videos": len(paths), "decode_failed": score_counts["decode_failed"],
-                "num_latent_frames": num_latent_frames},
+        counts={"prompts": len(prompts), "videos": len(sc.paths), "decode_failed": sc.score_counts["decode_failed"],
+                "num_latent_frames": sc.num_latent_frames},
         seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in mine}},
         timings=timings,
-        extra={"policy": str(state) if state is not None else "base", "iteration": iteration,
-               "baseline": str(baseline) if baseline is not None else None, "fps": float(card.fps)},
+        extra=_extra(inputs, state, iteration, float(card.fps)),
     )
     if world > 1:  # rank 0 merges the parts (merge_ranks)
         write_rank_part(out_dir, "eval_rewards", rank, keys, columns, {"rewards": identities})

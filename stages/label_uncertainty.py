@@ -4,7 +4,8 @@ Per record (rows aligned to the rollout shard keys):
 
 * ``combined``  ``R = sum_k w_k * normalize(x_k)`` (weights of ``cfg.rewards``, normalisation
   ``cfg.rl.advantage.normalize_rewards``), via :func:`astrolabe.rl.advantages.optimality_from_rewards`.
-* ``advantage`` group-normalised ``A`` (group = ``meta["group"]``: same prompt and branch point).
+* ``advantage`` group-normalised ``A`` (group = ``meta["group"]``: same prompt and branch point); with
+  ``rl.algorithm: arcopo`` the AR-CoPO advantages of :func:`astrolabe.rl.arcopo.grouped_advantages`.
 * ``r``         ``clip(A, -C, C) / (2C) + 0.5``; NaN for samples with a NaN reward (excluded).
 * ``kl_mask``   1 where the KL penalty applies: the selective mask of
   :func:`astrolabe.rl.selective_kl.compute_kl_mask` when ``cfg.rl.selective_kl`` is set, else all 1.
@@ -38,8 +39,9 @@ from astrolabe.config import RunConfig
 from astrolabe.data.arrays import check_keys_aligned, read_columns, write_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.rl.advantages import group_index, optimality_from_rewards
-from astrolabe.rl.state import read_controller_state
+from astrolabe.rl.arcopo import ARCOPO_LABEL_KEYS, grouped_advantages
 from astrolabe.rl.rng import CheckpointError
+from astrolabe.rl.state import read_controller_state
 from astrolabe.rl.selective_kl import FractionController, SelectiveKLConfig, compute_kl_mask, descending_ranks
 from stages.score import REWARDS_FILE
 
@@ -51,11 +53,14 @@ CONTROLLER_FILE = "controller.json"
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     kl = cfg.rl.selective_kl
-    return {
+    subset = {
         "weights": {s.name: s.weight for s in cfg.rewards.rewards},
         "advantage": cfg.rl.advantage.model_dump(mode="json"),
         "selective_kl": None if kl is None else kl.model_dump(mode="json"),
     }
+    if cfg.rl.algorithm == "arcopo":  # NFT keys stay unchanged
+        subset["arcopo"] = cfg.arcopo.model_dump(mode="json", include=set(ARCOPO_LABEL_KEYS))
+    return subset
 
 
 STAGE = StageInfo(name="label_uncertainty", code_version="1", config_subset=_config_subset, per_iteration=True)
@@ -169,6 +174,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
             "check the score stage's logs (failed judge, unreadable videos) and rerun it"
         )
     r, adv, combined, info = optimality_from_rewards(rewards, weights, groups, cfg.rl.advantage)
+    if cfg.rl.algorithm == "arcopo":  # AR-CoPO payload: std / quasi-norm advantages inside each pivot group
+        adv, info = grouped_advantages(combined, groups, cfg.arcopo)
     if not np.isfinite(combined).any():
         raise ValueError(
             f"every record has a NaN in at least one weighted reward {used}: no sample can be labelled; "

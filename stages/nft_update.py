@@ -32,6 +32,13 @@ is refused (NotImplementedError) until the FSDP state is checkpointed through ``
    lagging KL reference is refreshed when the mean KL of the phase says so. Both schedules count
    iterations (``iteration + 1`` completed), not optimizer steps.
 
+With ``rl.algorithm: arcopo`` the stage runs :func:`run_arcopo` instead: the AR-CoPO loss on the pivot chunk
+(:func:`astrolabe.rl.arcopo_update.arcopo_phase`; ``labels.zarr`` holds the per-group ``advantage``) and, with
+``arcopo.semi`` set and the ``buffer`` input (the :mod:`stages.arcopo_buffer` output), the semi-on-policy
+adapter in ``state_semi/``, trained on ``arcopo.semi.groups_per_iteration`` buffer groups drawn by its
+``buffer`` generator. ``state/``'s ``old`` adapter is the trained one after the phase (the next rollout's
+sampling policy).
+
 Every generator (LoRA init, sigma, noise, shuffle) is part of the checkpoint, so iteration k + 1 continues
 the streams of iteration k: a resumed run equals an uninterrupted one. With selective KL the checkpoint also
 holds the KL fraction controller: the state ``label_uncertainty`` k computed from checkpoint k - 1 and handed
@@ -45,7 +52,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +69,15 @@ from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.distributed import dist_rank_world, gather_objects
 from astrolabe.models.registry import get_base_model
 from astrolabe.parallel import parallelize
-from astrolabe.rl.accumulation import accumulate_gradients
+from astrolabe.rl.accumulation import accumulate_gradients, shuffled_steps
+from astrolabe.rl.arcopo_semi import SEMI_STATE_SUBDIR
+from astrolabe.rl.arcopo_update import ARCOPO_GENERATORS, OldPolicy, PivotGroupData, arcopo_phase, read_pivot_groups
 from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController
 from astrolabe.rl.state import TrainingState
 from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, window_nft_step
+from stages.arcopo_buffer import read_parts
 from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_controller
 
 log = logging.getLogger(__name__)
@@ -77,7 +87,11 @@ GENERATORS = ("sigma", "noise", "shuffle")
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
-    return {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl), "parallel": config_to_dict(cfg.parallel)}
+    subset = {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl),
+              "parallel": config_to_dict(cfg.parallel)}
+    if cfg.rl.algorithm == "arcopo":  # NFT keys stay unchanged
+        subset["arcopo"] = cfg.arcopo.model_dump(mode="json", exclude={"merge"})
+    return subset
 
 
 # Under torchrun every rank trains its share of each step (module docstring); every count is the same on
@@ -259,25 +273,23 @@ def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], co
             skip_noise(cands, idx, dtype, stream, cfg, gens, shift)
 
     total_steps = rl.epochs * math.ceil(len(batches) / rl.accumulation_steps)
-    done = trained = 0
-    for epoch in range(rl.epochs):
-        order = torch.randperm(len(batches), generator=gens["shuffle"]).tolist()
-        for start in range(0, len(order), rl.accumulation_steps):
-            chunk = [batches[b] for b in order[start : start + rl.accumulation_steps]]
-            mine = rank_slice(len(chunk), rank, world)
-            skip(chunk[: mine.start])
-            position[0] = epoch * len(batches) + start + mine.start
-            with no_sync():
-                accumulate_gradients(state, loss_of, chunk[mine.start : mine.stop],
-                                     [len(idx) for idx in chunk[mine.start : mine.stop]], across_ranks=world > 1)
-            skip(chunk[mine.stop :])
-            trained += sum(len(idx) for idx in chunk[mine.start : mine.stop])
-            stats = state.optimizer_step()
-            sums["update/grad_norm"].append((done, stats.grad_norm))
-            sums["update/lr"].append((done, stats.lr))
-            done += 1
-            if on_step is not None:
-                on_step(done, total_steps)
+    trained = offset = 0  # offset: the global number of the step's first micro-batch
+    for done, step in enumerate(shuffled_steps(len(batches), rl.epochs, rl.accumulation_steps, gens["shuffle"]), 1):
+        chunk = [batches[b] for b in step]
+        mine = rank_slice(len(chunk), rank, world)
+        skip(chunk[: mine.start])
+        position[0] = offset + mine.start
+        with no_sync():
+            accumulate_gradients(state, loss_of, chunk[mine.start : mine.stop],
+                                 [len(idx) for idx in chunk[mine.start : mine.stop]], across_ranks=world > 1)
+        skip(chunk[mine.stop :])
+        trained += sum(len(idx) for idx in chunk[mine.start : mine.stop])
+        offset += len(chunk)
+        stats = state.optimizer_step()
+        sums["update/grad_norm"].append((done, stats.grad_norm))
+        sums["update/lr"].append((done, stats.lr))
+        if on_step is not None:
+            on_step(done, total_steps)
     out = _gathered_means(sums) if world > 1 else {k: _mean([x for _, x in v]) for k, v in sums.items()}
     out["update/micro_batches"] = float(len(batches) * rl.epochs)
     out["update/optimizer_steps"] = float(total_steps)
@@ -306,6 +318,97 @@ def encode_prompts(cfg: RunConfig, prompts: list[str]) -> dict[str, torch.Tensor
         return {p: text.encode([p]).to(device=cfg.model.device, dtype=dtype) for p in dict.fromkeys(prompts)}
 
 
+# ----------------------------------------------------------------------------------- AR-CoPO
+
+
+def read_labelled_groups(rollout: Path, labels: Path) -> tuple[list[PivotGroupData], int]:
+    """The pivot groups of a rollout with their advantages from ``labels.zarr``, and the number skipped."""
+    keys, cols, _ = read_columns(Path(labels) / LABELS_FILE)
+    if "advantage" not in cols:
+        raise KeyError(f"{labels}/{LABELS_FILE} has no column 'advantage'; rerun the label_uncertainty stage")
+    return read_pivot_groups(Path(rollout), keys, cols["advantage"])
+
+
+def read_buffer(buffer: Path) -> list[PivotGroupData]:
+    """Every labelled group of the replay buffer (its parts, :func:`stages.arcopo_buffer.read_parts`), in order."""
+    groups: list[PivotGroupData] = []
+    for part in read_parts(buffer):
+        groups += read_labelled_groups(Path(part["rollout"]), Path(part["labels"]))[0]
+    if not groups:
+        raise ValueError(f"the replay buffer {buffer} holds no group with finite advantages; rebuild it")
+    return groups
+
+
+def train_arcopo_adapter(cfg: RunConfig, groups: Sequence[PivotGroupData], contexts: Mapping[str, torch.Tensor],
+                         checkpoint: Path | None, out: Path, iteration: int, old_policy: OldPolicy,
+                         extra_generators: Sequence[str] = (), pick: int | None = None,
+                         ) -> dict[str, float]:  # fmt: skip
+    """Build (or restore from ``checkpoint``) one adapter's training state, run a phase, save it to ``out``.
+
+    ``pick``: train on that many groups drawn without replacement by the state's ``buffer`` generator.
+    """
+    base = get_base_model(cfg.model.base)
+    state = build_training_state(cfg, build_dit(cfg.model, base))
+    for i, name in enumerate((*ARCOPO_GENERATORS, *extra_generators)):
+        if name not in state.generators:
+            state.register_generator(name, torch.Generator().manual_seed(cfg.rl.lora_seed + 101 + i))
+    if checkpoint is not None:
+        state.load(checkpoint)
+    elif iteration > 0:
+        raise FileNotFoundError(f"nft_update (arcopo) at iteration {iteration} needs inputs['checkpoint']")
+    if pick is not None:
+        order = torch.randperm(len(groups), generator=state.generators["buffer"]).tolist()
+        groups = [groups[i] for i in order[: min(pick, len(groups))]]
+    metrics = arcopo_phase(state, groups, contexts, stream_config(cfg.model, base), cfg.arcopo, epochs=cfg.rl.epochs,
+                           accumulation_steps=cfg.rl.accumulation_steps, old_policy=old_policy,
+                           parallel=cfg.parallel)
+    state.extra = {"iteration": iteration, "trained_groups": len(groups), "old_policy": old_policy}
+    state.save(out)
+    return metrics
+
+
+def run_arcopo(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int) -> StageResult:
+    """The stage with ``rl.algorithm: arcopo`` (module docstring); one process only (no rank slicing yet)."""
+    _, world = dist_rank_world()
+    if world > 1:
+        raise NotImplementedError(
+            f"rl.algorithm='arcopo' under torchrun (world size {world}): the AR-CoPO update is not sliced across "
+            "ranks yet; run nft_update in one process (no torchrun) or use rl.algorithm='nft'"
+        )
+    t0 = time.perf_counter()
+    groups, skipped = read_labelled_groups(Path(inputs["rollout"]), Path(inputs["labels"]))
+    if not groups:
+        raise ValueError(f"no trainable group in {inputs['labels']}: every group has a NaN advantage ({skipped} "
+                         "skipped); check the score stage and rerun score and label_uncertainty")
+    semi = cfg.arcopo.semi
+    if semi is not None and "buffer" not in inputs:
+        raise KeyError("arcopo.semi is set: the nft_update stage needs inputs['buffer'] (the arcopo_buffer output)")
+    buffer = read_buffer(Path(inputs["buffer"])) if semi is not None else []
+    contexts = encode_prompts(cfg, [g.prompt for g in [*groups, *buffer]])
+    ckpt = Path(inputs["checkpoint"]) if "checkpoint" in inputs else None
+    t_build = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    metrics = train_arcopo_adapter(cfg, groups, contexts, checkpoint_state_dir(ckpt) if ckpt else None,
+                                   checkpoint_state_dir(out_dir), iteration, old_policy="old")
+    if semi is not None:
+        semi_metrics = train_arcopo_adapter(cfg, buffer, contexts, ckpt / SEMI_STATE_SUBDIR if ckpt else None,
+                                            out_dir / SEMI_STATE_SUBDIR, iteration, old_policy="ref",
+                                            extra_generators=("buffer",), pick=semi.groups_per_iteration)
+        metrics |= {f"semi/{k}": v for k, v in semi_metrics.items()}
+    t_train = time.perf_counter() - t1
+    log.info("nft_update it%d (arcopo): %d groups, loss %.4g, entropy %.3g, clip fraction %.3g", iteration,
+             len(groups), metrics["loss/policy"], metrics["arcopo/entropy"], metrics["arcopo/clip_fraction"])
+    return StageResult(
+        counts={"groups": len(groups) + skipped, "trained_groups": len(groups), "skipped_nan_groups": skipped,
+                "optimizer_steps": int(metrics["update/optimizer_steps"]), "buffer_groups": len(buffer)},
+        seeds={"lora_seed": cfg.rl.lora_seed, "from_checkpoint": str(ckpt) if ckpt else None},
+        timings={"build": t_build, "train": t_train},
+        metrics=finite_metrics(metrics),
+        extra={"algorithm": "arcopo"},
+    )
+
+
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
     if iteration is None:
         raise ValueError("the nft_update stage runs per iteration; pass iteration=<int>")
@@ -317,6 +420,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
             "parallel.strategy='fsdp': nft_update cannot checkpoint FSDP-sharded training state yet (the "
             "torch.distributed.checkpoint path is not written); use parallel.strategy=ddp or none"
         )
+    if cfg.rl.algorithm == "arcopo":  # AR-CoPO payload and loss
+        return run_arcopo(cfg, inputs, out_dir, iteration)
     t0 = time.perf_counter()
     cands, skipped = read_candidates(Path(inputs["rollout"]), Path(inputs["labels"]))
     if not cands:

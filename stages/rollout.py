@@ -12,6 +12,9 @@ generates the contiguous slice :func:`rank_slice` of the groups and writes ``rol
 One record per candidate, key ``it{iteration}-p{slot}-c{j}``: ``latents`` = the window (W, C, h, w)
 float32, extra ``prefix`` = the shared prefix (P, C, h, w) (P may be 0), ``video`` = mp4 of the window's
 pixel frames decoded after the prefix (see :mod:`astrolabe.sampling.branching`), and ``meta``.
+
+With ``rl.algorithm: arcopo`` each group is an AR-CoPO pivot group instead (payload and keys in
+:mod:`astrolabe.rl.arcopo_rollout`: pivot chunk inputs and x0 predictions, prefix, tape seeds, full video).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from astrolabe.config import RunConfig, config_to_dict
 from astrolabe.data.shards import RolloutShardWriter
 from astrolabe.data.video import encode_mp4
 from astrolabe.distributed import dist_rank_world
+from astrolabe.rl.arcopo_rollout import rollout_pivot_groups
 from astrolabe.sampling.branching import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
 from astrolabe.sampling.generation import blocks_for
 
@@ -40,7 +44,10 @@ SHARD_PREFIX = "rollout"
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
-    return {"seed": cfg.seed, "model": config_to_dict(cfg.model), "rollout": config_to_dict(cfg.rollout)}
+    subset = {"seed": cfg.seed, "model": config_to_dict(cfg.model), "rollout": config_to_dict(cfg.rollout)}
+    if cfg.rl.algorithm == "arcopo":  # pivot groups (astrolabe.rl.arcopo_rollout); NFT keys stay unchanged
+        subset["arcopo"] = {"algorithm": "arcopo", "sigma": cfg.arcopo.sigma}
+    return subset
 
 
 # Under torchrun every rank generates its slice of the groups into the same directory (rank-named shards);
@@ -106,6 +113,19 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     timings = {"build": t_build, "generation": 0.0, "decoding": 0.0, "encoding_mp4": 0.0}
     seeds: dict[str, Any] = {"run_seed": cfg.seed, "rollout_seed": ro.seed, "rank": rank, "world_size": world,
                              "prompt_indices": chosen, "groups": {}}
+    if cfg.rl.algorithm == "arcopo":
+        with RolloutShardWriter(out_dir, SHARD_PREFIX, rank=rank, config=ro.shards) as writer:
+            res = rollout_pivot_groups(
+                stack, writer, prompts, chosen, mine, iteration=iteration, run_seed=cfg.seed, rollout_seed=ro.seed,
+                group_size=ro.group_size, sigma=cfg.arcopo.sigma, num_blocks=num_blocks, group_id=group_id,
+                decode=ro.save_mp4, crf=ro.video_crf, common_meta={"base_model": cfg.model.base},
+            )
+            shards = writer.close()
+        return StageResult(counts={**res.counts, "shards": len(shards), "num_blocks_per_video": num_blocks},
+                           seeds={**seeds, "groups": res.groups}, timings={**timings, **res.timings},
+                           metrics={"rollout/candidates": float(res.counts["candidates"])},
+                           extra={"rank": rank, "world_size": world, "shard_prefix": SHARD_PREFIX,
+                                  "policy": str(lora) if lora else "base", "algorithm": "arcopo"})
     n_blocks = n_records = 0
     with RolloutShardWriter(out_dir, SHARD_PREFIX, rank=rank, config=ro.shards) as writer:
         for slot in mine:

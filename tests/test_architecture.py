@@ -2,13 +2,14 @@
 
 * the import arrow is ``flows -> stages -> astrolabe``: ``astrolabe/`` imports neither ``prefect``,
   ``stages`` nor ``flows``; ``stages/`` imports neither ``flows`` nor ``prefect``;
-* ``stages/`` holds the six stages (and ``__init__.py``, their registry) only;
+* ``stages/`` holds registered stages (and ``__init__.py``, their registry ``STAGES``) only: every module
+  there is a stage of :data:`stages.STAGES`, helper code lives in the library or in its stage's module;
 * only the atomic writer (``astrolabe/artifacts/atomic.py``) renames files into place: no other module calls
   ``os.replace`` / ``os.rename`` / ``os.renames`` / ``shutil.move`` / ``Path.rename`` / ``Path.replace``.
 
 ``Path.replace(target)`` and ``str.replace(old, new)`` share a name; a ``.replace`` call with exactly one
 positional argument and no keyword is taken for the path one (``str.replace`` needs two arguments).
-Imports inside functions count like top-level ones.
+Imports inside functions count like top-level ones. The registry itself is read by importing ``stages``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ATOMIC_WRITER = "astrolabe/artifacts/atomic.py"
 FORBIDDEN_IMPORTS = {"astrolabe": {"prefect", "stages", "flows"}, "stages": {"flows", "prefect"}}
-STAGE_MODULES = {"__init__", "filter_prompts", "rollout", "score", "label_uncertainty", "nft_update", "evaluate"}
 RENAMING_FUNCTIONS = {("os", "replace"), ("os", "rename"), ("os", "renames"), ("shutil", "move")}
 
 
@@ -115,8 +115,12 @@ def test_import_arrow(package):
     assert not bad, f"the import arrow is flows -> stages -> astrolabe; {package}/ must not import: {bad}"
 
 
-def test_stages_package_holds_the_six_stages_only():
-    assert {p.stem for p in (ROOT / "stages").glob("*.py")} == STAGE_MODULES
+def test_every_module_in_stages_is_a_registered_stage():
+    from stages import STAGES
+
+    assert {m.__name__ for m in STAGES.values()} == {f"stages.{name}" for name in STAGES}  # module = stage name
+    assert {p.stem for p in (ROOT / "stages").glob("*.py")} == {"__init__", *STAGES}
+    assert {"filter_prompts", "rollout", "score", "label_uncertainty", "nft_update", "evaluate"} <= set(STAGES)
     assert not [p for p in (ROOT / "stages").iterdir() if p.is_dir() and p.name != "__pycache__"]
 
 

@@ -144,7 +144,7 @@ def test_stage_distribution_declarations():
 
     assert {n: m.STAGE.distribution for n, m in STAGES.items()} == {
         "filter_prompts": "main", "rollout": "sliced", "score": "sliced", "label_uncertainty": "main",
-        "nft_update": "sliced", "evaluate": "sliced",
+        "nft_update": "sliced", "evaluate": "sliced", "arcopo_buffer": "sliced",
     }
     with pytest.raises(ValueError, match="distribution must be one of"):
         StageInfo(name="x", code_version="1", config_subset=lambda c: {}, distribution="fanout")  # type: ignore[arg-type]

@@ -265,3 +265,15 @@ def test_margins_need_enough_eval_videos():
     assert cli._eval_cell(0.968, None, 0.468) == "0.9680 (+0.4680)"
     many = {k: v | {"n": 8.0} for k, v in few.items()}
     assert eval_margins(many)[1] == pytest.approx({"r": 468.0})
+
+
+def test_status_lists_the_arcopo_buffer_once_and_keeps_the_grid():
+    from astrolabe.config import load_config
+
+    cfg = load_config(ph.REPO / "configs" / "tiny-arcopo.yaml", ["pipeline.iterations=2"])
+    assert cfg.arcopo.semi is not None
+    lines = ["".join(t for t, _ in ln) for ln in status_lines([NodeStatus(n, "done", None, None)
+                                                               for n in build_plan(cfg)], "run")]
+    assert any(ln.startswith("arcopo_buffer") and ln.endswith("done") for ln in lines), lines
+    header = next(ln for ln in lines if ln.startswith("iteration"))
+    assert header.split()[1:] == ["rollout", "score", "labels", "update", "evaluate"]

@@ -4,6 +4,8 @@ The plan of a run with ``N = pipeline.iterations``::
 
     filter_prompts                                    (once)
     evaluate[0]        <- prompts                     (the base model)
+    arcopo_buffer      <- prompts                     (once; rl.algorithm arcopo with arcopo.semi only; it is
+                                                       also an input "buffer" of every nft_update)
     for k in 0 .. N-1:
       rollout[k]       <- prompts, checkpoint = nft_update[k-1] (k > 0)
       score[k]         <- rollout[k]
@@ -76,6 +78,10 @@ def build_plan(cfg: RunConfig, iterations: int | None = None) -> list[Node]:
     evals = set(eval_points(cfg))
     prompts: NodeId = ("filter_prompts", None)
     nodes = [Node("filter_prompts", None), Node("evaluate", 0, (("prompts", prompts),))]
+    buffer: tuple[tuple[str, NodeId], ...] = ()
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None:  # AR-CoPO semi-on-policy replay buffer
+        nodes.append(Node("arcopo_buffer", None, (("prompts", prompts),)))
+        buffer = (("buffer", ("arcopo_buffer", None)),)
     for k in range(n):
         prev = (("checkpoint", ("nft_update", k - 1)),) if k > 0 else ()
         controller = prev if cfg.rl.selective_kl else ()
@@ -83,7 +89,7 @@ def build_plan(cfg: RunConfig, iterations: int | None = None) -> list[Node]:
             Node("rollout", k, (("prompts", prompts), *prev)),
             Node("score", k, (("rollout", ("rollout", k)),)),
             Node("label_uncertainty", k, (("rollout", ("rollout", k)), ("score", ("score", k)), *controller)),
-            Node("nft_update", k, (("rollout", ("rollout", k)), ("labels", ("label_uncertainty", k)), *prev)),
+            Node("nft_update", k, (("rollout", ("rollout", k)), ("labels", ("label_uncertainty", k)), *prev, *buffer)),
         ]
         if k + 1 in evals:
             nodes.append(Node("evaluate", k + 1, (("prompts", prompts), ("checkpoint", ("nft_update", k)),

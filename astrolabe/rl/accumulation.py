@@ -32,7 +32,7 @@ micro-batch, :func:`astrolabe.rl.nft.selective_kl`) enters with the micro-batch'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = ["accumulate_gradients", "accumulate_step", "all_reduce_gradients", "global_sample_count",
-           "sample_weights"]
+           "sample_weights", "shuffled_steps"]
 
 
 def sample_weights(sizes: Sequence[int], total: int) -> list[float]:
@@ -134,3 +134,12 @@ def accumulate_step(
     """:func:`accumulate_gradients` (``reduction``: its ``across_ranks`` / ``group``) and one optimizer step."""
     loss = accumulate_gradients(state, loss_fn, micro_batches, sizes, **reduction)
     return loss, state.optimizer_step()
+
+
+def shuffled_steps(n: int, epochs: int, per_step: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Indices into ``n`` micro-batches (or groups) of each optimizer step: ``epochs`` passes, each one
+    ``torch.randperm(n, generator)`` cut into chunks of ``per_step`` (the last chunk of a pass may be shorter)."""
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, per_step):
+            yield order[start : start + per_step]

@@ -7,12 +7,18 @@ One block of ``f`` latent frames (``models-reference.md`` 4.4, ``astrolabe-refer
                        if k < K-1:  x = (1 - sigma_{k+1}) x0 + sigma_{k+1} eps_{k+1}   (fresh noise, not an ODE step)
     block output = x0;  context pass G(x0, t = 0 | cache, write) stores the clean block's keys/values
 
-Randomness: every sample owns a ``torch.Generator`` seeded from its recorded seed and draws, block by
-block, its initial noise then its re-noising noise. A sample's video depends only on its seed, its
-prompt and the model, never on the batch it ran in, so any sample can be regenerated exactly.
+Randomness: the sampler asks a :class:`NoiseSource` for draw ``(start_frame, step)`` of each block:
+step 0 is the initial noise ``eps_0``, step k >= 1 the re-noising noise ``eps_k``. By default every
+sample owns a ``torch.Generator`` seeded from its recorded seed (:class:`SampleNoise`) and draws, block
+by block, its initial noise then its re-noising noise. A sample's video depends only on its seed, its
+prompt and the model, never on the batch it ran in, so any sample can be regenerated exactly. A
+:class:`astrolabe.sampling.noise_tape.NoiseTape` supplies the same draws explicitly (AR-CoPO branches
+share all noise but one chunk's initial noise).
 
 Group branching: a prefix is generated once per prompt, the cache is forked K ways along the batch
-(:meth:`KVCache.fork`), and each candidate continues with its own seed. :func:`rebuild_context`
+(:meth:`KVCache.fork`), and each candidate continues with its own seed (:meth:`BlockStreamer.fork`) or
+its own rows of a noise source (:meth:`BlockStreamer.fork_with`; AR-CoPO pivot forking,
+:mod:`astrolabe.sampling.pivot`). :func:`rebuild_context`
 replays the context passes over stored prefix latents to rebuild the same cache for the RL update.
 
 ``StreamConfig.kv_cache`` chooses how the cache evolves between blocks: ``context_pass`` (above: SF,
@@ -28,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -85,8 +92,27 @@ class StreamConfig:
         return (batch, f, self.latent_channels, self.latent_height, self.latent_width)
 
 
+class NoiseSource(Protocol):
+    """Where the sampler's Gaussian draws come from, one batch row per stream."""
+
+    device: torch.device  # where the draws are made (a fork with seeds draws there too)
+
+    def __len__(self) -> int:
+        """Number of streams (the batch size)."""
+        ...
+
+    def draw(self, start_frame: int, step: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Noise ``(B, *shape)`` of the block starting at ``start_frame``: ``step`` 0 is the initial noise,
+        ``step`` k >= 1 the re-noising noise before denoising step k."""
+        ...
+
+
 class SampleNoise:
-    """Independent Gaussian noise streams, one generator per sample, seeded from recorded seeds."""
+    """Independent Gaussian noise streams, one generator per sample, seeded from recorded seeds.
+
+    Draws happen in call order (the sampler's order: per block, the initial noise then each re-noising
+    noise); :meth:`draw`'s indices only name the draw.
+    """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
         self.seeds = [int(s) for s in seeds]
@@ -101,6 +127,10 @@ class SampleNoise:
         return torch.stack(
             [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
         )
+
+    def draw(self, start_frame: int, step: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """The next draw of every generator, (B, *shape) (the indices are not used: see the class docstring)."""
+        return self.randn(shape, dtype)
 
     def get_state(self) -> list[torch.Tensor]:
         return [g.get_state() for g in self.generators]
@@ -118,28 +148,41 @@ def make_cache(model: WanDiT, stream: StreamConfig) -> KVCache:
     )
 
 
-def denoise_block(
+def denoise_steps(
     model: WanDiT,
     cache: KVCache,
     context: torch.Tensor,  # (B, L, text_dim)
-    noise: SampleNoise,
+    noise: NoiseSource,
     start_frame: int,
     stream: StreamConfig,
     frames: int | None = None,
     dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Few-step denoising of one block against the cache (read-only). Returns x0 (B, f, C, h, w)."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Few-step denoising of one block against the cache (read-only), one step at a time.
+
+    Yields ``(x_t, x0_hat)`` per step k: the model input (B, f, C, h, w) and its x0 prediction. The
+    re-noising draw for step k + 1 happens after step k's yield; the last ``x0_hat`` is the block output.
+    """
     b = context.shape[0]
     shape = stream.block_shape(b, frames)[1:]
-    x = noise.randn(shape, dtype)
-    x0 = x
+    x = noise.draw(start_frame, 0, shape, dtype)
     steps = stream.steps_for(start_frame)
     for k, (t, sigma) in enumerate(zip(steps.timesteps, steps.sigmas)):
         tt = torch.full((b,), t, device=x.device)
         v = model(x, tt, context, kv_cache=cache, start_frame=start_frame)
         x0 = flow_to_x0(x, v, sigma)
+        yield x, x0
         if k + 1 < len(steps.timesteps):
-            x = add_noise(x0, noise.randn(shape, dtype), steps.sigmas[k + 1])
+            x = add_noise(x0, noise.draw(start_frame, k + 1, shape, dtype), steps.sigmas[k + 1])
+
+
+def final_x0(steps: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Run a block's denoising steps (:func:`denoise_steps`) to the end; the last x0 is the block output."""
+    x0 = None
+    for _, x0 in steps:
+        pass
+    if x0 is None:
+        raise ValueError("a block needs at least one denoising step")
     return x0
 
 
@@ -195,7 +238,7 @@ class BlockStreamer:
     model: WanDiT
     stream: StreamConfig
     context: torch.Tensor  # (B, L, text_dim)
-    noise: SampleNoise
+    noise: NoiseSource
     cache: KVCache | None = None
     next_frame: int = 0
     retained: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (B, C, h, w)
@@ -216,13 +259,20 @@ class BlockStreamer:
         f = self.stream.block_frames if frames is None else frames
         if self.recomputes:
             return self._step_recompute(f)
-        x0 = denoise_block(self.model, self.cache, self.context, self.noise, self.next_frame, self.stream, f)
+        steps = denoise_steps(self.model, self.cache, self.context, self.noise, self.next_frame, self.stream, f)
+        x0 = final_x0(steps)
+        self.commit(x0)
+        return x0
+
+    @torch.no_grad()
+    def commit(self, x0: torch.Tensor) -> None:
+        """Append a denoised block (B, f, C, h, w) at ``next_frame``: context pass, retained latents, advance."""
+        f = x0.shape[1]
         write_context(self.model, self.cache, self.context, x0, self.stream, start_frame=self.next_frame)
         for i in range(f):
             self.retained[self.next_frame + i] = x0[:, i]
         self.retained = {p: self.retained[p] for p in self.cache.positions}
         self.next_frame += f
-        return x0
 
     @property
     def recomputes(self) -> bool:
@@ -236,7 +286,7 @@ class BlockStreamer:
             start = 0
         else:
             start = recompute_cache(self.model, self.cache, self.context, latents, self.stream)
-        x0 = denoise_block(self.model, self.cache, self.context, self.noise, start, self.stream, f)
+        x0 = final_x0(denoise_steps(self.model, self.cache, self.context, self.noise, start, self.stream, f))
         self.history.push(x0)
         self.next_frame += f
         return x0
@@ -264,17 +314,25 @@ class BlockStreamer:
 
     def fork(self, k: int, seeds: Sequence[Sequence[int]]) -> BlockStreamer:
         """K candidates per stream sharing this prefix; ``seeds[b][j]`` seeds candidate j of stream b."""
-        if self.recomputes:
-            raise ValueError("group branching is not defined for kv_cache='recompute' (Krea's served loop); "
-                             "sample rollouts with the training sampler (kv_cache='context_pass', e.g. krea14b)")
         if len(seeds) != self.context.shape[0] or any(len(s) != k for s in seeds):
             raise ValueError(f"fork needs {k} seeds for each of {self.context.shape[0]} streams")
         flat = [s for per in seeds for s in per]
+        return self.fork_with(k, SampleNoise(flat, self.noise.device))
+
+    def fork_with(self, k: int, noise: NoiseSource) -> BlockStreamer:
+        """K candidates per stream sharing this prefix, drawing from ``noise`` (B*k rows, candidate j of
+        stream b in row b*k + j), e.g. a :class:`~astrolabe.sampling.noise_tape.NoiseTape`."""
+        if self.recomputes:
+            raise ValueError("group branching is not defined for kv_cache='recompute' (Krea's served loop); "
+                             "sample rollouts with the training sampler (kv_cache='context_pass', e.g. krea14b)")
+        if len(noise) != self.context.shape[0] * k:
+            raise ValueError(f"fork of {self.context.shape[0]} streams x {k} needs {self.context.shape[0] * k} "
+                             f"noise rows, got {len(noise)}")
         return BlockStreamer(
             model=self.model,
             stream=self.stream,
             context=self.context.repeat_interleave(k, dim=0),
-            noise=SampleNoise(flat, self.noise.device),
+            noise=noise,
             cache=self.cache.fork(k),
             next_frame=self.next_frame,
             retained={p: x.repeat_interleave(k, dim=0) for p, x in self.retained.items()},
