@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -20,13 +20,15 @@ from astrolabe.models.registry import BaseModelCard, KVCacheMode, check_files, g
 from astrolabe.models.registry import text_encoder_directory
 from astrolabe.models.wan.attention import CausalWindow, resolve_backend
 from astrolabe.models.wan.dit import WanDiT
-from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
 from astrolabe.models.wan.vae import WanVAE, tiny_vae, vae_from_pretrained_dir
 from astrolabe.models.wan.vae_preview import init_preview_decoder_
 from astrolabe.sampling.generation import GenerationStack
 from astrolabe.sampling.recompute import KREA_CONTEXT_FRAMES
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
 from astrolabe.sampling.streaming import StreamConfig
+
+if TYPE_CHECKING:  # the text encoder imports transformers: only where a model is built
+    from astrolabe.models.wan.text_encoder import WanTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ def build_vae(mc: ModelConfig, card: BaseModelCard) -> WanVAE:
 
 
 def build_text(mc: ModelConfig, card: BaseModelCard) -> WanTextEncoder:
+    """The text encoder of ``card`` (tiny random init, the world's, or umT5-XXL from ``checkpoint_dir``)."""
+    from astrolabe.models.wan.text_encoder import TextEncoderConfig, build_text_encoder  # imports transformers
+
     wan = card.wan_config()
     if card.pretrained == "world":
         return _pretrained_world(mc).text.to(mc.device)
