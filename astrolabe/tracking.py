@@ -159,32 +159,10 @@ def _chunks(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
 def plot_curves(
     history: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike[str], title: str | None = None
 ) -> Path:
-    """One subplot per series of ``(step, value)`` points, saved as PNG with the Agg canvas (no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """One subplot per series of ``(step, value)`` points, saved as PNG (atomically, Agg canvas, no pyplot)."""
     if not history:
         raise ValueError("plot_curves needs at least one series")
-    names = list(history)
-    ncols = min(3, len(names))
-    nrows = -(-len(names) // ncols)
-    fig = Figure(figsize=(4.0 * ncols, 3.0 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        points = sorted(history[name])
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="." if len(points) < 50 else None)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
-    return out
+    return _plot_panels({name: {"": sorted(points)} for name, points in history.items()}, path, title, legend=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,31 +352,41 @@ def plot_runs(
 ) -> Path:
     """One subplot per metric with one line per run (``{metric: {run label: points}}``, see
     :func:`metric_histories`), saved as PNG with the Agg canvas; the file is written atomically."""
+    if not histories:
+        raise ValueError("none of the runs has any of these metrics: nothing to plot (choose them with --metric)")
+    return _plot_panels(histories, path, title, legend=True)
+
+
+def _plot_panels(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | os.PathLike[str],
+    title: str | None, legend: bool,
+) -> Path:
+    """A grid of at most 3 columns, one panel per ``{panel: {line label: points}}`` entry -> PNG at ``path``."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from astrolabe.artifacts.atomic import write_bytes
 
-    if not histories:
-        raise ValueError("none of the runs has any of these metrics: nothing to plot (choose them with --metric)")
-    names = list(histories)
+    names = list(panels)
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
     fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        for label, points in histories[name].items():
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="." if len(points) < 50 else None, label=label)
+        for label, points in panels[name].items():
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="." if len(points) < 50 else None, label=label or None)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if legend:
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     out = Path(path)
