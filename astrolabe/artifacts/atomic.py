@@ -124,18 +124,29 @@ def publish_file(tmp: PathLike, final: PathLike) -> None:
     fsync_path(Path(final).parent)
 
 
+@contextmanager
+def _discard_on_error(tmp: Path, final: Path) -> Iterator[None]:
+    """On any error in the block: remove ``tmp`` (file, link or directory), and re-raise a storage failure
+    (disk full, read-only, permission) as its one-line :class:`StorageError` naming ``final``."""
+    try:
+        yield
+    except BaseException as e:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if (se := storage_error(e, final)) is not None:
+            raise se from e
+        raise
+
+
 def write_bytes(path: PathLike, data: bytes) -> Path:
     """Atomically replace ``path``'s content with ``data`` (tmp sibling, fsync, rename, fsync dir)."""
     final = Path(path)
     tmp = tmp_sibling(final)
-    try:
+    with _discard_on_error(tmp, final):
         write_durable(tmp, data)
         publish_file(tmp, final)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if (se := storage_error(e, final)) is not None:
-            raise se from e
-        raise
     return final
 
 
@@ -201,16 +212,11 @@ def symlink(target: PathLike, link: PathLike) -> Path:
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(link)
     tmp.unlink(missing_ok=True)
-    try:
+    with _discard_on_error(tmp, link):
         if link.is_dir() and not link.is_symlink():
             shutil.rmtree(link)
         os.symlink(target, tmp)
         os.replace(tmp, link)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if (se := storage_error(e, link)) is not None:
-            raise se from e
-        raise
     return link
 
 
@@ -230,15 +236,10 @@ def atomic_dir(final: PathLike) -> Iterator[Path]:
     :class:`StorageError` naming ``final``)."""
     final = Path(final)
     tmp = tmp_sibling(final)
-    try:
+    with _discard_on_error(tmp, final):
         fresh_dir(tmp)
         yield tmp
         publish_dir(tmp, final)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (se := storage_error(e, final)) is not None:
-            raise se from e
-        raise
 
 
 # ----------------------------------------------------------------------------------- streaming writers
