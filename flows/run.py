@@ -45,7 +45,7 @@ from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.lock import RunLock, RunLockedError
 from astrolabe.artifacts.manifest import Manifest
 from astrolabe.artifacts.plan import (
-    Node, NodeResult, NodeStatus, RunResults, Runner, direct_runner, explain_change, plan_status, run_plan,
+    Node, NodeResult, NodeStatus, RunResults, Runner, build_plan, direct_runner, explain_change, plan_status, run_plan,
 )
 from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
@@ -464,8 +464,8 @@ def preflight(cfg: RunConfig) -> tuple[Path, list[NodeStatus]]:
     status of every node of the plan.
     """
     check_model_files(cfg)
-    for module in STAGES.values():  # reward identities (unknown names, bad options), prompt file hashes
-        module.STAGE.config_subset(cfg)
+    for name in sorted({node.stage for node in build_plan(cfg)}):  # the stages this run plans: reward identities
+        STAGES[name].STAGE.config_subset(cfg)  # (unknown names, bad options), prompt file hashes
     run_path = run_dir(cfg.pipeline.runs_root, cfg.name)
     statuses = plan_status(cfg, run_path, STAGES)
     check_unlocked(run_path)
