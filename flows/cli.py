@@ -277,7 +277,10 @@ def _signals_as_interrupt() -> Iterator[None]:
     received: list[int] = []
 
     def handler(signum, frame) -> None:
+        from flows.run import SIGNALS_RECEIVED
+
         received.append(signum)
+        SIGNALS_RECEIVED.append(signum)  # the MLflow run ends KILLED whatever exception the interrupt becomes
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -55,6 +55,8 @@ from stages import STAGES
 
 log = logging.getLogger(__name__)
 
+SIGNALS_RECEIVED: list[int] = []  # termination signals this process received (the CLI's handler appends)
+
 CONFIG_FILE = "config.yaml"
 HISTORY_DIR = "config-history"
 LOGGED_FILE = "tracking-logged.json"
@@ -374,7 +376,9 @@ def train_run(
             logger.finish()
             status = "FINISHED"
         except BaseException as e:
-            if not isinstance(e, Exception):  # KeyboardInterrupt (SIGINT, SIGTERM via the CLI), SystemExit, ...
+            # KeyboardInterrupt (SIGINT, SIGTERM via the CLI), SystemExit, ...; or any error while a signal is
+            # being handled (Prefect may turn the interrupt inside a task into its own exception)
+            if not isinstance(e, Exception) or SIGNALS_RECEIVED:
                 status = "KILLED"
             raise
         finally:

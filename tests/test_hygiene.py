@@ -170,7 +170,8 @@ def start_train(tmp: Path, name: str, log: Path) -> subprocess.Popen:
 
 
 def running_stage(run: Path) -> bool:
-    return any(p.name.startswith(".") and ".tmp-" in p.name for p in run.glob("**/.*"))
+    """A stage's temporary output directory exists (not a file being written atomically, e.g. config.yaml)."""
+    return any(p.name.startswith(".") and ".tmp-" in p.name and p.is_dir() for p in run.glob("**/.*"))
 
 
 @pytest.mark.slow  # ~40 s each on an idle 2-core machine (imports, server start, the first stage)
