@@ -472,7 +472,8 @@ def preflight(cfg: RunConfig) -> tuple[Path, list[NodeStatus]]:
         STAGES[name].STAGE.config_subset(cfg)  # (unknown names, bad options), prompt file hashes
     run_path = run_dir(cfg.pipeline.runs_root, cfg.name)
     statuses = plan_status(cfg, run_path, STAGES)
-    check_unlocked(run_path)
+    if current_context().is_main:  # under torchrun rank 0 alone takes the lock (the others would see it held)
+        check_unlocked(run_path)
     return run_path, statuses
 
 

@@ -289,7 +289,7 @@ def test_torchrun_two_ranks_matches_the_single_process_run(ref, base, tmp_path):
     name = "torchrun2"
     sets = [*ph.SMALL_OVERRIDES, "pipeline.iterations=1", f"pipeline.runs_root={base / 'runs'}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "flows.cli", "train", str(ph.TINY), "--engine", "local", "--run-name", name,
+           "-m", "flows.cli", "train", str(ph.TINY), "--engine", "local", "-v", "--run-name", name,
            *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(cmd, cwd=ph.REPO, env=ph.cli_env(base), capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
