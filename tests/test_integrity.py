@@ -23,7 +23,8 @@ from astrolabe.artifacts.manifest import verify
 from astrolabe.artifacts.plan import NodeStatus, build_plan, plan_status
 from astrolabe.artifacts.stagedir import DAMAGED_LABEL, stage_root
 from astrolabe.sampling.scenes import ScenePromptError, parse_scene_prompt
-from flows import cli
+from flows import cli, cli_bench, cli_common, cli_services, cli_summary, cli_world
+from flows.cli_summary import eval_cell
 from flows.run import CURVES_FILE, LATEST_DIR, eval_deltas, eval_margins, load_run_config, resolve_checkpoint, train_run
 from flows.views import status_lines
 from stages import STAGES
@@ -32,8 +33,10 @@ from stages import STAGES
 @pytest.fixture
 def invoke(monkeypatch):
     """Run the CLI in-process with an 80-column console (what a person's terminal shows)."""
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=80, color_system=None))
-    monkeypatch.setitem(cli._OPTIONS, "debug", False)
+    wide = Console(stderr=True, width=80, color_system=None)
+    for module in (cli, cli_common, cli_services, cli_summary, cli_world, cli_bench):  # every command module's console
+        monkeypatch.setattr(module, "console", wide)
+    monkeypatch.setitem(cli.OPTIONS, "debug", False)
 
     def run(*args: str):
         return CliRunner().invoke(cli.app, [str(a) for a in args], env={"COLUMNS": "80"})
@@ -262,7 +265,7 @@ def test_margins_need_enough_eval_videos():
     few = {0: {"r/mean": 0.5, "r/std": 0.001, "n": 2.0}, 1: {"r/mean": 0.968, "r/std": 0.001, "n": 2.0}}
     assert eval_margins(few) == {}, "a std of 2 videos is no unit (it read +468 std)"
     assert eval_deltas(few)[1] == pytest.approx({"r": 0.468})
-    assert cli._eval_cell(0.968, None, 0.468) == "0.9680 (+0.4680)"
+    assert eval_cell(0.968, None, 0.468) == "0.9680 (+0.4680)"
     many = {k: v | {"n": 8.0} for k, v in few.items()}
     assert eval_margins(many)[1] == pytest.approx({"r": 468.0})
 

@@ -20,7 +20,7 @@ from astrolabe.artifacts.stagedir import stage_root
 from astrolabe.config import config_from_dict, config_to_dict
 from astrolabe.data.arrays import read_columns
 from astrolabe.rewards import Reward, RewardOptions, RewardOutput, register_reward, registry
-from flows import cli
+from flows import cli, cli_bench, cli_common, cli_services, cli_summary, cli_world
 from flows.run import load_run_config, rescore_run
 from stages import label_uncertainty, nft_update, score
 from astrolabe.artifacts.engine import execute
@@ -32,7 +32,9 @@ from stages import STAGES
 @pytest.fixture
 def invoke(monkeypatch):
     """Run the CLI in-process; error messages are printed unwrapped (wide console)."""
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=10_000, color_system=None))
+    wide = Console(stderr=True, width=10_000, color_system=None)
+    for module in (cli, cli_common, cli_services, cli_summary, cli_world, cli_bench):  # every command module's console
+        monkeypatch.setattr(module, "console", wide)
 
     def run(*args: str):
         return CliRunner().invoke(cli.app, [str(a) for a in args])
@@ -282,7 +284,7 @@ def test_status_prints_done_stale_missing(ref, base, invoke):
 
 
 def test_eval_margins_are_in_units_of_the_baseline_std():
-    from flows.cli import _eval_cell
+    from flows.cli_summary import eval_cell
     from flows.run import eval_margins
 
     evals = {
@@ -294,6 +296,6 @@ def test_eval_margins_are_in_units_of_the_baseline_std():
     assert margins[4] == pytest.approx({"reward/a": 2.0})  # (0.7 - 0.5) / 0.1: the baseline's std, not iteration 4's
     assert "combined" not in margins[4]  # zero baseline std: no margin rather than inf
     assert eval_margins({}) == {}
-    assert _eval_cell(0.7, 2.0) == "0.7000 (+2.00 sd)"
+    assert eval_cell(0.7, 2.0) == "0.7000 (+2.00 sd)"
     assert eval_margins({k: v | {"n": 2} for k, v in evals.items()}) == {}  # too few videos for std units
-    assert _eval_cell(None, None) == "-"
+    assert eval_cell(None, None) == "-"
