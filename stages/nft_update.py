@@ -12,7 +12,7 @@ One stage run is one training phase of NFT (paper part 1, DESIGN.md):
    ``rl.micro_batch_size`` candidates of one group, so they share their prefix cache (built once, forked).
    Records whose ``r`` is NaN (no valid reward) are skipped and counted.
 2. The model goes through :func:`astrolabe.parallel.parallelize` (``cfg.parallel``: activation
-   checkpointing, DDP). For each of ``rl.epochs`` passes the micro-batches are shuffled by the ``shuffle``
+   checkpointing, DDP or FSDP). For each of ``rl.epochs`` passes the micro-batches are shuffled by the ``shuffle``
    generator; every ``rl.accumulation_steps`` micro-batches (and the rest at the end of a pass) make one
    optimizer step, their gradients accumulated by :func:`astrolabe.rl.accumulation.accumulate_gradients`
    (each micro-batch's :func:`astrolabe.rl.streaming_update.window_nft_step` loss weighted by its sample
@@ -26,8 +26,25 @@ for the other ranks' micro-batches too (:func:`skip_noise`), so each micro-batch
 one process and the generators stay identical on every rank. Under DDP the backward runs in ``no_sync``:
 the one reduction is the accumulation's (a rank with no micro-batch in a step still takes part). Per
 micro-batch metrics are all-gathered and averaged in the single-process order. Rank 0 alone writes
-``state/``; the manifest's ``extra`` holds ``world_size`` and ``samples_per_rank``. ``parallel.strategy=fsdp``
-is refused (NotImplementedError) until the FSDP state is checkpointed through ``torch.distributed.checkpoint``.
+``state/``; the manifest's ``extra`` holds ``world_size`` and ``samples_per_rank``.
+
+``parallel.strategy=fsdp`` (the 14B model; :func:`shard_state`). The model is sharded by FSDP2 (``fully_shard``
+per DiT block, ``parallel.fsdp_param_dtype`` params, fp32 reduce-scatter made a SUM) *before* the checkpoint
+is loaded, and the state is taken over to the shards. The old / ref adapters are sharded like the trained
+one: they are LoRA parameters of the same layers, so ``fully_shard`` shards them anyway, and every blend
+(old policy, EMA, reference refresh) is elementwise, hence local to each rank's shard with no collective;
+replicated copies would need a gather and a scatter per blend and the memory of whole adapters on every rank.
+The EMA is sharded the same way. The slicing, the noise and the sample weights are those of DDP; the
+cross-rank sum is FSDP's own reduce-scatter in each backward (``model_sums_gradients``). Every forward and
+backward of an FSDP model is a collective, so the ranks run in lockstep (:func:`lockstep_plan`): a rank with
+fewer micro-batches in a step runs zero-weight padding micro-batches (on copies of the generators), and a rank
+whose micro-batch has a shorter prefix runs idle no-grad forwards first, so that every rank runs the same
+sequence of forwards and backwards. The checkpoint is written by every rank
+(:meth:`TrainingState.save` with ``distributed_checkpoint``): rank 0 writes the PEFT ``lora/`` and
+``adapters/*.safetensors`` from the gathered adapters (what rollout / evaluate read), and the resumable state
+(every adapter, the EMA, the optimizer) goes through ``torch.distributed.checkpoint`` into ``state/dcp/``,
+loadable at any world size (the next iteration may run on fewer or more ranks, or in one process). In one
+process ``fsdp`` shards nothing (one rank) but still writes ``dcp/``.
 3. End of phase: ``theta_old <- d theta_old + (1 - d) theta`` (:meth:`TrainingState.update_old`), and the
    lagging KL reference is refreshed when the mean KL of the phase says so. Both schedules count
    iterations (``iteration + 1`` completed), not optimizer steps.

@@ -228,13 +228,15 @@ def fsdp_runs(chain, tmp_path_factory):
     return overrides, one, res1, m0, m1
 
 
-def test_two_rank_fsdp_update_equals_the_one_process_update(fsdp_runs):
+def test_two_rank_fsdp_update_equals_the_one_process_update(fsdp_runs, chain):
     overrides, one, res1, m0, m1 = fsdp_runs
     assert m0 == m1
     assert m0["world_size"] == 2 and m0["extra"] == {"world_size": 2, "samples_per_rank": [3, 1]}
     assert m0["counts"] == res1.counts
     for k in ("loss/total", "update/grad_norm"):
         assert m0["metrics"][k] == pytest.approx(res1.metrics[k], rel=1e-5, abs=1e-7), k
+    cands, _ = nft_update.read_candidates(chain[2], chain[3])
+    assert len({c.prefix.shape[0] for c in cands}) > 1  # prefixes of unequal length: the ranks ran idle forwards
     state = Path(m0["dir"]) / "state"
     assert sorted(p.name for p in (state / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (state / "optimizer.pt").exists()  # the optimizer state is sharded, in dcp/
@@ -262,6 +264,21 @@ def test_two_rank_fsdp_checkpoint_resumes_in_one_process(fsdp_runs, chain, tmp_p
     worst = _max_diff(_state_tensors(a / "state"), _loaded_state_tensors(cfg_fsdp, b / "state"))
     print(f"iteration 1 from the 2-rank FSDP checkpoint vs from the 1-process one: max abs diff {worst:.3g}")
     assert worst <= 1e-5
+
+
+def test_lockstep_plan_pads_ranks_to_the_same_forwards():
+    """FSDP: rank 1 holds one micro-batch of a 3-micro-batch step, so it pads with a zero-weight copy of the first;
+    at each position the rank with the shorter prefix runs idle forwards up to the longer one's context passes."""
+    passes = {0: 2, 1: 0, 2: 1}
+    plan = nft_update.lockstep_plan([[0], [1], [2]], 2, lambda idx: passes[idx[0]])
+    assert plan == [[([0], 0, True), ([1], 2, True)], [([2], 1, True), ([0], 0, False)]]
+    for world in (1, 2, 3, 5):
+        for n in (1, 2, 4, 7):
+            plan = nft_update.lockstep_plan([[i] for i in range(n)], world, lambda idx: idx[0] % 3)
+            assert len({len(r) for r in plan}) == 1  # as many micro-batches on every rank
+            for pos in zip(*plan):  # as many no-grad forwards on every rank at every position
+                assert len({idle + idx[0] % 3 for idx, idle, _ in pos}) == 1
+            assert [i for r in plan for idx, _, real in r if real for i in idx] == list(range(n))
 
 
 def test_nan_group_is_skipped_and_all_nan_is_an_error(chain, tmp_path):
