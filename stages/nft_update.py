@@ -300,6 +300,8 @@ def lockstep_plan(chunk: list[list[int]], world: int, passes: Callable[[list[int
 @torch.no_grad()
 def idle_forwards(model: torch.nn.Module, n: int, window: np.ndarray, context: torch.Tensor, stream: Any) -> None:
     """``n`` no-grad forwards of one latent block (output dropped), to keep in step with the other FSDP ranks."""
+    if n == 0:
+        return
     p = next(model.parameters())
     x = torch.zeros((1, stream.block_frames, *window.shape[1:]), device=p.device, dtype=p.dtype)  # (1, f, C, h, w)
     with train_mode(model, False):

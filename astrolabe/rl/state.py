@@ -46,9 +46,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import nullcontext
+import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,14 @@ def _load_manifest(d: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
                               f"is not {FORMAT!r} v{FORMAT_VERSION}")
     return manifest
+
+
+@contextmanager
+def _single_process_dcp() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group (one process is a supported world size here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def read_controller_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -293,7 +301,8 @@ class TrainingState:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         sd = self._sharded_state()
-        dcp.load(sd, checkpoint_id=str(path), no_dist=not is_initialized())
+        with _single_process_dcp():
+            dcp.load(sd, checkpoint_id=str(path), no_dist=not is_initialized())
         set_state_dict(self.policies.model, self.optimizer, model_state_dict=sd["model"],
                        optim_state_dict=sd["optimizer"], options=StateDictOptions(strict=False))
         self.scheduler.load_state_dict(sd["scheduler"])
@@ -305,7 +314,8 @@ class TrainingState:
         if self.distributed_checkpoint:
             import torch.distributed.checkpoint as dcp
 
-            dcp.save(self._sharded_state(), checkpoint_id=str(tmp / DCP_DIR), no_dist=not is_initialized())
+            with _single_process_dcp():
+                dcp.save(self._sharded_state(), checkpoint_id=str(tmp / DCP_DIR), no_dist=not is_initialized())
         if not main:
             return
         write_adapter(full.pop(TRAINED), self.policies.model.peft_config[TRAINED], tmp / CHECKPOINT_LORA_DIR)
