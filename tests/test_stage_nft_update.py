@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -133,7 +134,8 @@ def test_update_runs_through_parallelize_and_the_one_accumulation(chain, tmp_pat
 RANK_OVERRIDES = ["rl.micro_batch_size=1", "rl.accumulation_steps=3"]
 
 
-def _rank_worker(rank: int, port: int, overrides: list[str], inputs: dict, run: str, result: str) -> None:
+def _rank_worker(rank: int, port: int, runs: dict[str, list[str]], inputs: dict, root: str) -> None:
+    """One of 2 gloo ranks: iteration 0 of nft_update for each labelled override set, one process group."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from astrolabe.distributed import init_distributed
@@ -141,10 +143,12 @@ def _rank_worker(rank: int, port: int, overrides: list[str], inputs: dict, run: 
     torch.set_num_threads(1)
     init_distributed("cpu")
     try:
-        m = execute(nft_update, load_config("configs/tiny.yaml", overrides), Path(run), inputs, 0)
-        Path(result, f"r{rank}.json").write_text(json.dumps({"dir": str(_out(Path(run), m)), "extra": m.extra,
-                                                              "world_size": m.world_size, "counts": m.counts,
-                                                              "metrics": m.metrics}))
+        for label, overrides in runs.items():
+            run = Path(root, label)
+            m = execute(nft_update, load_config("configs/tiny.yaml", overrides), run, inputs, 0)
+            Path(root, f"{label}-r{rank}.json").write_text(json.dumps({
+                "dir": str(_out(run, m)), "extra": m.extra, "world_size": m.world_size, "counts": m.counts,
+                "metrics": m.metrics}))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -161,31 +165,6 @@ def _state_tensors(state: Path, optimizer: bool = True) -> dict[str, torch.Tenso
     rng = torch.load(state / "rng.pt", weights_only=False)
     out |= {f"rng:{k}": v for k, v in rng["torch_generators"].items()}
     return out
-
-
-def test_two_rank_ddp_update_equals_the_one_process_update(chain, tmp_path):
-    cfg, run, r, lab, _ = chain
-    overrides = [*OVERRIDES, *RANK_OVERRIDES, f"pipeline.runs_root={run.parent}"]
-    one = tmp_path / "one"
-    one.mkdir()
-    res1 = nft_update.run(load_config("configs/tiny.yaml", overrides), {"rollout": r, "labels": lab}, one, 0)
-    port = free_port()
-    ddp = [*overrides, "parallel.strategy=ddp"]
-    codes = run_ranks(_rank_worker, lambda k: (k, port, ddp, {"rollout": r, "labels": lab}, str(tmp_path / "run"),
-                                               str(tmp_path)), timeout=240)
-    assert codes == [0, 0]
-    m0, m1 = (json.loads((tmp_path / f"r{k}.json").read_text()) for k in range(2))
-    assert m0 == m1
-    assert m0["world_size"] == 2 and m0["extra"] == {"world_size": 2, "samples_per_rank": [3, 1]}
-    assert m0["counts"] == res1.counts and res1.extra == {"world_size": 1, "samples_per_rank": [4]}
-    for k in ("loss/total", "update/grad_norm"):
-        assert m0["metrics"][k] == pytest.approx(res1.metrics[k], rel=1e-5, abs=1e-7), k
-    a, b = _state_tensors(one / "state"), _state_tensors(Path(m0["dir"]) / "state")
-    assert a.keys() == b.keys() and any(k.startswith("optimizer:") for k in a) and {"rng:sigma", "rng:noise", "rng:shuffle"} <= a.keys()
-    assert [k for k in a if k.startswith("rng:") and not torch.equal(a[k], b[k])] == []  # generators advanced alike
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if not k.startswith("rng:"))
-    print(f"2-rank DDP vs 1 process: max abs diff {worst:.3g}")
-    assert worst <= 1e-5
 
 
 FSDP = ["parallel.strategy=fsdp", "parallel.fsdp_param_dtype=float32"]  # fp32 params on CPU: equal to 1 process
@@ -212,36 +191,53 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(chain, tmp_path_factory):
-    """Iteration 0 on 2 gloo ranks under FSDP, and in one process without parallelism (the reference)."""
+def two_rank_runs(chain, tmp_path_factory):
+    """Iteration 0 on 2 gloo ranks under DDP and under FSDP (one spawn), and in one process (the reference)."""
     cfg, run, r, lab, _ = chain
-    root = tmp_path_factory.mktemp("fsdp")
+    root = tmp_path_factory.mktemp("ranks")
     overrides = [*OVERRIDES, *RANK_OVERRIDES, f"pipeline.runs_root={run.parent}"]
     one = root / "one"
     one.mkdir()
     res1 = nft_update.run(load_config("configs/tiny.yaml", overrides), {"rollout": r, "labels": lab}, one, 0)
+    assert res1.extra == {"world_size": 1, "samples_per_rank": [4]}
+    runs = {"ddp": [*overrides, "parallel.strategy=ddp"], "fsdp": [*overrides, *FSDP]}
     port = free_port()
-    codes = run_ranks(_rank_worker, lambda k: (k, port, [*overrides, *FSDP], {"rollout": r, "labels": lab},
-                                               str(root / "run"), str(root)), timeout=240)
+    codes = run_ranks(_rank_worker, lambda k: (k, port, runs, {"rollout": r, "labels": lab}, str(root)), timeout=240)
     assert codes == [0, 0]
-    m0, m1 = (json.loads((root / f"r{k}.json").read_text()) for k in range(2))
-    return overrides, one, res1, m0, m1
+    ranks = {label: [json.loads((root / f"{label}-r{k}.json").read_text()) for k in range(2)] for label in runs}
+    return SimpleNamespace(overrides=overrides, one=one, res1=res1, **ranks)
 
 
-def test_two_rank_fsdp_update_equals_the_one_process_update(fsdp_runs, chain):
-    overrides, one, res1, m0, m1 = fsdp_runs
+def _same_run_on_both_ranks(m0: dict, m1: dict, res1) -> None:
     assert m0 == m1
     assert m0["world_size"] == 2 and m0["extra"] == {"world_size": 2, "samples_per_rank": [3, 1]}
     assert m0["counts"] == res1.counts
     for k in ("loss/total", "update/grad_norm"):
         assert m0["metrics"][k] == pytest.approx(res1.metrics[k], rel=1e-5, abs=1e-7), k
+
+
+def test_two_rank_ddp_update_equals_the_one_process_update(two_rank_runs):
+    t = two_rank_runs
+    m0, m1 = t.ddp
+    _same_run_on_both_ranks(m0, m1, t.res1)
+    a, b = _state_tensors(t.one / "state"), _state_tensors(Path(m0["dir"]) / "state")
+    assert {"rng:sigma", "rng:noise", "rng:shuffle"} <= a.keys()
+    worst = _max_diff(a, b)
+    print(f"2-rank DDP vs 1 process: max abs diff {worst:.3g}")
+    assert worst <= 1e-5
+
+
+def test_two_rank_fsdp_update_equals_the_one_process_update(two_rank_runs, chain):
+    t = two_rank_runs
+    m0, m1 = t.fsdp
+    _same_run_on_both_ranks(m0, m1, t.res1)
     cands, _ = nft_update.read_candidates(chain[2], chain[3])
     assert len({c.prefix.shape[0] for c in cands}) > 1  # prefixes of unequal length: the ranks ran idle forwards
     state = Path(m0["dir"]) / "state"
     assert sorted(p.name for p in (state / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (state / "optimizer.pt").exists()  # the optimizer state is sharded, in dcp/
-    got = _loaded_state_tensors(load_config("configs/tiny.yaml", [*overrides, *FSDP]), state)
-    want = _state_tensors(one / "state")
+    got = _loaded_state_tensors(load_config("configs/tiny.yaml", [*t.overrides, *FSDP]), state)
+    want = _state_tensors(t.one / "state")
     worst = _max_diff(want, got)
     files = {k: v for k, v in _state_tensors(state, optimizer=False).items() if not k.startswith("rng:")}
     assert max(float((v - got[k]).abs().max()) for k, v in files.items()) == 0.0  # rank 0's copies = the DCP state
@@ -249,10 +245,10 @@ def test_two_rank_fsdp_update_equals_the_one_process_update(fsdp_runs, chain):
     assert worst <= 1e-5
 
 
-def test_two_rank_fsdp_checkpoint_resumes_in_one_process(fsdp_runs, chain, tmp_path):
+def test_two_rank_fsdp_checkpoint_resumes_in_one_process(two_rank_runs, chain, tmp_path):
     """Iteration 1 in one process (FSDP over one rank: no process group) from the 2-rank DCP checkpoint equals
     iteration 1 from the 1-process checkpoint."""
-    overrides, one, _, m0, _ = fsdp_runs
+    overrides, one, m0 = two_rank_runs.overrides, two_rank_runs.one, two_rank_runs.fsdp[0]
     _, _, r, lab, _ = chain
     cfg_one, cfg_fsdp = (load_config("configs/tiny.yaml", o) for o in (overrides, [*overrides, *FSDP]))
     a, b = tmp_path / "a", tmp_path / "b"
