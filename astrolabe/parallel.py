@@ -147,7 +147,9 @@ def sum_gradients_across_ranks(model: nn.Module) -> None:
 
     found = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not found:
-        raise ValueError(f"{type(model).__name__} holds no fully_shard-ed module: apply parallelize(strategy='fsdp') first")
+        raise ValueError(
+            f"{type(model).__name__} holds no fully_shard-ed module: apply parallelize(strategy='fsdp') first"
+        )
     for m in found:
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; the factor is 1 anyway)

@@ -281,7 +281,10 @@ def context_passes(cands: list[Candidate], idx: list[int], cfg: RunConfig, strea
     return cands[idx[0]].prefix.shape[0] // stream.block_frames if cfg.rl.update.mode == "window" else 0
 
 
-def lockstep_plan(chunk: list[list[int]], world: int, passes: Callable[[list[int]], int]) -> list[list[tuple[list[int], int, bool]]]:  # fmt: skip
+LockstepRun = tuple[list[int], int, bool]  # (micro-batch, idle forwards before it, real: not a zero-weight pad)
+
+
+def lockstep_plan(chunk: list[list[int]], world: int, passes: Callable[[list[int]], int]) -> list[list[LockstepRun]]:
     """FSDP: what each rank runs at each position of a step, as ``(micro-batch, idle forwards, real)``.
 
     Every forward and backward of an FSDP2 model is a collective, so every rank must run the same sequence.
@@ -336,7 +339,8 @@ def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], co
     sums: dict[str, list[tuple[int, float]]] = defaultdict(list)  # metric -> [(global micro-batch no., value)]
     position = [0]  # the global number of loss_of's next micro-batch (single-process order)
 
-    def nft_loss(idx: list[int], idle: int, sigma: torch.Generator, noise: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def nft_loss(idx: list[int], idle: int, sigma: torch.Generator,
+                 noise: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
         context = contexts[cands[idx[0]].prompt]
         idle_forwards(model, idle, cands[idx[0]].window, context, stream)
         batch = make_batch(cands, idx, context, device, dtype)
@@ -532,9 +536,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     state.extra = {"iteration": iteration, "trained_records": len(cands)}
     rank, world = dist_rank_world()
     samples_per_rank = [int(n) for n in gather_objects(int(metrics.pop("update/samples")))]
-    if state.distributed_checkpoint:  # FSDP: every rank writes its shard (DCP), rank 0 the whole adapters
-        state.save(checkpoint_state_dir(out_dir))
-    elif rank == 0:  # every rank holds the same state; one writes it
+    # DDP: every rank holds the same state, rank 0 writes it; FSDP: every rank writes its shard (DCP)
+    if rank == 0 or state.distributed_checkpoint:
         state.save(checkpoint_state_dir(out_dir))
     if rank == 0:
         log.info("nft_update it%d: %d samples, %d steps, loss %.4g, kl %.3g", iteration, len(cands),

@@ -309,7 +309,8 @@ class TrainingState:
         self.scaler.load_state_dict(sd["scaler"])
 
     def _write_pieces(self, tmp: Path, main: bool = True) -> None:
-        """Write every piece into ``tmp``; with ``distributed_checkpoint`` every rank calls it, ``main`` writes files."""
+        """Write every piece into ``tmp``; with ``distributed_checkpoint`` every rank calls it (``main`` writes
+        the files)."""
         full = {name: self.policies.tensors(name) for name in (TRAINED, *self.policies.stored_policies())}  # gathered
         if self.distributed_checkpoint:
             import torch.distributed.checkpoint as dcp
