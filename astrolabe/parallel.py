@@ -17,7 +17,8 @@
      averaged over the ranks, so ranks that each take an equal share of a global batch with a mean loss
      take the same step as one process on the whole batch. For the 1.3B LoRA training.
    - ``"fsdp"``: FSDP2 ``fully_shard`` on every DiT block, then on the root, with
-     ``MixedPrecisionPolicy(param_dtype=cfg.fsdp_param_dtype, reduce_dtype=float32)``: parameters are
+     ``MixedPrecisionPolicy(param_dtype=cfg.fsdp_param_dtype, reduce_dtype=float32)`` (no input cast: the DiT
+     casts its inputs itself, and the cast would copy a KV cache passed in): parameters are
      sharded across ranks and gathered block by block in ``cfg.fsdp_param_dtype`` (bf16), gradients are
      reduce-scattered in float32. For the 14B model.
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParallelConfig", "dit_of", "parallelize", "set_activation_checkpointing"]
+__all__ = ["ParallelConfig", "dit_of", "parallelize", "set_activation_checkpointing", "sum_gradients_across_ranks"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -129,11 +130,29 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype, mesh: DeviceMesh | No
     _require_process_group("fsdp")
     if mesh is None:
         mesh = init_device_mesh(_device_of(model).type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # No input cast: the DiT casts its inputs to its weights' dtype itself, and FSDP's cast would rebuild a
+    # KVCache (a dataclass) passed in, so the blocks would write their keys into a copy.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in dit_of(model).blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def sum_gradients_across_ranks(model: nn.Module) -> None:
+    """Make FSDP2's gradient reduce-scatter a SUM over ranks instead of the mean (divide factor 1 on every
+    ``fully_shard``-ed module): for losses already weighted by ``n_m / N`` over all ranks
+    (:func:`astrolabe.rl.accumulation.accumulate_gradients` with ``model_sums_gradients=True``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} holds no fully_shard-ed module: apply parallelize(strategy='fsdp') first"
+        )
+    for m in found:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; the factor is 1 anyway)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None = None) -> nn.Module:

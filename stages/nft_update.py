@@ -12,7 +12,7 @@ One stage run is one training phase of NFT (paper part 1, DESIGN.md):
    ``rl.micro_batch_size`` candidates of one group, so they share their prefix cache (built once, forked).
    Records whose ``r`` is NaN (no valid reward) are skipped and counted.
 2. The model goes through :func:`astrolabe.parallel.parallelize` (``cfg.parallel``: activation
-   checkpointing, DDP). For each of ``rl.epochs`` passes the micro-batches are shuffled by the ``shuffle``
+   checkpointing, DDP or FSDP). For each of ``rl.epochs`` passes the micro-batches are shuffled by the ``shuffle``
    generator; every ``rl.accumulation_steps`` micro-batches (and the rest at the end of a pass) make one
    optimizer step, their gradients accumulated by :func:`astrolabe.rl.accumulation.accumulate_gradients`
    (each micro-batch's :func:`astrolabe.rl.streaming_update.window_nft_step` loss weighted by its sample
@@ -26,8 +26,25 @@ for the other ranks' micro-batches too (:func:`skip_noise`), so each micro-batch
 one process and the generators stay identical on every rank. Under DDP the backward runs in ``no_sync``:
 the one reduction is the accumulation's (a rank with no micro-batch in a step still takes part). Per
 micro-batch metrics are all-gathered and averaged in the single-process order. Rank 0 alone writes
-``state/``; the manifest's ``extra`` holds ``world_size`` and ``samples_per_rank``. ``parallel.strategy=fsdp``
-is refused (NotImplementedError) until the FSDP state is checkpointed through ``torch.distributed.checkpoint``.
+``state/``; the manifest's ``extra`` holds ``world_size`` and ``samples_per_rank``.
+
+``parallel.strategy=fsdp`` (the 14B model; :func:`shard_state`). The model is sharded by FSDP2 (``fully_shard``
+per DiT block, ``parallel.fsdp_param_dtype`` params, fp32 reduce-scatter made a SUM) *before* the checkpoint
+is loaded, and the state is taken over to the shards. The old / ref adapters are sharded like the trained
+one: they are LoRA parameters of the same layers, so ``fully_shard`` shards them anyway, and every blend
+(old policy, EMA, reference refresh) is elementwise, hence local to each rank's shard with no collective;
+replicated copies would need a gather and a scatter per blend and the memory of whole adapters on every rank.
+The EMA is sharded the same way. The slicing, the noise and the sample weights are those of DDP; the
+cross-rank sum is FSDP's own reduce-scatter in each backward (``model_sums_gradients``). Every forward and
+backward of an FSDP model is a collective, so the ranks run in lockstep (:func:`lockstep_plan`): a rank with
+fewer micro-batches in a step runs zero-weight padding micro-batches (on copies of the generators), and a rank
+whose micro-batch has a shorter prefix runs idle no-grad forwards first, so that every rank runs the same
+sequence of forwards and backwards. The checkpoint is written by every rank
+(:meth:`TrainingState.save` with ``distributed_checkpoint``): rank 0 writes the PEFT ``lora/`` and
+``adapters/*.safetensors`` from the gathered adapters (what rollout / evaluate read), and the resumable state
+(every adapter, the EMA, the optimizer) goes through ``torch.distributed.checkpoint`` into ``state/dcp/``,
+loadable at any world size (the next iteration may run on fewer or more ranks, or in one process). In one
+process ``fsdp`` shards nothing (one rank) but still writes ``dcp/``.
 3. End of phase: ``theta_old <- d theta_old + (1 - d) theta`` (:meth:`TrainingState.update_old`), and the
    lagging KL reference is refreshed when the mean KL of the phase says so. Both schedules count
    iterations (``iteration + 1`` completed), not optimizer steps.
@@ -68,7 +85,7 @@ from astrolabe.data.arrays import check_keys_aligned, read_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
 from astrolabe.distributed import dist_rank_world, gather_objects
 from astrolabe.models.registry import get_base_model
-from astrolabe.parallel import parallelize
+from astrolabe.parallel import parallelize, sum_gradients_across_ranks
 from astrolabe.rl.accumulation import accumulate_gradients, shuffled_steps
 from astrolabe.rl.arcopo_semi import SEMI_STATE_SUBDIR
 from astrolabe.rl.arcopo_update import ARCOPO_GENERATORS, OldPolicy, PivotGroupData, arcopo_phase, read_pivot_groups
@@ -76,7 +93,7 @@ from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController
 from astrolabe.rl.state import TrainingState
-from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, window_nft_step
+from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, train_mode, window_nft_step
 from stages.arcopo_buffer import read_parts
 from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_controller
 
@@ -241,32 +258,104 @@ def _gathered_means(sums: Mapping[str, list[tuple[int, float]]]) -> dict[str, fl
     return {k: _mean([x for _, x in sorted(v)]) for k, v in merged.items()}
 
 
+def shard_state(cfg: RunConfig, state: TrainingState) -> torch.nn.Module:
+    """``parallel.strategy=fsdp``: shard the policies' model (before the checkpoint is loaded into the shards).
+
+    On N ranks: :func:`parallelize` (FSDP2 ``fully_shard`` per block, ``parallel.fsdp_param_dtype`` params,
+    fp32 reduction), the reduction made a SUM (the accumulation weights by ``n_m / N`` over all ranks) and the
+    state taken over to the shards (:meth:`TrainingState.rebind_parameters`). In one process (no process group)
+    a one-rank FSDP is the identity: only activation checkpointing is applied. Either way the state is saved
+    through DCP (``distributed_checkpoint``), so a run can change its world size between iterations.
+    """
+    state.distributed_checkpoint = True
+    if dist_rank_world()[1] == 1:
+        return parallelize(state.policies.model, cfg.parallel.model_copy(update={"strategy": "none"}))
+    model = parallelize(state.policies.model, cfg.parallel)
+    sum_gradients_across_ranks(model)
+    state.rebind_parameters()
+    return model
+
+
+def context_passes(cands: list[Candidate], idx: list[int], cfg: RunConfig, stream: Any) -> int:
+    """No-grad forwards that building micro-batch ``idx``'s prefix cache takes (one context pass per prefix block)."""
+    return cands[idx[0]].prefix.shape[0] // stream.block_frames if cfg.rl.update.mode == "window" else 0
+
+
+LockstepRun = tuple[list[int], int, bool]  # (micro-batch, idle forwards before it, real: not a zero-weight pad)
+
+
+def lockstep_plan(chunk: list[list[int]], world: int, passes: Callable[[list[int]], int]) -> list[list[LockstepRun]]:
+    """FSDP: what each rank runs at each position of a step, as ``(micro-batch, idle forwards, real)``.
+
+    Every forward and backward of an FSDP2 model is a collective, so every rank must run the same sequence.
+    Rank ``k`` runs its :func:`rank_slice` of ``chunk``, then zero-weight copies of ``chunk[0]`` (``real`` False)
+    up to ``ceil(len(chunk) / world)`` micro-batches; before each, ``idle forwards`` no-grad forwards make its
+    number of no-grad forwards (``passes`` context passes, then the old / ref policies) that of the rank
+    with the longest prefix at that position.
+    """
+    share = -(-len(chunk) // world)
+    runs = [[(chunk[i], True) for i in rank_slice(len(chunk), k, world)] for k in range(world)]
+    runs = [r + [(chunk[0], False)] * (share - len(r)) for r in runs]
+    longest = [max(passes(r[i][0]) for r in runs) for i in range(share)]
+    return [[(idx, longest[i] - passes(idx), real) for i, (idx, real) in enumerate(r)] for r in runs]
+
+
+@torch.no_grad()
+def idle_forwards(model: torch.nn.Module, n: int, window: np.ndarray, context: torch.Tensor, stream: Any) -> None:
+    """``n`` no-grad forwards of one latent block (output dropped), to keep in step with the other FSDP ranks."""
+    if n == 0:
+        return
+    p = next(model.parameters())
+    x = torch.zeros((1, stream.block_frames, *window.shape[1:]), device=p.device, dtype=p.dtype)  # (1, f, C, h, w)
+    with train_mode(model, False):
+        for _ in range(n):
+            model(x, torch.zeros(1, device=p.device), context)
+
+
+def _copy_generator(g: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=g.device)
+    copy.set_state(g.get_state())
+    return copy
+
+
 def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], contexts: Mapping[str, torch.Tensor],
-                stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:  # fmt: skip
+                stream: Any, shift: float, on_step: Callable[[int, int], None] | None = None,
+                model: torch.nn.Module | None = None) -> dict[str, float]:  # fmt: skip
     """``rl.epochs`` shuffled passes of sample-weighted accumulated window NFT steps; returns averaged metrics.
 
     On N ranks each step's micro-batches are sliced by rank (module docstring); ``update/samples`` is the
-    number of samples this rank trained (every pass).
+    number of samples this rank trained (every pass). ``model``: already parallelized (:func:`shard_state`);
+    None = :func:`parallelize` with ``cfg.parallel`` here.
     """
     rl = cfg.rl
     rank, world = dist_rank_world()
     device, dtype = torch.device(cfg.model.device), next(state.policies.model.parameters()).dtype
     batches = plan_micro_batches(cands, rl.micro_batch_size)
     policies = _policies(state, with_ref=rl.nft.kl_weight > 0)
-    model = parallelize(state.policies.model, cfg.parallel)
+    model = parallelize(state.policies.model, cfg.parallel) if model is None else model
     no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext  # the accumulation reduces
+    lockstep = state.is_sharded  # FSDP on N ranks
     gens = state.generators
     sums: dict[str, list[tuple[int, float]]] = defaultdict(list)  # metric -> [(global micro-batch no., value)]
     position = [0]  # the global number of loss_of's next micro-batch (single-process order)
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
-        batch = make_batch(cands, idx, contexts[cands[idx[0]].prompt], device, dtype)
-        loss, metrics = window_nft_step(policies, model, stream, batch, rl.nft, gens["sigma"], gens["noise"],
-                                        rl.update, shift=shift, group_size=len(idx), backward=False)
+    def nft_loss(idx: list[int], idle: int, sigma: torch.Generator,
+                 noise: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+        context = contexts[cands[idx[0]].prompt]
+        idle_forwards(model, idle, cands[idx[0]].window, context, stream)
+        batch = make_batch(cands, idx, context, device, dtype)
+        return window_nft_step(policies, model, stream, batch, rl.nft, sigma, noise, rl.update, shift=shift,
+                               group_size=len(idx), backward=False)
+
+    def loss_of(mb: tuple[list[int], int]) -> torch.Tensor:
+        loss, metrics = nft_loss(*mb, gens["sigma"], gens["noise"])
         for k, v in metrics.items():
             sums[k].append((position[0], float(v)))
         position[0] += 1
         return loss
+
+    def padding(idx: list[int], idle: int) -> Callable[[], torch.Tensor]:  # on copies: the streams stay untouched
+        return lambda: nft_loss(idx, idle, _copy_generator(gens["sigma"]), _copy_generator(gens["noise"]))[0]
 
     def skip(idxs: list[list[int]]) -> None:
         for idx in idxs:
@@ -277,11 +366,15 @@ def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], co
     for done, step in enumerate(shuffled_steps(len(batches), rl.epochs, rl.accumulation_steps, gens["shuffle"]), 1):
         chunk = [batches[b] for b in step]
         mine = rank_slice(len(chunk), rank, world)
+        plan = lockstep_plan(chunk, world, lambda idx: context_passes(cands, idx, cfg, stream))[rank] if lockstep \
+            else [(idx, 0, True) for idx in chunk[mine.start : mine.stop]]
         skip(chunk[: mine.start])
         position[0] = offset + mine.start
         with no_sync():
-            accumulate_gradients(state, loss_of, chunk[mine.start : mine.stop],
-                                 [len(idx) for idx in chunk[mine.start : mine.stop]], across_ranks=world > 1)
+            accumulate_gradients(state, loss_of, [(idx, idle) for idx, idle, real in plan if real],
+                                 [len(idx) for idx in chunk[mine.start : mine.stop]], across_ranks=world > 1,
+                                 model_sums_gradients=lockstep,
+                                 padding=[padding(idx, idle) for idx, idle, real in plan if not real])
         skip(chunk[mine.stop :])
         trained += sum(len(idx) for idx in chunk[mine.start : mine.stop])
         offset += len(chunk)
@@ -415,11 +508,6 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     for name in ("rollout", "labels"):
         if name not in inputs:
             raise KeyError(f"the nft_update stage needs inputs[{name!r}]")
-    if cfg.parallel.strategy == "fsdp":
-        raise NotImplementedError(
-            "parallel.strategy='fsdp': nft_update cannot checkpoint FSDP-sharded training state yet (the "
-            "torch.distributed.checkpoint path is not written); use parallel.strategy=ddp or none"
-        )
     if cfg.rl.algorithm == "arcopo":  # AR-CoPO payload and loss
         return run_arcopo(cfg, inputs, out_dir, iteration)
     t0 = time.perf_counter()
@@ -435,20 +523,23 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     contexts = encode_prompts(cfg, [c.prompt for c in cands])
     dit = build_dit(cfg.model, base)
     state = build_training_state(cfg, dit)
+    model = shard_state(cfg, state) if cfg.parallel.strategy == "fsdp" else None  # before loading into the shards
     ckpt = inputs.get("checkpoint")
     restore_or_start(cfg, state, Path(ckpt) if ckpt is not None else None, iteration)
     adopt_controller(state, Path(inputs["labels"]))
     t_build = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    metrics = train_phase(cfg, state, cands, contexts, stream_config(cfg.model, base), base.flow_shift)
+    metrics = train_phase(cfg, state, cands, contexts, stream_config(cfg.model, base), base.flow_shift, model=model)
     end_phase(state, metrics, iteration)
     t_train = time.perf_counter() - t1
     state.extra = {"iteration": iteration, "trained_records": len(cands)}
     rank, world = dist_rank_world()
     samples_per_rank = [int(n) for n in gather_objects(int(metrics.pop("update/samples")))]
-    if rank == 0:  # every rank holds the same state; one writes it
+    # DDP: every rank holds the same state, rank 0 writes it; FSDP: every rank writes its shard (DCP)
+    if rank == 0 or state.distributed_checkpoint:
         state.save(checkpoint_state_dir(out_dir))
+    if rank == 0:
         log.info("nft_update it%d: %d samples, %d steps, loss %.4g, kl %.3g", iteration, len(cands),
                  int(metrics["update/optimizer_steps"]), metrics.get("loss/total", float("nan")),
                  metrics.get("loss/kl", float("nan")))

@@ -17,7 +17,8 @@ import torch
 
 from astrolabe.models.wan.config import tiny
 from astrolabe.models.wan.dit import WanDiT
-from astrolabe.parallel import ParallelConfig, dit_of, parallelize, set_activation_checkpointing
+from astrolabe.parallel import (ParallelConfig, dit_of, parallelize, set_activation_checkpointing,
+                                sum_gradients_across_ranks)
 from astrolabe.rl.accumulation import accumulate_gradients, sample_weights
 from astrolabe.rl.lora import LoRAConfig
 from astrolabe.rl.optim import OptimConfig
@@ -162,6 +163,8 @@ def test_strategy_none_is_identity_plus_activation_checkpointing():
     assert set_activation_checkpointing(ps.model, False) is True and not dit_of(ps.model).gradient_checkpointing
     with pytest.raises(RuntimeError, match="process group"):
         parallelize(full_model(), ParallelConfig(strategy="ddp"))
+    with pytest.raises(ValueError, match="no fully_shard-ed module"):
+        sum_gradients_across_ranks(full_model())
 
 
 def test_parallel_config_defaults_and_validation():

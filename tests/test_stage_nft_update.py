@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from astrolabe.artifacts.stagedir import stage_root
+from astrolabe.build import build_dit
 from astrolabe.config import load_config
 from astrolabe.data.arrays import read_columns, write_columns
+from astrolabe.models.registry import get_base_model
 from astrolabe.models.wan import dit as dit_module
 from astrolabe.models.wan.config import tiny
 from astrolabe.parallel import ParallelConfig, parallelize
@@ -131,7 +134,8 @@ def test_update_runs_through_parallelize_and_the_one_accumulation(chain, tmp_pat
 RANK_OVERRIDES = ["rl.micro_batch_size=1", "rl.accumulation_steps=3"]
 
 
-def _rank_worker(rank: int, port: int, overrides: list[str], inputs: dict, run: str, result: str) -> None:
+def _rank_worker(rank: int, port: int, runs: dict[str, list[str]], inputs: dict, root: str) -> None:
+    """One of 2 gloo ranks: iteration 0 of nft_update for each labelled override set, one process group."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from astrolabe.distributed import init_distributed
@@ -139,57 +143,138 @@ def _rank_worker(rank: int, port: int, overrides: list[str], inputs: dict, run: 
     torch.set_num_threads(1)
     init_distributed("cpu")
     try:
-        m = execute(nft_update, load_config("configs/tiny.yaml", overrides), Path(run), inputs, 0)
-        Path(result, f"r{rank}.json").write_text(json.dumps({"dir": str(_out(Path(run), m)), "extra": m.extra,
-                                                              "world_size": m.world_size, "counts": m.counts,
-                                                              "metrics": m.metrics}))
+        for label, overrides in runs.items():
+            run = Path(root, label)
+            m = execute(nft_update, load_config("configs/tiny.yaml", overrides), run, inputs, 0)
+            Path(root, f"{label}-r{rank}.json").write_text(json.dumps({
+                "dir": str(_out(run, m)), "extra": m.extra, "world_size": m.world_size, "counts": m.counts,
+                "metrics": m.metrics}))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _state_tensors(state: Path) -> dict[str, torch.Tensor]:
+def _state_tensors(state: Path, optimizer: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of a TrainingState directory: adapters (PEFT + stored policies), optimizer state, the update's
     generators (not the process-global RNG states: the test processes differ in what ran before)."""
     out = {}
     for f in [state / "lora" / "adapter_model.safetensors", *sorted((state / "adapters").glob("*.safetensors"))]:
         out |= {f"{f.relative_to(state)}:{k}": v for k, v in load_file(str(f)).items()}
-    opt = torch.load(state / "optimizer.pt", weights_only=False)["optimizer"]["state"]
-    out |= {f"optimizer:{i}:{k}": v for i, st in opt.items() for k, v in st.items() if torch.is_tensor(v)}
+    if optimizer:
+        opt = torch.load(state / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+        out |= {f"optimizer:{i}:{k}": v for i, st in opt.items() for k, v in st.items() if torch.is_tensor(v)}
     rng = torch.load(state / "rng.pt", weights_only=False)
     out |= {f"rng:{k}": v for k, v in rng["torch_generators"].items()}
     return out
 
 
-def test_two_rank_ddp_update_equals_the_one_process_update(chain, tmp_path):
+FSDP = ["parallel.strategy=fsdp", "parallel.fsdp_param_dtype=float32"]  # fp32 params on CPU: equal to 1 process
+
+
+def _loaded_state_tensors(cfg, state: Path) -> dict[str, torch.Tensor]:
+    """:func:`_state_tensors` of a checkpoint as a fresh state loads it in this process (a DCP one resharded to one
+    rank, no process group): the live adapters and EMA, the optimizer state in parameter order, the generators."""
+    base = get_base_model(cfg.model.base)
+    st = nft_update.build_training_state(cfg, build_dit(cfg.model, base))
+    st.load(state)
+    out = {f"lora/adapter_model.safetensors:{k}": v for k, v in st.policies.tensors("default").items()}
+    for name in st.policies.stored_policies():
+        out |= {f"adapters/{name}.safetensors:{k}": v for k, v in st.policies.tensors(name).items()}
+    opt = st.optimizer.state_dict()["state"]
+    out |= {f"optimizer:{i}:{k}": v for i, s in opt.items() for k, v in s.items() if torch.is_tensor(v)}
+    return out | {f"rng:{k}": g.get_state() for k, g in st.generators.items()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and any(k.startswith("optimizer:") for k in a)
+    assert [k for k in a if k.startswith("rng:") and not torch.equal(a[k], b[k])] == []  # generators advanced alike
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if not k.startswith("rng:"))
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(chain, tmp_path_factory):
+    """Iteration 0 on 2 gloo ranks under DDP and under FSDP (one spawn), and in one process (the reference)."""
     cfg, run, r, lab, _ = chain
+    root = tmp_path_factory.mktemp("ranks")
     overrides = [*OVERRIDES, *RANK_OVERRIDES, f"pipeline.runs_root={run.parent}"]
-    one = tmp_path / "one"
+    one = root / "one"
     one.mkdir()
     res1 = nft_update.run(load_config("configs/tiny.yaml", overrides), {"rollout": r, "labels": lab}, one, 0)
+    assert res1.extra == {"world_size": 1, "samples_per_rank": [4]}
+    runs = {"ddp": [*overrides, "parallel.strategy=ddp"], "fsdp": [*overrides, *FSDP]}
     port = free_port()
-    ddp = [*overrides, "parallel.strategy=ddp"]
-    codes = run_ranks(_rank_worker, lambda k: (k, port, ddp, {"rollout": r, "labels": lab}, str(tmp_path / "run"),
-                                               str(tmp_path)), timeout=240)
+    codes = run_ranks(_rank_worker, lambda k: (k, port, runs, {"rollout": r, "labels": lab}, str(root)), timeout=240)
     assert codes == [0, 0]
-    m0, m1 = (json.loads((tmp_path / f"r{k}.json").read_text()) for k in range(2))
+    ranks = {label: [json.loads((root / f"{label}-r{k}.json").read_text()) for k in range(2)] for label in runs}
+    return SimpleNamespace(overrides=overrides, one=one, res1=res1, **ranks)
+
+
+def _same_run_on_both_ranks(m0: dict, m1: dict, res1) -> None:
     assert m0 == m1
     assert m0["world_size"] == 2 and m0["extra"] == {"world_size": 2, "samples_per_rank": [3, 1]}
-    assert m0["counts"] == res1.counts and res1.extra == {"world_size": 1, "samples_per_rank": [4]}
+    assert m0["counts"] == res1.counts
     for k in ("loss/total", "update/grad_norm"):
         assert m0["metrics"][k] == pytest.approx(res1.metrics[k], rel=1e-5, abs=1e-7), k
-    a, b = _state_tensors(one / "state"), _state_tensors(Path(m0["dir"]) / "state")
-    assert a.keys() == b.keys() and any(k.startswith("optimizer:") for k in a) and {"rng:sigma", "rng:noise", "rng:shuffle"} <= a.keys()
-    assert [k for k in a if k.startswith("rng:") and not torch.equal(a[k], b[k])] == []  # generators advanced alike
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if not k.startswith("rng:"))
+
+
+def test_two_rank_ddp_update_equals_the_one_process_update(two_rank_runs):
+    t = two_rank_runs
+    m0, m1 = t.ddp
+    _same_run_on_both_ranks(m0, m1, t.res1)
+    a, b = _state_tensors(t.one / "state"), _state_tensors(Path(m0["dir"]) / "state")
+    assert {"rng:sigma", "rng:noise", "rng:shuffle"} <= a.keys()
+    worst = _max_diff(a, b)
     print(f"2-rank DDP vs 1 process: max abs diff {worst:.3g}")
     assert worst <= 1e-5
 
 
-def test_fsdp_update_is_refused_until_its_checkpoint_exists(chain, tmp_path):
-    cfg, run, r, lab, _ = chain
-    fsdp = cfg.model_copy(update={"parallel": ParallelConfig(strategy="fsdp")})
-    with pytest.raises(NotImplementedError, match="parallel.strategy='fsdp'"):
-        nft_update.run(fsdp, {"rollout": r, "labels": lab}, tmp_path / "o", 0)
+def test_two_rank_fsdp_update_equals_the_one_process_update(two_rank_runs, chain):
+    t = two_rank_runs
+    m0, m1 = t.fsdp
+    _same_run_on_both_ranks(m0, m1, t.res1)
+    cands, _ = nft_update.read_candidates(chain[2], chain[3])
+    assert len({c.prefix.shape[0] for c in cands}) > 1  # prefixes of unequal length: the ranks ran idle forwards
+    state = Path(m0["dir"]) / "state"
+    assert sorted(p.name for p in (state / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (state / "optimizer.pt").exists()  # the optimizer state is sharded, in dcp/
+    got = _loaded_state_tensors(load_config("configs/tiny.yaml", [*t.overrides, *FSDP]), state)
+    want = _state_tensors(t.one / "state")
+    worst = _max_diff(want, got)
+    files = {k: v for k, v in _state_tensors(state, optimizer=False).items() if not k.startswith("rng:")}
+    assert max(float((v - got[k]).abs().max()) for k, v in files.items()) == 0.0  # rank 0's copies = the DCP state
+    print(f"2-rank FSDP vs 1 process: max abs diff {worst:.3g}")
+    assert worst <= 1e-5
+
+
+def test_two_rank_fsdp_checkpoint_resumes_in_one_process(two_rank_runs, chain, tmp_path):
+    """Iteration 1 in one process (FSDP over one rank: no process group) from the 2-rank DCP checkpoint equals
+    iteration 1 from the 1-process checkpoint."""
+    overrides, one, m0 = two_rank_runs.overrides, two_rank_runs.one, two_rank_runs.fsdp[0]
+    _, _, r, lab, _ = chain
+    cfg_one, cfg_fsdp = (load_config("configs/tiny.yaml", o) for o in (overrides, [*overrides, *FSDP]))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    res_a = nft_update.run(cfg_one, {"rollout": r, "labels": lab, "checkpoint": one}, a, 1)
+    res_b = nft_update.run(cfg_fsdp, {"rollout": r, "labels": lab, "checkpoint": Path(m0["dir"])}, b, 1)
+    assert res_b.extra == {"world_size": 1, "samples_per_rank": [4]} and res_b.counts == res_a.counts
+    assert (b / "state" / "dcp" / ".metadata").is_file()  # one rank still writes DCP: it can grow back to N
+    worst = _max_diff(_state_tensors(a / "state"), _loaded_state_tensors(cfg_fsdp, b / "state"))
+    print(f"iteration 1 from the 2-rank FSDP checkpoint vs from the 1-process one: max abs diff {worst:.3g}")
+    assert worst <= 1e-5
+
+
+def test_lockstep_plan_pads_ranks_to_the_same_forwards():
+    """FSDP: rank 1 holds one micro-batch of a 3-micro-batch step, so it pads with a zero-weight copy of the first;
+    at each position the rank with the shorter prefix runs idle forwards up to the longer one's context passes."""
+    passes = {0: 2, 1: 0, 2: 1}
+    plan = nft_update.lockstep_plan([[0], [1], [2]], 2, lambda idx: passes[idx[0]])
+    assert plan == [[([0], 0, True), ([1], 2, True)], [([2], 1, True), ([0], 0, False)]]
+    for world in (1, 2, 3, 5):
+        for n in (1, 2, 4, 7):
+            plan = nft_update.lockstep_plan([[i] for i in range(n)], world, lambda idx: idx[0] % 3)
+            assert len({len(r) for r in plan}) == 1  # as many micro-batches on every rank
+            for pos in zip(*plan):  # as many no-grad forwards on every rank at every position
+                assert len({idle + idx[0] % 3 for idx, idle, _ in pos}) == 1
+            assert [i for r in plan for idx, _, real in r if real for i in idx] == list(range(n))
 
 
 def test_nan_group_is_skipped_and_all_nan_is_an_error(chain, tmp_path):

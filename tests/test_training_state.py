@@ -254,6 +254,31 @@ def test_save_load_round_trip_restores_everything(tmp_path):
         assert torch.equal(p, fresh.policies.parameters_of("default")[k]), k
 
 
+def test_distributed_checkpoint_round_trip_in_one_process(tmp_path):
+    """``distributed_checkpoint`` (FSDP) without a process group: adapters, EMA and optimizer through DCP in
+    ``dcp/``, the PEFT/safetensors copies beside it; a fresh state reads it whatever its own setting."""
+    st, _, _ = trained_state(tmp_path)
+    st.distributed_checkpoint = True
+    path = st.save(tmp_path / "ckpt")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["pieces"]) == {"lora", "old", "ref", "ema", "sharded", "state", "rng"}
+    assert manifest["pieces"]["sharded"] == ["dcp/.metadata", "dcp/__0_0.distcp"] and not (path / "optimizer.pt").exists()
+    fresh = make_state(lora_seed=99)
+    fresh.register_generator("noise", torch.Generator())
+    fresh.register_generator("prompts", np.random.default_rng())
+    fresh.load(path, verify_checksums=True)
+    ta, tb = all_tensors(st), all_tensors(fresh)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert fresh.step == st.step == 3 and fresh.scheduler.state_dict() == st.scheduler.state_dict()
+    assert fresh.optimizer.state_dict()["param_groups"] == st.optimizer.state_dict()["param_groups"]
+    train_steps(st, 1, seed=9), train_steps(fresh, 1, seed=9)
+    for k, p in st.policies.parameters_of("default").items():
+        assert torch.equal(p, fresh.policies.parameters_of("default")[k]), k
+    (path / "dcp" / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match="'sharded' piece"):
+        fresh.load(path)
+
+
 def test_checkpoint_lora_loads_with_peft_from_pretrained(tmp_path):
     st, _, _ = trained_state(tmp_path)
     path = st.save(tmp_path / "ckpt")

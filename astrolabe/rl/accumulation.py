@@ -25,6 +25,12 @@ before the backward (the same numbers as the single process sees, no large inter
 fp16 loss scale applies unchanged). The result equals the single-process accumulation over the union of
 the samples. Every rank must call it (it holds collectives), with at least one micro-batch or none.
 
+Under FSDP2 the model's backward does the cross-rank SUM itself (a reduce-scatter into each rank's gradient
+shard, with the gradient divide factor set to 1: :func:`astrolabe.parallel.sum_gradients_across_ranks`), so
+``model_sums_gradients=True`` skips the all-reduce. Every forward and backward of an FSDP model is a
+collective, so every rank must run as many micro-batches as the others: a rank with fewer passes
+``padding``, loss closures back-propagated with weight 0 after its own micro-batches (they add nothing).
+
 Exactness. The identity holds for losses that are means of per-sample terms (the NFT policy term). A
 term averaged over a subset of a micro-batch (the selective KL averages over the flagged samples of the
 micro-batch, :func:`astrolabe.rl.nft.selective_kl`) enters with the micro-batch's weight ``n_m / N``.
@@ -101,6 +107,8 @@ def accumulate_gradients(
     *,
     across_ranks: bool | None = None,
     group: Any = None,
+    model_sums_gradients: bool = False,
+    padding: Sequence[Callable[[], torch.Tensor]] = (),
 ) -> float:
     """Back-propagate ``(n_m / N) * loss_fn(mb_m)`` for every micro-batch; returns the sample-weighted mean loss.
 
@@ -108,6 +116,8 @@ def accumulate_gradients(
     samples. ``across_ranks`` (None = when torch.distributed is initialised): ``N`` is the sample count of
     every rank of ``group`` and the gradients of ``state``'s trainable parameters are summed across ranks
     (module docstring). A stage that runs on one rank while the others wait passes ``across_ranks=False``.
+    ``model_sums_gradients``: the backward already summed them (FSDP2); ``padding``: zero-weight loss closures
+    run after the micro-batches, so that every rank runs the same number of forwards and backwards (FSDP2).
     """
     if len(sizes) != len(micro_batches):
         raise ValueError(f"{len(sizes)} sizes given for {len(micro_batches)} micro-batches")
@@ -121,8 +131,13 @@ def accumulate_gradients(
             loss = loss_fn(mb)
         state.backward(loss * w)
         loss_sum += float(loss.detach()) * w
-    if distributed:
+    for pad in padding:
+        with state.autocast():
+            loss = pad()
+        state.backward(loss * 0.0)
+    if distributed and not model_sums_gradients:
         all_reduce_gradients(state.params, group)
+    if distributed:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM, group=group)
     return float(loss_sum)
 

@@ -133,6 +133,11 @@ def adapter_names(model: PeftModel) -> list[str]:
     return list(model.peft_config)
 
 
+def is_lora_parameter(name: str) -> bool:
+    """Whether a parameter (or state-dict) name is a LoRA tensor of some adapter (``...lora_A.<adapter>.weight``)."""
+    return _PARAM_RE.match(name) is not None
+
+
 def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """The LoRA parameters of one adapter, by canonical PEFT key (adapter name removed), in module order."""
     out: dict[str, nn.Parameter] = {}
@@ -146,10 +151,21 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Para
     return out
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded ``DTensor`` (FSDP2) is all-gathered (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 @torch.no_grad()
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of one adapter's tensors (canonical keys), ready for safetensors."""
-    return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in adapter_parameters(model, adapter_name).items()}
+    """Detached CPU copies of one adapter's tensors (canonical keys), ready for safetensors.
+
+    Sharded (FSDP2) parameters are gathered whole: every rank must call it, in the same order.
+    """
+    return {k: full_tensor(p.detach()).to("cpu", copy=True).contiguous()
+            for k, p in adapter_parameters(model, adapter_name).items()}
 
 
 def check_same_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str) -> None:
@@ -289,10 +305,15 @@ def save_adapter(model: PeftModel, out_dir: str | Path, adapter_name: str = "def
 
     ``PeftModel.from_pretrained(WanDiT(cfg), out_dir)`` loads it (under the name ``default``).
     """
+    return write_adapter(adapter_state_dict(model, adapter_name), model.peft_config[adapter_name], out_dir)
+
+
+def write_adapter(tensors: Mapping[str, torch.Tensor], peft_config: LoraConfig, out_dir: str | Path) -> Path:
+    """Write adapter ``tensors`` (canonical keys, CPU) and their peft config in standard PEFT format."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model, adapter_name), str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    model.peft_config[adapter_name].save_pretrained(str(out))
+    save_file(dict(tensors), str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    peft_config.save_pretrained(str(out))
     return out
 
 

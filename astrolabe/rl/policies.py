@@ -41,6 +41,7 @@ from astrolabe.rl.lora import (
     lora_config_of,
     copy_adapter_,
     copy_into_adapter_,
+    full_tensor,
 )
 from astrolabe.rl.schedules import (
     PolicyAveragingConfig,
@@ -137,6 +138,25 @@ class PolicySet:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The ``default`` LoRA parameters (the only ones that require grad), in canonical-key order."""
         return list(self._params[TRAINED].values())
+
+    @torch.no_grad()
+    def rebind_parameters(self) -> None:
+        """Take up the model's parameters again after they were replaced in place.
+
+        FSDP2's ``fully_shard`` (:func:`astrolabe.parallel.parallelize`) swaps every parameter for a new
+        sharded ``DTensor`` one: the adapter handles are re-read, and the EMA shadow is sharded like the
+        trained parameters (same values: each rank keeps its own shard).
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        self._params = {name: adapter_parameters(self.model, name) for name in self._adapters}
+        if self.ema is not None:
+            trained = self._params[TRAINED]
+            check_same_keys(trained, self.ema, "EMA")
+            for k, p in trained.items():
+                if isinstance(p, DTensor) and not isinstance(self.ema[k], DTensor):
+                    self.ema[k] = distribute_tensor(self.ema[k].to(p.device), p.device_mesh, p.placements)
+        self._activate(TRAINED)
 
     # ------------------------------------------------------------------ switching
     def _activate(self, adapter: str) -> None:
@@ -238,7 +258,7 @@ class PolicySet:
         if policy == "ema":
             if self.ema is None:
                 raise ValueError("EMA is disabled (averaging.ema=False)")
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.ema.items()}
+            return {k: full_tensor(v.detach()).to("cpu", copy=True) for k, v in self.ema.items()}
         self.parameters_of(policy)  # validates the name
         return adapter_state_dict(self.model, policy)
 

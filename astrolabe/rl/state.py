@@ -8,6 +8,7 @@ One checkpoint directory holds everything that shapes the future of a run (DESIG
     <dir>/adapters/ref.safetensors           lagging KL reference (reference="lagging" only)
     <dir>/adapters/ema.safetensors           float32 EMA shadow (EMA enabled only)
     <dir>/optimizer.pt                       AdamW + LR scheduler + GradScaler state dicts
+    <dir>/dcp/                               instead of optimizer.pt when ``distributed_checkpoint`` (FSDP)
     <dir>/state.json                         step, FractionController, ReferenceRefresher, configs, extra
     <dir>/rng.pt                             torch CPU/CUDA, numpy, python random, registered generators
     <dir>/manifest.json                      written last: every piece with its files, sizes, sha256
@@ -17,6 +18,18 @@ optimizer state belongs to those weights, and the old/reference adapters, EMA, s
 all restored. :meth:`TrainingState.save` writes into a temporary sibling directory and renames it into
 place, so a directory under the final name is always complete. :meth:`TrainingState.load` reads and
 checks every piece before changing anything; a missing piece is an error naming it.
+
+Sharded state (``parallel.strategy: fsdp``). After FSDP2's ``fully_shard`` every parameter is a ``DTensor``
+shard; :meth:`TrainingState.rebind_parameters` takes the policies, EMA and optimizer over to those shards
+(before the first step or load). With ``distributed_checkpoint`` set, :meth:`TrainingState.save` is called on
+**every** rank: the adapters are gathered whole (``DTensor.full_tensor``, LoRA-sized) and rank 0 writes the
+PEFT ``lora/`` and ``adapters/*.safetensors`` as above (what rollout, evaluate and generate read), while the
+state that resumes training goes through ``torch.distributed.checkpoint`` into ``dcp/`` (one file per rank +
+``.metadata``): the LoRA tensors of every adapter (``default``, ``old``, ``ref``) and the EMA by parameter
+name, the optimizer state by parameter name (``get_state_dict``), the LR scheduler and the GradScaler.
+DCP reshards on load, so :meth:`TrainingState.load` reads ``dcp/`` at any world size: sharded on N ranks, or
+whole in one process without a process group (``no_dist``). The format is decided by the checkpoint (its
+manifest's pieces), not by the loading run; a sharded state refuses a checkpoint without ``dcp/``.
 
 Optimization (reference 5.4): AdamW over the ``default`` LoRA parameters; a step is
 ``unscale -> clip_grad_norm_(grad_clip) -> optimizer.step -> scaler.update -> scheduler.step ->
@@ -33,8 +46,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from astrolabe.artifacts.atomic import atomic_dir
 from astrolabe.artifacts.manifest import sha256_file
+from astrolabe.distributed import barrier, broadcast_object, is_initialized
 from astrolabe.rl.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -52,9 +67,10 @@ from astrolabe.rl.lora import (
     LoraMismatchError,
     check_lora_compatible,
     check_same_keys,
+    is_lora_parameter,
     read_adapter_tensors,
     read_lora_config,
-    save_adapter,
+    write_adapter,
 )
 from astrolabe.rl.optim import OptimConfig, StepStats, build_optimizer, build_scheduler, lr_factor  # noqa: F401
 from astrolabe.rl.policies import TRAINED, PolicyConfig, PolicySet
@@ -70,6 +86,9 @@ STATE_JSON = "state.json"
 OPTIMIZER_PT = "optimizer.pt"
 RNG_PT = "rng.pt"
 ADAPTERS_DIR = "adapters"
+DCP_DIR = "dcp"  # torch.distributed.checkpoint of the sharded training state
+DCP_METADATA = ".metadata"  # the file DCP writes last (its index of every rank's file)
+SHARDED = "sharded"  # the piece of a distributed checkpoint that replaces "optimizer"
 
 
 # ----------------------------------------------------------------------------------- files
@@ -92,6 +111,14 @@ def _load_manifest(d: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
                               f"is not {FORMAT!r} v{FORMAT_VERSION}")
     return manifest
+
+
+@contextmanager
+def _single_process_dcp() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group (one process is a supported world size here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def read_controller_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -132,6 +159,25 @@ class TrainingState:
         self.scheduler = build_scheduler(self.optimizer, optim)
         device_type = self.params[0].device.type
         self.scaler = torch.amp.GradScaler(device_type, enabled=optim.precision == "fp16")
+        self.distributed_checkpoint = False  # save through torch.distributed.checkpoint (module docstring)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the trained parameters are FSDP2 ``DTensor`` shards (after :meth:`rebind_parameters`)."""
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for p in self.params)
+
+    def rebind_parameters(self) -> None:
+        """Take the policies, EMA and optimizer over to the model's new parameters (FSDP2's ``fully_shard``
+        replaced them by ``DTensor`` shards). Only before the first step and before :meth:`load`."""
+        if self.step or self.optimizer.state:
+            raise RuntimeError("rebind_parameters() after an optimizer step or a load would drop the optimizer state; "
+                               "shard the model right after building the state")
+        self.policies.rebind_parameters()
+        self.params = self.policies.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, self.optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg)
 
     # ------------------------------------------------------------------ setup
     def register_generator(self, name: str, generator: torch.Generator | np.random.Generator) -> None:
@@ -205,39 +251,92 @@ class TrainingState:
             "extra": self.extra,
         }
 
-    def expected_pieces(self) -> dict[str, list[str]]:
-        """Every piece this state needs in a checkpoint, with its files (relative paths)."""
+    def expected_pieces(self, sharded: bool | None = None) -> dict[str, list[str]]:
+        """Every piece this state needs in a checkpoint, with its files (relative paths).
+
+        ``sharded`` (default: ``distributed_checkpoint``): the optimizer state is in ``dcp/`` (piece
+        ``"sharded"``, whose files depend on the saving world size: only ``.metadata`` is named here).
+        """
+        sharded = self.distributed_checkpoint if sharded is None else sharded
         pieces = {"lora": [f"{CHECKPOINT_LORA_DIR}/{ADAPTER_WEIGHTS_NAME}", f"{CHECKPOINT_LORA_DIR}/{ADAPTER_CONFIG_NAME}"]}
         for name in self.policies.stored_policies():
             pieces[name] = [f"{ADAPTERS_DIR}/{name}.safetensors"]
-        pieces |= {"optimizer": [OPTIMIZER_PT], "state": [STATE_JSON], "rng": [RNG_PT]}
+        pieces |= {SHARDED: [f"{DCP_DIR}/{DCP_METADATA}"]} if sharded else {"optimizer": [OPTIMIZER_PT]}
+        pieces |= {"state": [STATE_JSON], "rng": [RNG_PT]}
         return pieces
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Atomically write the whole state to ``directory`` (module docstring); returns it."""
+        """Atomically write the whole state to ``directory`` (module docstring); returns it.
+
+        With ``distributed_checkpoint`` every rank calls it (collectives); rank 0 creates the temporary
+        directory, every rank writes its DCP file into it, rank 0 writes the rest and publishes it, and every
+        rank returns once it is published. Otherwise one rank alone calls it.
+        """
         final = Path(directory)
-        with atomic_dir(final) as tmp:
-            self._write_pieces(tmp)
+        if not self.distributed_checkpoint:
+            with atomic_dir(final) as tmp:
+                self._write_pieces(tmp)
+        else:
+            main = not is_initialized() or torch.distributed.get_rank() == 0
+            with atomic_dir(final) if main else nullcontext(None) as tmp:
+                self._write_pieces(Path(broadcast_object(str(tmp) if main else None)), main)
+            barrier()
         logger.info("saved training state at step %d to %s", self.step, final)
         return final
 
-    def _write_pieces(self, tmp: Path) -> None:
-        save_adapter(self.policies.model, tmp / CHECKPOINT_LORA_DIR, TRAINED)
+    def _sharded_state(self) -> dict[str, Any]:
+        """The DCP state dict (module docstring); tensors are the live ones, so ``dcp.load`` fills them in place."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.policies.model, self.optimizer)
+        out = {"model": {k: v for k, v in model_sd.items() if is_lora_parameter(k)}, "optimizer": optim_sd,
+               "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        if self.policies.ema is not None:
+            out["ema"] = dict(self.policies.ema)
+        return out
+
+    def _load_sharded(self, path: Path) -> None:
+        """Read ``dcp/`` into this state (resharded to the current world size; no process group needed)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        sd = self._sharded_state()
+        with _single_process_dcp():
+            dcp.load(sd, checkpoint_id=str(path), no_dist=not is_initialized())
+        set_state_dict(self.policies.model, self.optimizer, model_state_dict=sd["model"],
+                       optim_state_dict=sd["optimizer"], options=StateDictOptions(strict=False))
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.scaler.load_state_dict(sd["scaler"])
+
+    def _write_pieces(self, tmp: Path, main: bool = True) -> None:
+        """Write every piece into ``tmp``; with ``distributed_checkpoint`` every rank calls it (``main`` writes
+        the files)."""
+        full = {name: self.policies.tensors(name) for name in (TRAINED, *self.policies.stored_policies())}  # gathered
+        if self.distributed_checkpoint:
+            import torch.distributed.checkpoint as dcp
+
+            with _single_process_dcp():
+                dcp.save(self._sharded_state(), checkpoint_id=str(tmp / DCP_DIR), no_dist=not is_initialized())
+        if not main:
+            return
+        write_adapter(full.pop(TRAINED), self.policies.model.peft_config[TRAINED], tmp / CHECKPOINT_LORA_DIR)
         (tmp / ADAPTERS_DIR).mkdir()
-        for name in self.policies.stored_policies():
-            path = tmp / ADAPTERS_DIR / f"{name}.safetensors"
-            save_file(self.policies.tensors(name), str(path), metadata={"format": "pt"})
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-            },
-            tmp / OPTIMIZER_PT,
-        )
+        for name, tensors in full.items():
+            save_file(tensors, str(tmp / ADAPTERS_DIR / f"{name}.safetensors"), metadata={"format": "pt"})
+        if not self.distributed_checkpoint:
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                },
+                tmp / OPTIMIZER_PT,
+            )
         _write_json(tmp / STATE_JSON, self._state_json())
         torch.save(capture_rng(self.generators), tmp / RNG_PT)
         pieces = self.expected_pieces()
+        if self.distributed_checkpoint:  # every rank's file
+            pieces[SHARDED] = sorted(str(f.relative_to(tmp)) for f in (tmp / DCP_DIR).iterdir())
         files = {
             f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for fs in pieces.values() for f in fs
         }
@@ -253,10 +352,18 @@ class TrainingState:
         Errors: no/foreign manifest, a missing piece (named), a file whose size (or sha256) differs from the
         manifest, a different LoRA config or policy layout, a controller present on one side only, other
         registered generators. Changed optimizer/policy hyper-parameters are errors unless
-        ``allow_config_change`` (then logged as warnings).
+        ``allow_config_change`` (then logged as warnings). A checkpoint with ``dcp/`` (saved with
+        ``distributed_checkpoint``) is read through DCP at any world size, every rank calling ``load``; the
+        whole-tensor format cannot be loaded into a sharded state.
         """
         d = Path(directory)
-        manifest = self._read_manifest(d, verify_checksums)
+        sharded = SHARDED in _load_manifest(d).get("pieces", {})
+        if self.is_sharded and not sharded:
+            raise CheckpointError(
+                f"checkpoint {d} holds whole tensors (saved with parallel.strategy none or ddp) but this state is "
+                "sharded (FSDP on several ranks): resume it in one process or with parallel.strategy=ddp"
+            )
+        manifest = self._read_manifest(d, verify_checksums, sharded)
         state = json.loads((d / STATE_JSON).read_text())
         self._check_configs(d, state, allow_config_change)
         lora_dir = d / CHECKPOINT_LORA_DIR
@@ -264,9 +371,9 @@ class TrainingState:
         tensors = {TRAINED: read_adapter_tensors(lora_dir)}
         for name in self.policies.stored_policies():
             tensors[name] = load_file(str(d / ADAPTERS_DIR / f"{name}.safetensors"))
-        optim = torch.load(d / OPTIMIZER_PT, map_location="cpu", weights_only=True)
+        optim = {} if sharded else torch.load(d / OPTIMIZER_PT, map_location="cpu", weights_only=True)
         rng = torch.load(d / RNG_PT, map_location="cpu", weights_only=True)
-        for key in ("optimizer", "scheduler", "scaler"):
+        for key in () if sharded else ("optimizer", "scheduler", "scaler"):
             if key not in optim:
                 raise CheckpointError(f"{d / OPTIMIZER_PT} lacks the {key!r} state; the checkpoint is incomplete")
         self._check_controllers(state)
@@ -280,23 +387,26 @@ class TrainingState:
             self.controller.load_state_dict(state["controller"])
         if self.policies.refresher is not None:
             self.policies.refresher.load_state_dict(state["refresher"])
-        for name, t in tensors.items():
-            self.policies.load_tensors(name, t)
-        self.optimizer.load_state_dict(optim["optimizer"])
-        self.scheduler.load_state_dict(optim["scheduler"])
-        self.scaler.load_state_dict(optim["scaler"])
+        if sharded:  # adapters, EMA and optimizer from dcp/ (the safetensors copies hold the same values)
+            self._load_sharded(d / DCP_DIR)
+        else:
+            for name, t in tensors.items():
+                self.policies.load_tensors(name, t)
+            self.optimizer.load_state_dict(optim["optimizer"])
+            self.scheduler.load_state_dict(optim["scheduler"])
+            self.scaler.load_state_dict(optim["scaler"])
         restore_rng(rng, self.generators)
         self.step = int(state["step"])
         self.extra = dict(state["extra"])
         logger.info("loaded training state at step %d from %s (%d files)", self.step, d, len(manifest["files"]))
 
-    def _read_manifest(self, d: Path, verify_checksums: bool) -> dict[str, Any]:
+    def _read_manifest(self, d: Path, verify_checksums: bool, sharded: bool) -> dict[str, Any]:
         manifest = _load_manifest(d)
-        for piece, files in self.expected_pieces().items():
+        for piece, files in self.expected_pieces(sharded).items():
             if piece not in manifest["pieces"]:
                 raise CheckpointError(f"checkpoint {d} has no {piece!r} piece (needed by the current config); "
                                       "it was saved by a run with another policy/EMA configuration")
-            for f in files:
+            for f in sorted(set(files) | set(manifest["pieces"][piece])):
                 if not (d / f).is_file():
                     raise CheckpointError(f"checkpoint {d} is missing the {piece!r} piece: file {f} not found")
                 entry = manifest["files"].get(f)
@@ -306,7 +416,7 @@ class TrainingState:
                     )
                 if verify_checksums and sha256_file(d / f) != entry["sha256"]:
                     raise CheckpointError(f"checkpoint {d}: sha256 of {f} ({piece!r}) differs from the manifest")
-        extra_pieces = sorted(set(manifest["pieces"]) - set(self.expected_pieces()))
+        extra_pieces = sorted(set(manifest["pieces"]) - set(self.expected_pieces(sharded)))
         if extra_pieces:
             raise CheckpointError(f"checkpoint {d} holds pieces {extra_pieces} the current config does not use "
                                   "(e.g. a lagging reference or an EMA); resume with the saved run's policy config")
