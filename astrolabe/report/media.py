@@ -1,7 +1,7 @@
 """Media embedded in the report: ``data:`` URIs of PNGs and of mp4s a browser plays.
 
-Stage videos may be lossless H.264 (``crf 0``: the *High 4:4:4 Predictive* profile), which browsers do not
-decode; :func:`browser_video` re-encodes them as yuv420p H.264 at the default quality (*High* profile) and
+Stage videos may be lossless H.264 (``crf 0``: the *High 4:4:4 Predictive* profile), which not every browser
+decodes (Chromium does, Safari does not); :func:`browser_video` re-encodes them as yuv420p H.264 at the default quality (*High* profile) and
 takes the middle frame as the poster (what a print or a screenshot shows).
 """
 

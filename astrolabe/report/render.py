@@ -17,6 +17,8 @@ from astrolabe.report.collect import GridCell, ReportData, Series
 from astrolabe.report.media import browser_video, data_uri
 from astrolabe.tracking import panels_png
 
+FEW_VIDEOS = 8  # fewer videos per evaluation than this: the reader is told the changes are noisy
+
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1f2328;background:#f6f8fa;margin:0}
 main{max-width:1120px;margin:0 auto;padding:24px 28px 64px}
@@ -90,9 +92,10 @@ def headline(d: ReportData) -> str:
             delta = vb - va if va is not None and vb is not None else None
             weight = fmt(d.weights[name]) if name in d.weights else "weighted sum"
             rows.append([escape(name), weight, fmt(va), fmt(vb), _change(delta)])
-        n = fmt(b.get("n")) if "n" in b else "?"
         parts.append(_table(["reward", "weight", f"iteration {first}", f"iteration {last}", "change"], rows))
-        parts.append(f"<p class=muted>{n} videos per evaluation (held-out prompts x eval seeds).</p>")
+        n = b.get("n")
+        few = " (few videos: small changes are noise)" if n is not None and n < FEW_VIDEOS else ""
+        parts.append(f"<p class=muted>Videos per evaluation (held-out prompts x eval seeds): {fmt(n)}{few}.</p>")
     else:
         parts.append("<p>No evaluation yet.</p>")
     if d.train:
@@ -103,7 +106,8 @@ def headline(d: ReportData) -> str:
     return "".join(parts) + "</section>"
 
 
-def curves(d: ReportData) -> str:
+def curve_panels(d: ReportData) -> dict[str, dict[str, Series]]:
+    """One panel per reward with its training-rollout and held-out curves, and the weighted held-out sum."""
     panels: dict[str, dict[str, Series]] = {}
     for name in d.reward_names:
         evals = [(float(k), m[f"reward/{name}/mean"]) for k, m in sorted(d.evals.items())
@@ -112,11 +116,16 @@ def curves(d: ReportData) -> str:
     combined = [(float(k), m["combined/mean"]) for k, m in sorted(d.evals.items()) if m.get("combined/mean") is not None]
     if combined:
         panels["combined (weighted, held-out)"] = {"held-out eval": combined}
+    return panels
+
+
+def curves(d: ReportData) -> str:
+    panels = curve_panels(d)
     if not panels:
         return "<section id=curves><h2>Reward curves</h2><p>No scores yet.</p></section>"
     return ("<section id=curves><h2>Reward curves</h2><p class=muted>Mean reward per iteration: training rollouts "
-            "(score stage) and held-out evaluations (evaluate stage).</p>" + _plot(panels, "reward curves")
-            + "</section>")
+            "(score stage) and held-out evaluations (evaluate stage).</p>"
+            + _plot(panels, "reward curves: " + ", ".join(panels)) + "</section>")
 
 
 def _video_cell(cell: GridCell) -> str:
