@@ -8,6 +8,7 @@ selective-KL fraction and KL, time and peak memory per stage, and the config's d
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from astrolabe.report.collect import GridCell, ReportData, Series
 from astrolabe.report.media import browser_video, data_uri
 from astrolabe.tracking import panels_png
 
+STAGE_ORDER = ("filter_prompts", "arcopo_buffer", "rollout", "score", "label_uncertainty", "nft_update", "evaluate")
 FEW_VIDEOS = 8  # fewer videos per evaluation than this: the reader is told the changes are noisy
 
 CSS = """
@@ -30,7 +32,9 @@ table{border-collapse:collapse;font-size:14px} th,td{padding:4px 10px;border-bot
 th{background:#f6f8fa} td.l,th.l{text-align:left} code{font-size:13px}
 .up{color:#1a7f37;font-weight:600} .down{color:#cf222e;font-weight:600} .muted{color:#656d76;font-size:13px}
 img.plot{max-width:100%;display:block;margin:6px 0}
-table.grid td{vertical-align:top;text-align:center} table.grid td.caption{text-align:left;max-width:260px;font-weight:600}
+table.grid td,table.grid th{vertical-align:top;text-align:center}
+table.config td{text-align:left;font-family:ui-monospace,monospace;font-size:13px;max-width:420px;overflow-wrap:anywhere}
+table.config td:first-child{white-space:nowrap} table.grid td.caption{text-align:left;max-width:260px;font-weight:600}
 table.grid video{width:192px;height:auto;image-rendering:pixelated;background:#000;border-radius:4px}
 .scores{font-size:12px;color:#444;text-align:left;margin-top:2px}
 """
@@ -163,7 +167,7 @@ def kl(d: ReportData) -> str:
 
 def stage_table(d: ReportData) -> str:
     by_stage: dict[str, list] = defaultdict(list)
-    for r in d.stages:
+    for r in sorted(d.stages, key=lambda r: STAGE_ORDER.index(r.stage) if r.stage in STAGE_ORDER else len(STAGE_ORDER)):
         by_stage[r.stage].append(r)
 
     def peak(values: Iterable[float | None]) -> str:
@@ -183,9 +187,16 @@ def stage_table(d: ReportData) -> str:
                                    calls) + "</details></section>")
 
 
+def config_value(v: object) -> str:
+    """A config value as in YAML / JSON: ``null``, ``true``, ``[1000]``, ``{"name": "motion", ...}``."""
+    return v if isinstance(v, str) else json.dumps(v, default=str)
+
+
 def config_section(d: ReportData) -> str:
-    rows = [[f"<code>{escape(k)}</code>", escape(fmt(a)), escape(fmt(b))] for k, a, b in d.config_changes]
-    body = _table(["setting", "default", "this run"], rows) if rows else "<p>Every setting is at its default.</p>"
+    rows = [[f"<code>{escape(k)}</code>", escape(config_value(a)), escape(config_value(b))]
+            for k, a, b in d.config_changes]
+    body = (_table(["setting", "default", "this run"], rows, left=3, cls="config") if rows
+            else "<p>Every setting is at its default.</p>")
     return f"<section id=config><h2>Config: differences from the defaults</h2>{body}</section>"
 
 
