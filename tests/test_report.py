@@ -162,3 +162,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dom = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()).stdout.decode()
     states = re.search(r'data-videos="([^"]*)"', dom)[1].split(",")
     assert len(states) == 3 and all(int(s.split(":")[0]) >= 2 and s.endswith(":64") for s in states), states
+
+
+def test_grid_shows_first_last_and_spaced_evaluations_distinct_prompts_first():
+    from astrolabe.report.collect import _seed_major, grid_iterations
+
+    assert grid_iterations([0, 8, 16, 24]) == [0, 8, 16, 24]
+    assert grid_iterations([0, 1, 2, 3, 4, 5, 6]) == [0, 2, 4, 6]
+    assert grid_iterations([0, 3, 6, 9, 12], max_columns=2) == [0, 12]
+    videos = [Path(f"p{i:03d}-s{s}.mp4") for i in range(3) for s in (1000, 1001)]
+    assert [v.stem for v in sorted(videos, key=_seed_major)][:4] == ["p000-s1000", "p001-s1000", "p002-s1000",
+                                                                       "p000-s1001"]

@@ -191,10 +191,16 @@ def grid_iterations(evaluated: Sequence[int], max_columns: int = MAX_GRID_COLUMN
     return [its[round(i * step)] for i in range(max_columns)]
 
 
+def _seed_major(video: Path) -> tuple[int, int, str]:
+    """Sort key of a sample video: the first seed of every prompt before the second (distinct captions first)."""
+    m = _SAMPLE_KEY.match(video.stem)
+    return (int(m[2]), int(m[1]), "") if m else (1 << 62, 0, video.stem)
+
+
 def grid_rows(outputs: Sequence[StageOutput], names: Sequence[str], max_rows: int = MAX_GRID_ROWS
               ) -> tuple[list[int], list[GridRow]]:  # fmt: skip
-    """Before/after rows: one per sample of the last evaluation (at most ``max_rows``), one cell per column of
-    :func:`grid_iterations`, captioned with the sample's held-out prompt."""
+    """Before/after rows: one per sample of the last evaluation (at most ``max_rows``, distinct prompts first), one
+    cell per column of :func:`grid_iterations`, captioned with the sample's held-out prompt."""
     evals = {o.iteration or 0: o for o in _sorted_outputs(outputs, "evaluate")}
     if not evals:
         return [], []
@@ -203,7 +209,7 @@ def grid_rows(outputs: Sequence[StageOutput], names: Sequence[str], max_rows: in
     scores = {k: _sample_scores(evals[k].path, names) for k in columns}
     last = evals[columns[-1]]
     rows = []
-    for video in sorted((last.path / "videos").glob("*.mp4"))[:max_rows]:
+    for video in sorted((last.path / "videos").glob("*.mp4"), key=_seed_major)[:max_rows]:
         m = _SAMPLE_KEY.match(video.stem)
         caption = captions[int(m[1])] if m and int(m[1]) < len(captions) else video.stem
         cells = []
