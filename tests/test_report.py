@@ -173,3 +173,12 @@ def test_grid_shows_first_last_and_spaced_evaluations_distinct_prompts_first():
     videos = [Path(f"p{i:03d}-s{s}.mp4") for i in range(3) for s in (1000, 1001)]
     assert [v.stem for v in sorted(videos, key=_seed_major)][:4] == ["p000-s1000", "p001-s1000", "p002-s1000",
                                                                        "p000-s1001"]
+
+
+def test_a_run_without_outputs_yet_gets_a_report_saying_so(tmp_path):
+    from astrolabe.config import RunConfig
+    from astrolabe.report import write_report
+
+    html = write_report(tmp_path, RunConfig(name="fresh"), []).read_text(encoding="utf-8")
+    assert "Astrolabe report: fresh" in html and "No evaluation yet" in html and "No evaluation videos yet" in html
+    assert "<code>name</code></td><td class=l>tiny</td><td class=l>fresh</td>" in html
