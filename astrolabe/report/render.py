@@ -32,7 +32,7 @@ table{border-collapse:collapse;font-size:14px} th,td{padding:4px 10px;border-bot
 th{background:#f6f8fa} td.l,th.l{text-align:left} code{font-size:13px}
 .up{color:#1a7f37;font-weight:600} .down{color:#cf222e;font-weight:600} .muted{color:#656d76;font-size:13px}
 img.plot{max-width:100%;display:block;margin:6px 0}
-table.grid td,table.grid th{vertical-align:top;text-align:center}
+table.grid td,table.grid th{vertical-align:top;text-align:center} table.grid th.l{text-align:left}
 table.config td{text-align:left;font-family:ui-monospace,monospace;font-size:13px;max-width:420px;overflow-wrap:anywhere}
 table.config td:first-child{white-space:nowrap} table.grid td.caption{text-align:left;max-width:260px;font-weight:600}
 table.grid video{width:192px;height:auto;image-rendering:pixelated;background:#000;border-radius:4px}
