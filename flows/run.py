@@ -50,8 +50,8 @@ from astrolabe.artifacts.plan import (
 )
 from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
-from astrolabe.report import REPORT_FILE, StageOutput
 from astrolabe.distributed import current_context, rank0_run_lock
+from astrolabe.report import REPORT_FILE, StageOutput, write_report
 from astrolabe.tracking import RUN_ID_FILE, Tracker, plot_curves
 from stages import STAGES
 
@@ -289,8 +289,8 @@ def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:
 
 
 def run_locations(run_path: Path, results: RunResults, tracking_uri: str | None = None) -> dict[str, str]:
-    """Where to look after a run: the summary file, the last evaluation's reports (grid ...), the last
-    checkpoint (``nft_update``'s ``state/``), the MLflow store."""
+    """Where to look after a run: the summary file, the report (``report.html``, once written), the last evaluation's
+    reports (grid ...), the last checkpoint (``nft_update``'s ``state/``), the MLflow store."""
     out = {"summary": str(run_path / SUMMARY_FILE)}
     if (run_path / REPORT_FILE).is_file():
         out["report"] = str(run_path / REPORT_FILE)
@@ -395,8 +395,6 @@ def train_run(
 
 def publish_report(run_path: Path, cfg: RunConfig, outputs: list[StageOutput], tracker: Tracker) -> Path:
     """Write ``<run>/report.html`` of the run's complete stage ``outputs`` and log it to MLflow under ``report/``."""
-    from astrolabe.report import write_report
-
     path = write_report(run_path, cfg, outputs)
     tracker.log_artifact(path, "report")
     return path
