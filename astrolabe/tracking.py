@@ -227,6 +227,19 @@ class Tracker:
         client.update_run(run_id, status="RUNNING")
         return run_id
 
+    def attach(self, run_dir: str | os.PathLike[str]) -> str | None:
+        """Log into the MLflow run recorded in ``run_dir`` without changing its status (an artifact made after
+        training, e.g. the report); None when tracking is off or no run / store is recorded."""
+        id_file = Path(run_dir) / RUN_ID_FILE
+        if not self.enabled or not id_file.is_file():
+            return None
+        assert self.tracking_uri is not None
+        if missing_store(self.tracking_uri) is not None:
+            return None
+        self._client = _client(self.tracking_uri)
+        self.run_id = id_file.read_text(encoding="utf-8").strip()
+        return self.run_id
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a (nested) config as dotted params. On resume, a changed value is kept as a tag and warned about."""
         if not self.enabled:
@@ -361,13 +374,25 @@ def _plot_panels(
     panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | os.PathLike[str],
     title: str | None, legend: bool,
 ) -> Path:
-    """A grid of at most 3 columns, one panel per ``{panel: {line label: points}}`` entry -> PNG at ``path``."""
+    """:func:`panels_png` written to ``path`` (atomically)."""
+    from astrolabe.artifacts.atomic import write_bytes
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes(out, panels_png(panels, title, legend))
+
+
+def panels_png(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], title: str | None = None, legend: bool = True,
+    xlabel: str = "step",
+) -> bytes:
+    """PNG bytes of a grid of at most 3 columns, one panel per ``{panel: {line label: points}}`` entry
+    (Agg canvas, no pyplot)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from astrolabe.artifacts.atomic import write_bytes
+    from matplotlib.ticker import MaxNLocator
 
     names = list(panels)
     ncols = min(3, len(names))
@@ -381,17 +406,16 @@ def _plot_panels(
                 steps, values = zip(*points)
                 ax.plot(steps, values, marker="." if len(points) < 50 else None, label=label or None)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and iterations are whole numbers
         ax.grid(True, alpha=0.3)
-        if legend:
+        if legend and any(panels[name]):
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return write_bytes(out, buf.getvalue())
+    return buf.getvalue()
 
 
 def _iso_ms(ms: int) -> str:

@@ -39,6 +39,7 @@ from flows.cli_common import (
     setup_logging,
     user_errors,
 )
+from flows.cli_report import report_cmd
 from flows.cli_services import compare, down_cmd, up_cmd
 from flows.cli_summary import print_summary
 from flows.cli_world import world_app
@@ -392,6 +393,7 @@ def verify(
 app.command("up")(up_cmd)
 app.command("down")(down_cmd)
 app.command()(compare)
+app.command("report")(report_cmd)
 
 
 def main() -> None:  # pragma: no cover

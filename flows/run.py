@@ -9,6 +9,7 @@ A run lives in ``<pipeline.runs_root>/<name>/``::
     tracking-logged.json  stage outputs already logged to MLflow (a resumed run does not log twice)
     run-summary.json      wall time, time per stage, bookkeeping overhead of the last attempt
     reward_curves.png     reward / eval curves so far, rewritten after every evaluation
+    report.html           the run's self-contained report, written at the end of `train` (`astrolabe report RUN`)
     latest/               stable names (symlinks) of the newest results: checkpoint (a policy for
                           `astrolabe generate --checkpoint`), eval (directory), grid.png, grid.mp4, metrics.json
     filter_prompts/<key>/  iter-0000/<stage>/<key>/ ...
@@ -50,6 +51,7 @@ from astrolabe.artifacts.plan import (
 from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
 from astrolabe.distributed import current_context, rank0_run_lock
+from astrolabe.report import REPORT_FILE, StageOutput, write_report
 from astrolabe.tracking import RUN_ID_FILE, Tracker, plot_curves
 from stages import STAGES
 
@@ -287,9 +289,11 @@ def eval_summary(results: RunResults) -> dict[int, dict[str, float]]:
 
 
 def run_locations(run_path: Path, results: RunResults, tracking_uri: str | None = None) -> dict[str, str]:
-    """Where to look after a run: the summary file, the last evaluation's reports (grid ...), the last
-    checkpoint (``nft_update``'s ``state/``), the MLflow store."""
+    """Where to look after a run: the summary file, the report (``report.html``, once written), the last evaluation's
+    reports (grid ...), the last checkpoint (``nft_update``'s ``state/``), the MLflow store."""
     out = {"summary": str(run_path / SUMMARY_FILE)}
+    if (run_path / REPORT_FILE).is_file():
+        out["report"] = str(run_path / REPORT_FILE)
     evals = sorted((r for r in results.by_id.values() if r.node.stage == "evaluate" and r.manifest.reports),
                    key=lambda r: r.node.iteration or 0)  # fmt: skip
     if evals:
@@ -374,6 +378,7 @@ def train_run(
             results = run_plan(cfg, run_path, STAGES, runner=announcing(runner or direct_runner(cfg, run_path, STAGES),
                                                                         on_start), on_done=done)  # fmt: skip
             logger.finish()
+            report_after_training(run_path, cfg, results, tracker)
             status = "FINISHED"
         except BaseException as e:
             # KeyboardInterrupt (SIGINT, SIGTERM via the CLI), SystemExit, ...; or any error while a signal is
@@ -386,6 +391,24 @@ def train_run(
         summary = summarize(run_path, start, results, change, tracker.tracking_uri)
         write_json(run_path / SUMMARY_FILE, summary.to_json(), indent=2)
         return summary
+
+
+def publish_report(run_path: Path, cfg: RunConfig, outputs: list[StageOutput], tracker: Tracker) -> Path:
+    """Write ``<run>/report.html`` of the run's complete stage ``outputs`` and log it to MLflow under ``report/``."""
+    path = write_report(run_path, cfg, outputs)
+    tracker.log_artifact(path, "report")
+    return path
+
+
+def report_after_training(run_path: Path, cfg: RunConfig, results: RunResults, tracker: Tracker) -> Path | None:
+    """:func:`publish_report` of a finished run; a failure is a warning (the training result stands)."""
+    outputs = [StageOutput(r.node.stage, r.node.iteration, r.path, r.manifest) for r in results.by_id.values()]
+    try:
+        return publish_report(run_path, cfg, outputs, tracker)
+    except Exception as e:  # noqa: BLE001 - the report is a view: `astrolabe report RUN` writes it again
+        log.warning("the report of %s could not be written (%s: %s); retry with `astrolabe report %s`",
+                    run_path, type(e).__name__, e, run_path)
+        return None
 
 
 def announcing(runner: Runner, on_start: Callable[[Node], None] | None) -> Runner:
