@@ -102,3 +102,42 @@ def bench_rewards(
     for name, v in result.items():
         table.add_row(name, f"{v:.1f}")
     _bench_output(result, table, json_out)
+
+
+def _spread_cell(s: dict[str, float], fmt: str = "{:+.4f}") -> str:
+    return f"{fmt.format(s['mean'])} [{fmt.format(s['min'])}..{fmt.format(s['max'])}]"
+
+
+@bench_app.command("algorithms")
+def bench_algorithms(
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeatable; default 0 1 2).")] = None,
+    iterations: Annotated[int, typer.Option("--iterations", help="Iterations per run (evaluated at 0 and at the "
+                                            "end).")] = 4,
+    runs_root: Annotated[Path, typer.Option("--runs-root", help="Where the runs go (resumed when there).")] = Path(
+        "runs/algorithms"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")] = None,
+    json_out: JsonOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """NFT vs AR-CoPO vs AR-CoPO + merge on the tiny default, same prompts, rewards and iterations, over seeds:
+    eval reward gains (mean [min..max] over seeds), wall time and peak memory per method."""
+    from rich.table import Table
+
+    from flows.algorithms import compare_methods, summarize_methods
+
+    setup_logging(verbose)
+    overrides = [f"pipeline.iterations={iterations}", f"pipeline.eval_every={iterations}", *(set_ or [])]
+    with user_errors():
+        runs = compare_methods(seeds or [0, 1, 2], runs_root, overrides,
+                               on_run=lambda r: console.print(f"{r.method} seed {r.seed}: {r.wall_s:.0f} s"))
+    summary = summarize_methods(runs)
+    gains = sorted({k for row in summary.values() for k in row if k.startswith("gain/")})
+    table = Table("method", "seeds", *[g[len("gain/eval/"):] if g.startswith("gain/eval/") else g for g in gains],
+                  "wall s", "peak RSS MiB", "merge s", caption=f"eval change from iteration 0 to {iterations}: "
+                  "mean [min..max] over seeds")
+    for name, row in summary.items():
+        table.add_row(name, " ".join(map(str, row["seeds"])), *[_spread_cell(row[g]) for g in gains],
+                      _spread_cell(row["wall_s"], "{:.0f}"), _spread_cell(row["peak_rss_mib"], "{:.0f}"),
+                      " ".join(f"{s:g}" for s in row.get("merge_scales", [])) or "-")
+    result = {"summary": summary, "runs": [{**r.__dict__, "run_path": str(r.run_path)} for r in runs]}
+    _bench_output(result, table, json_out)
