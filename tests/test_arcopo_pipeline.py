@@ -159,18 +159,6 @@ def test_update_stage_checkpoint_logs_and_syncs_old(chain):
         torch.testing.assert_close(old[key], lora[k], rtol=0, atol=0)
 
 
-def test_arcopo_update_and_merge_sweep_refuse_torchrun(chain, monkeypatch, tmp_path):
-    cfg, _, p, r, lab, _ = chain
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(NotImplementedError, match="not sliced across ranks"):
-        nft_update.run_arcopo(cfg, {"rollout": r, "labels": lab}, tmp_path, 0)
-    from stages import evaluate
-
-    with pytest.raises(NotImplementedError, match="merge sweep"):
-        evaluate.run_merge_sweep(_cfg(tmp_path), {"prompts": p}, tmp_path / "state", tmp_path, 1)
-
-
 # ----------------------------------------------------------------------------------- merge
 
 
