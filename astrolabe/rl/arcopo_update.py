@@ -63,7 +63,7 @@ from astrolabe.rl.arcopo_rollout import PIVOT_INPUTS, PIVOT_X0, PREFIX
 from astrolabe.parallel import ParallelConfig, parallelize
 from astrolabe.rl.accumulation import accumulate_gradients, shuffled_steps
 from astrolabe.rl.state import TrainingState
-from astrolabe.rl.streaming_update import build_prefix_cache
+from astrolabe.rl.streaming_update import build_prefix_cache, train_mode
 from astrolabe.sampling.kv_cache import KVCache
 from astrolabe.sampling.schedule import flow_to_x0
 from astrolabe.sampling.streaming import StreamConfig
@@ -181,7 +181,7 @@ def prepare_group(
     anchors = list(anchors)
     b = len(anchors)
     prefix = torch.from_numpy(group.prefix).to(device=context.device, dtype=context.dtype)[None]  # (1, P, C, h, w)
-    with torch.no_grad(), state.policies.use(old_policy) as m:
+    with torch.no_grad(), state.policies.use(old_policy) as m, train_mode(m, False):
         cache = build_prefix_cache(m, stream, context, prefix).fork(b)
     return PreparedGroup(group, anchors, cache, context.expand(b, -1, -1),
                          torch.from_numpy(group.advantages).to(context.device))
@@ -200,9 +200,9 @@ def step_loss(
     timestep, sigma = data.timesteps[t], data.sigmas[t]
     x = torch.from_numpy(data.pivot_inputs[t, g.anchors]).to(device=device, dtype=dtype)  # (B, f, C, h, w)
     cand = torch.from_numpy(data.pivot_x0[t]).to(device=device, dtype=dtype)  # (G, f, C, h, w)
-    with torch.no_grad(), policies.use(old_policy) as m:
+    with torch.no_grad(), policies.use(old_policy) as m, train_mode(m, False):
         old = pivot_x0(m, g.cache, x, timestep, sigma, g.context, data.pivot_start_frame)
-    with policies.use("default") as m:
+    with policies.use("default") as m, train_mode(m, True):  # train mode: activation checkpointing engages
         cur = pivot_x0(m if model is None else model, g.cache, x, timestep, sigma, g.context, data.pivot_start_frame)
     return arcopo_loss(cur, cand.unsqueeze(0).expand(len(g.anchors), *cand.shape), g.advantages, cfg=cfg,
                        old_anchor_pred=old)
