@@ -167,7 +167,7 @@ def _adapter_files(state: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("old_policy", ["old", "ref"])  # the on-policy adapter; the semi one (buffer picks)
 def test_update_resumed_after_an_iteration_equals_the_uninterrupted_run(chain, tmp_path, old_policy):
     cfg, _, _, r, lab, _ = chain
-    cfg = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"epochs": 2})})
+    cfg = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"epochs": 2, "accumulation_steps": 1})})
     groups, _ = read_labelled_groups(r, lab)
     ctx = nft_update.encode_prompts(cfg, [g.prompt for g in groups])
     extra, pick = ((), None) if old_policy == "old" else (("buffer",), 1)
@@ -188,7 +188,8 @@ def test_update_resumed_after_an_iteration_equals_the_uninterrupted_run(chain, t
             assert torch.equal(v, o2["state"][k][name]), (k, name)
     g1, g2 = (torch.load(tmp_path / d / "rng.pt", weights_only=False)["torch_generators"] for d in ("uninterrupted", "it1"))
     assert g1.keys() == {"sigma", "noise", "shuffle", "anchors", *extra} and all(torch.equal(g1[k], g2[k]) for k in g1)
-    assert json.loads((tmp_path / "it1" / "state.json").read_text())["step"] == state.step == 2 * 2 * (pick or 2)
+    steps = 2 * 2 * -(-(pick or len(groups)) // cfg.rl.accumulation_steps)  # iterations x epochs x steps per pass
+    assert json.loads((tmp_path / "it1" / "state.json").read_text())["step"] == state.step == steps
 
 
 # ----------------------------------------------------------------------------------- merge
