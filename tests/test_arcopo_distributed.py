@@ -4,7 +4,8 @@ One process builds the inputs (prompts, semi buffer, rollout, scores, labels, ba
 single-process references (``nft_update`` iteration 0 with the on-policy and the semi adapters, ``evaluate``
 iteration 1 = the merge sweep). Two spawned gloo ranks then run the same two stages through the run engine
 (:func:`astrolabe.artifacts.engine.execute`), the update under DDP: every optimizer step's (group, step)
-micro-batches are sliced across the ranks (a group cut between them), the evaluation plan too. The adapters,
+micro-batches are sliced across the ranks (a group cut between them), the evaluation plan (of the one-process
+checkpoint) too. The adapters,
 the optimizer state and the generators of both training states, the metrics, and every scale's reward table
 must equal the single-process run's.
 """
@@ -49,14 +50,18 @@ def _dir(run: Path, m: Manifest) -> Path:
     return stage_root(run, m.stage, m.iteration) / m.key
 
 
-def _train_and_evaluate(cfg, run: Path, inputs: dict[str, Path], baseline: Path) -> tuple[Path, Path]:
+def _train_and_evaluate(cfg, run: Path, inputs: dict[str, Path], baseline: Path,
+                        evaluated: Path | None = None) -> tuple[Path, Path]:  # fmt: skip
+    """The update, then the merge sweep of ``evaluated`` (default: that update's output)."""
     upd = _dir(run, execute(nft_update, cfg, run, inputs, 0))
-    ev = execute(evaluate, cfg, run, {"prompts": inputs["prompts"], "checkpoint": upd, "baseline": baseline}, 1)
+    ckpt = evaluated if evaluated is not None else upd
+    ev = execute(evaluate, cfg, run, {"prompts": inputs["prompts"], "checkpoint": ckpt, "baseline": baseline}, 1)
     return upd, _dir(run, ev)
 
 
-def _rank_worker(rank: int, port: int, root: str, inputs: dict[str, str], baseline: str) -> None:
-    """One of two gloo ranks: the update (DDP) and the merge-sweep evaluation through the run engine."""
+def _rank_worker(rank: int, port: int, root: str, inputs: dict[str, str], baseline: str, evaluated: str) -> None:
+    """One of two gloo ranks: the update (DDP) and the merge sweep of the one-process update's checkpoint (the
+    evaluation's slicing alone, not the update's float noise through the videos' 8-bit pixels)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -66,7 +71,7 @@ def _rank_worker(rank: int, port: int, root: str, inputs: dict[str, str], baseli
     try:
         cfg = _cfg(Path(root), "parallel.strategy=ddp")
         upd, ev = _train_and_evaluate(cfg, Path(root) / "ranks", {k: Path(v) for k, v in inputs.items()},
-                                      Path(baseline))
+                                      Path(baseline), Path(evaluated))
         Path(root, f"done-r{rank}.json").write_text(json.dumps({"update": str(upd), "evaluate": str(ev)}))
     finally:
         torch.distributed.destroy_process_group()
@@ -86,7 +91,7 @@ def runs(tmp_path_factory):
     one = _train_and_evaluate(cfg, run, inputs, baseline)
     port = free_port()
     codes = run_ranks(_rank_worker, lambda k: (k, port, str(root), {k_: str(v) for k_, v in inputs.items()},
-                                               str(baseline)), timeout=600)
+                                               str(baseline), str(one[0])), timeout=600)
     assert codes == [0, 0]
     done = [json.loads((root / f"done-r{k}.json").read_text()) for k in range(2)]
     assert done[0] == done[1], "every rank returns the one published output"
