@@ -29,8 +29,8 @@ Outputs in the stage directory:
   iteration alone without a baseline (:mod:`astrolabe.data.grid`).
 
 With ``rl.algorithm: arcopo`` and ``arcopo.semi`` set, a checkpoint is evaluated as the merge sweep
-``W0 + dW_semi + s dW_on`` (:func:`merge_sweep`: every scale under ``merge/s<s>/``, the reported one at the
-top level, ``eval/merge/*`` metrics).
+``W0 + dW_semi + s dW_on`` (:func:`sweep_scales`, :func:`finish_sweep`: every scale under ``merge/s<s>/``, the
+reported one at the top level, ``eval/merge/*`` metrics), sliced under torchrun like the plain evaluation.
 
 Deterministic: the noise of each video is ``SampleNoise([s])``; nothing reads global RNG state.
 
@@ -78,7 +78,7 @@ METRICS_FILE = "metrics.json"
 GRID_MP4 = "grid.mp4"
 GRID_PNG = "grid.png"
 MAX_GRID_ROWS = 8
-MERGE_DIR = "merge"  # AR-CoPO merge sweep: merge/s<s>/ per scale (merge_sweep)
+MERGE_DIR = "merge"  # AR-CoPO merge sweep: merge/s<s>/ per scale (sweep_scales)
 
 
 @dataclass
@@ -89,18 +89,6 @@ class Scored:
     keys: list[str]
     columns: dict[str, np.ndarray]  # reward name -> (N,) raw scores
     identities: dict[str, Any]  # reward name -> identity
-    score_counts: dict[str, int]
-    timings: dict[str, float]
-    card: BaseModelCard
-    num_latent_frames: int
-
-
-@dataclass
-class EvalOutcome:
-    """One policy's evaluation written into a directory (:func:`evaluate_policy`)."""
-
-    paths: list[Path]  # videos in plan order
-    metrics: dict[str, Any]  # summarize(); the metrics.json written
     score_counts: dict[str, int]
     timings: dict[str, float]
     card: BaseModelCard
@@ -122,7 +110,7 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
         "num_latent_frames": cfg.rollout.num_latent_frames,
         "video_crf": cfg.rollout.video_crf,
     }
-    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None:  # the merge sweep (merge_sweep)
+    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None:  # the merge sweep (sweep_scales)
         subset["arcopo_merge"] = cfg.arcopo.merge.model_dump(mode="json")
     return subset
 
@@ -311,21 +299,6 @@ def write_scores(cfg: RunConfig, out_dir: Path, iteration: int, keys: list[str],
     return metrics
 
 
-def evaluate_policy(
-    cfg: RunConfig,
-    build: Callable[[], tuple[GenerationStack, BaseModelCard]],
-    prompts: Sequence[str],
-    plan: Sequence[tuple[int, int]],
-    out_dir: Path,
-    iteration: int,
-) -> EvalOutcome:
-    """One process: generate every planned video with the stack ``build()`` returns, score it and write
-    ``videos/``, ``eval_rewards.zarr`` and ``metrics.json`` into ``out_dir``."""
-    sc = generate_and_score(cfg, build, prompts, plan, out_dir, iteration)
-    metrics = write_scores(cfg, out_dir, iteration, sc.keys, sc.columns, sc.identities)
-    return EvalOutcome(sc.paths, metrics, sc.score_counts, sc.timings, sc.card, sc.num_latent_frames)
-
-
 def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> None:
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -333,48 +306,64 @@ def write_metrics(out_dir: Path, metrics: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------------- AR-CoPO merge sweep
 
 
-def merge_sweep(cfg: RunConfig, inputs: Mapping[str, Path], state: Path, prompts: Sequence[str],
-                plan: Sequence[tuple[int, int]], out_dir: Path, iteration: int) -> EvalOutcome:  # fmt: skip
-    """AR-CoPO's two adapters: evaluate ``W0 + dW_semi + s dW_on`` for every ``s`` of ``arcopo.merge.scales``
-    into ``merge/s<s>/``, choose ``s`` (:func:`astrolabe.rl.arcopo_semi.report_merge_scale`, against the
-    ``baseline`` evaluation) and copy the reported scale's videos and rewards to the top level, so the grid,
-    ``reward/*`` and ``astrolabe compare`` read the merged model like any other evaluation. Adds
-    ``merge/s``, ``merge/s_rule`` and ``merge/s<s>/<metric>`` (:func:`astrolabe.rl.arcopo_semi.merge_metrics`).
-    """
+def is_merge_sweep(cfg: RunConfig, state: Path | None) -> bool:
+    """Whether the checkpoint ``state`` is evaluated as AR-CoPO's merge sweep (:func:`sweep_scales`)."""
+    return cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None and state is not None
+
+
+def scale_dir(out_dir: Path, s: float) -> Path:
+    """``merge/s<s>/``: where the merge sweep evaluates scale ``s``."""
+    return out_dir / MERGE_DIR / scale_name(s)
+
+
+def sweep_scales(cfg: RunConfig, state: Path, prompts: Sequence[str], plan: Sequence[tuple[int, int]],
+                 out_dir: Path, iteration: int) -> dict[float, Scored]:  # fmt: skip
+    """AR-CoPO's two adapters: generate and score ``plan`` (this rank's share) with ``W0 + dW_semi + s dW_on`` for
+    every ``s`` of ``arcopo.merge.scales`` into ``merge/s<s>/videos/`` (not summarized: :func:`finish_sweep`)."""
     semi_state = Path(state).parent / SEMI_STATE_SUBDIR
     if not semi_state.is_dir():
         raise FileNotFoundError(f"{semi_state} is missing: the checkpoint was trained without arcopo.semi")
-    mc = cfg.arcopo.merge
-    results: dict[float, EvalOutcome] = {}
-    for s in mc.scales:
-        dest = out_dir / MERGE_DIR / scale_name(s)
-        dest.mkdir(parents=True)
+    results: dict[float, Scored] = {}
+    for s in cfg.arcopo.merge.scales:
+        dest = scale_dir(out_dir, s)
+        dest.mkdir(parents=True, exist_ok=True)  # every rank writes its share into it
 
         def build(s: float = s) -> tuple[GenerationStack, BaseModelCard]:
             stack, card = build_generation_stack(cfg)
             stack.dit = merge_adapters(stack.dit, [(semi_state, 1.0), (Path(state), s)])
             return stack, card
 
-        results[s] = evaluate_policy(cfg, build, prompts, plan, dest, iteration)
+        results[s] = generate_and_score(cfg, build, prompts, plan, dest, iteration)
+    return results
+
+
+def finish_sweep(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int,
+                 scores: Mapping[float, tuple[list[str], Mapping[str, np.ndarray], Mapping[str, Any]]],
+                 ) -> tuple[float, dict[str, Any]]:  # fmt: skip
+    """Every scale's scores ``s -> (keys, columns, identities)`` (all ranks') written into ``merge/s<s>/``; ``s``
+    chosen (:func:`astrolabe.rl.arcopo_semi.report_merge_scale`, against the ``baseline`` evaluation) and the
+    reported scale's videos and rewards copied to the top level, so the grid, ``reward/*`` and ``astrolabe compare``
+    read the merged model like any other evaluation. Returns ``(reported s, metrics)``: the reported scale's
+    metrics plus ``merge/s``, ``merge/s_rule`` and ``merge/s<s>/<metric>``
+    (:func:`astrolabe.rl.arcopo_semi.merge_metrics`), also written to ``metrics.json``."""
+    mc = cfg.arcopo.merge
+    table: dict[float, dict[str, Any]] = {}
+    for s, (keys, columns, identities) in scores.items():
+        table[s] = write_scores(cfg, scale_dir(out_dir, s), iteration, keys, columns, identities)
         log.info("evaluate it%d merge s=%g: %s %s, %s %s", iteration, s, mc.in_domain_metric,
-                 results[s].metrics.get(mc.in_domain_metric), mc.held_out_metric,
-                 results[s].metrics.get(mc.held_out_metric))
-    table = {s: r.metrics for s, r in results.items()}
+                 table[s].get(mc.in_domain_metric), mc.held_out_metric, table[s].get(mc.held_out_metric))
     baseline = inputs.get("baseline")
     base = json.loads((Path(baseline) / METRICS_FILE).read_text(encoding="utf-8")) if baseline is not None else None
     reported, chosen = report_merge_scale(table, base, mc)
     if chosen is None:
         log.warning("evaluate it%d: no merge scale beats the base on both %s and %s; reporting s=%g", iteration,
                     mc.in_domain_metric, mc.held_out_metric, reported)
-    src = out_dir / MERGE_DIR / scale_name(reported)
+    src = scale_dir(out_dir, reported)
     shutil.copytree(src / VIDEOS_DIR, out_dir / VIDEOS_DIR)
     shutil.copytree(src / REWARDS_FILE, out_dir / REWARDS_FILE)
-    out = results[reported]
-    metrics = {**out.metrics, **merge_metrics(table, reported, chosen, mc)}
+    metrics = {**table[reported], **merge_metrics(table, reported, chosen, mc)}
     write_metrics(out_dir, metrics)
-    timings = {k: sum(r.timings.get(k, 0.0) for r in results.values()) for k in ("build", "generation", "scoring")}
-    return EvalOutcome([out_dir / VIDEOS_DIR / p.name for p in out.paths], metrics, out.score_counts, timings,
-                       out.card, out.num_latent_frames)
+    return reported, metrics
 
 
 # ----------------------------------------------------------------------------------- stage
@@ -424,27 +413,50 @@ def _extra(inputs: Mapping[str, Path], state: Path | None, iteration: int, fps: 
             "baseline": str(baseline) if baseline is not None else None, "fps": fps}
 
 
+def _decode_failed(name: str) -> str:
+    """The count of a rank's failed decodes at merge scale directory ``name`` (one kept by :func:`merge_ranks`)."""
+    return f"decode_failed/{name}"
+
+
 def run_merge_sweep(cfg: RunConfig, inputs: Mapping[str, Path], state: Path, out_dir: Path,
                     iteration: int) -> StageResult:  # fmt: skip
-    """The stage for an AR-CoPO checkpoint with ``arcopo.semi`` (:func:`merge_sweep`); one process only."""
-    _, world = dist_rank_world()
-    if world > 1:
-        raise NotImplementedError(
-            f"the AR-CoPO merge sweep (rl.algorithm='arcopo' with arcopo.semi) under torchrun (world size {world}) "
-            "is not sliced across ranks yet; run evaluate in one process (no torchrun)"
-        )
+    """The stage for an AR-CoPO checkpoint with ``arcopo.semi`` (:func:`sweep_scales`, :func:`finish_sweep`).
+
+    Under torchrun rank ``k`` evaluates its :func:`rank_slice` of the plan at every scale (scores in
+    ``merge/s<s>/eval_rewards-rNNN.zarr``); rank 0 merges them and chooses ``s`` in :func:`merge_ranks`.
+    """
     prompts, plan = _eval_prompts(cfg, inputs)
-    ev = merge_sweep(cfg, inputs, state, prompts, plan, out_dir, iteration)
-    counts, metrics, reports = _report(cfg, inputs, out_dir, iteration, ev.metrics, float(ev.card.fps), ev.timings)
-    return StageResult(
-        counts={"prompts": len(prompts), "videos": len(ev.paths), "decode_failed": ev.score_counts["decode_failed"],
-                "num_latent_frames": ev.num_latent_frames, **counts},
-        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in plan}},
-        timings=ev.timings,
-        metrics=metrics,
-        reports=reports,
-        extra=_extra(inputs, state, iteration, float(ev.card.fps)),
+    rank, world = dist_rank_world()
+    mine = [plan[j] for j in rank_slice(len(plan), rank, world)]  # this rank's share, in plan order
+    scored = sweep_scales(cfg, state, prompts, mine, out_dir, iteration)
+    first = next(iter(scored.values()))
+    fps = float(first.card.fps)
+    timings = {k: sum(sc.timings.get(k, 0.0) for sc in scored.values()) for k in ("build", "generation", "scoring")}
+    result = StageResult(
+        counts={"prompts": len(prompts), "videos": len(mine), "num_latent_frames": first.num_latent_frames,
+                **{_decode_failed(scale_name(s)): sc.score_counts["decode_failed"] for s, sc in scored.items()}},
+        seeds={"eval_seeds": list(cfg.pipeline.eval_seeds), "samples": {sample_key(i, s): s for i, s in mine}},
+        timings=timings,
+        extra=_extra(inputs, state, iteration, fps),
     )
+    if world > 1:  # rank 0 merges the parts and chooses s (merge_ranks)
+        for s, sc in scored.items():
+            write_rank_part(scale_dir(out_dir, s), "eval_rewards", rank, sc.keys, sc.columns, {"rewards": sc.identities})
+        return result
+    reported, metrics = finish_sweep(cfg, inputs, out_dir, iteration,
+                                     {s: (sc.keys, sc.columns, sc.identities) for s, sc in scored.items()})
+    return _publish_sweep(cfg, inputs, out_dir, iteration, result, reported, metrics)
+
+
+def _publish_sweep(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int, result: StageResult,
+                   reported: float, metrics: Mapping[str, Any]) -> StageResult:  # fmt: skip
+    """The merge sweep's result with the reported scale's ``decode_failed``, the grid and the metrics."""
+    failed = {k: result.counts.pop(k) for k in [k for k in result.counts if k.startswith("decode_failed/")]}
+    result.counts["decode_failed"] = failed[_decode_failed(scale_name(reported))]
+    counts, result.metrics, result.reports = _report(cfg, inputs, out_dir, iteration, metrics, result.extra["fps"],
+                                                     result.timings)
+    result.counts |= counts
+    return result
 
 
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
@@ -453,7 +465,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     if "prompts" not in inputs:
         raise KeyError("the evaluate stage needs inputs['prompts'] (the filter_prompts directory)")
     state = resolve_policy(inputs)
-    if cfg.rl.algorithm == "arcopo" and cfg.arcopo.semi is not None and state is not None:  # W0 + dW_semi + s dW_on
+    if is_merge_sweep(cfg, state):  # W0 + dW_semi + s dW_on
+        assert state is not None
         return run_merge_sweep(cfg, inputs, state, out_dir, iteration)
     prompts, plan = _eval_prompts(cfg, inputs)
     rank, world = dist_rank_world()
@@ -480,6 +493,14 @@ def merge_ranks(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, itera
                 merged: StageResult) -> StageResult:  # fmt: skip
     """Rank 0, after every rank generated and scored its share: one scores table, the metrics and the grid."""
     assert iteration is not None
+    state = resolve_policy(inputs)
+    if is_merge_sweep(cfg, state):  # every scale's parts, then the choice of s
+        scores = {}
+        for s in cfg.arcopo.merge.scales:
+            keys, columns, attrs = merge_rank_parts(scale_dir(out_dir, s), "eval_rewards")
+            scores[s] = (keys, columns, attrs["rewards"])
+        reported, metrics = finish_sweep(cfg, inputs, out_dir, iteration, scores)
+        return _publish_sweep(cfg, inputs, out_dir, iteration, merged, reported, metrics)
     keys, columns, attrs = merge_rank_parts(out_dir, "eval_rewards")
     counts, merged.metrics, merged.reports = _finish(cfg, inputs, out_dir, iteration, keys, columns, attrs["rewards"],
                                                      merged.extra["fps"], merged.timings)

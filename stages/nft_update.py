@@ -54,7 +54,9 @@ With ``rl.algorithm: arcopo`` the stage runs :func:`run_arcopo` instead: the AR-
 ``arcopo.semi`` set and the ``buffer`` input (the :mod:`stages.arcopo_buffer` output), the semi-on-policy
 adapter in ``state_semi/``, trained on ``arcopo.semi.groups_per_iteration`` buffer groups drawn by its
 ``buffer`` generator. ``state/``'s ``old`` adapter is the trained one after the phase (the next rollout's
-sampling policy).
+sampling policy). Under torchrun both adapters train sliced like NFT: every rank holds the same groups, state and
+generators, trains its share of each optimizer step's (group, denoising step) micro-batches, and the
+sample-weighted gradients are summed across ranks (:mod:`astrolabe.rl.arcopo_update`); rank 0 writes the states.
 
 Every generator (LoRA init, sigma, noise, shuffle) is part of the checkpoint, so iteration k + 1 continues
 the streams of iteration k: a resumed run equals an uninterrupted one. With selective KL the checkpoint also
@@ -114,8 +116,9 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
 # Under torchrun every rank trains its share of each step (module docstring); every count is the same on
 # every rank (the per-rank samples are in ``extra["samples_per_rank"]``).
 _COUNTS = ("records", "trained", "skipped_nan_r", "optimizer_steps", "step")
+_ARCOPO_COUNTS = ("groups", "trained_groups", "skipped_nan_groups", "buffer_groups")  # run_arcopo's, also equal
 STAGE = StageInfo(name="nft_update", code_version="2", config_subset=_config_subset, per_iteration=True,
-                  distribution="sliced", rank_invariant_counts=_COUNTS)
+                  distribution="sliced", rank_invariant_counts=_COUNTS + _ARCOPO_COUNTS)
 
 
 def checkpoint_state_dir(stage_dir: str | Path) -> Path:
@@ -432,14 +435,10 @@ def read_buffer(buffer: Path) -> list[PivotGroupData]:
     return groups
 
 
-def train_arcopo_adapter(cfg: RunConfig, groups: Sequence[PivotGroupData], contexts: Mapping[str, torch.Tensor],
-                         checkpoint: Path | None, out: Path, iteration: int, old_policy: OldPolicy,
-                         extra_generators: Sequence[str] = (), pick: int | None = None,
-                         ) -> dict[str, float]:  # fmt: skip
-    """Build (or restore from ``checkpoint``) one adapter's training state, run a phase, save it to ``out``.
-
-    ``pick``: train on that many groups drawn without replacement by the state's ``buffer`` generator.
-    """
+def build_arcopo_state(cfg: RunConfig, checkpoint: Path | None, iteration: int,
+                       extra_generators: Sequence[str] = ()) -> TrainingState:  # fmt: skip
+    """One AR-CoPO adapter's training state: fresh (iteration 0) or restored from ``checkpoint``, with the update's
+    generators (:data:`ARCOPO_GENERATORS` and ``extra_generators``) registered."""
     base = get_base_model(cfg.model.base)
     state = build_training_state(cfg, build_dit(cfg.model, base))
     for i, name in enumerate((*ARCOPO_GENERATORS, *extra_generators)):
@@ -449,25 +448,42 @@ def train_arcopo_adapter(cfg: RunConfig, groups: Sequence[PivotGroupData], conte
         state.load(checkpoint)
     elif iteration > 0:
         raise FileNotFoundError(f"nft_update (arcopo) at iteration {iteration} needs inputs['checkpoint']")
+    return state
+
+
+def arcopo_adapter_phase(cfg: RunConfig, state: TrainingState, groups: Sequence[PivotGroupData],
+                         contexts: Mapping[str, torch.Tensor], iteration: int, old_policy: OldPolicy,
+                         pick: int | None = None) -> dict[str, float]:  # fmt: skip
+    """One iteration of one adapter on ``state`` (every rank, the same arguments); ``pick``: train on that many
+    groups drawn without replacement by the state's ``buffer`` generator."""
     if pick is not None:
         order = torch.randperm(len(groups), generator=state.generators["buffer"]).tolist()
         groups = [groups[i] for i in order[: min(pick, len(groups))]]
-    metrics = arcopo_phase(state, groups, contexts, stream_config(cfg.model, base), cfg.arcopo, epochs=cfg.rl.epochs,
-                           accumulation_steps=cfg.rl.accumulation_steps, old_policy=old_policy,
-                           parallel=cfg.parallel)
+    metrics = arcopo_phase(state, groups, contexts, stream_config(cfg.model, get_base_model(cfg.model.base)),
+                           cfg.arcopo, epochs=cfg.rl.epochs, accumulation_steps=cfg.rl.accumulation_steps,
+                           old_policy=old_policy, parallel=cfg.parallel)
     state.extra = {"iteration": iteration, "trained_groups": len(groups), "old_policy": old_policy}
-    state.save(out)
+    return metrics
+
+
+def train_arcopo_adapter(cfg: RunConfig, groups: Sequence[PivotGroupData], contexts: Mapping[str, torch.Tensor],
+                         checkpoint: Path | None, out: Path, iteration: int, old_policy: OldPolicy,
+                         extra_generators: Sequence[str] = (), pick: int | None = None,
+                         ) -> dict[str, float]:  # fmt: skip
+    """Build (or restore from ``checkpoint``) one adapter's training state, run a phase
+    (:func:`arcopo_adapter_phase`), and save it to ``out`` (rank 0; every rank holds the same state)."""
+    state = build_arcopo_state(cfg, checkpoint, iteration, extra_generators)
+    metrics = arcopo_adapter_phase(cfg, state, groups, contexts, iteration, old_policy, pick)
+    if dist_rank_world()[0] == 0:
+        state.save(out)
     return metrics
 
 
 def run_arcopo(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int) -> StageResult:
-    """The stage with ``rl.algorithm: arcopo`` (module docstring); one process only (no rank slicing yet)."""
+    """The stage with ``rl.algorithm: arcopo`` (module docstring). Under torchrun every rank reads the same groups
+    and trains its share of every optimizer step (:func:`astrolabe.rl.arcopo_update.arcopo_phase`); rank 0 writes
+    the states."""
     _, world = dist_rank_world()
-    if world > 1:
-        raise NotImplementedError(
-            f"rl.algorithm='arcopo' under torchrun (world size {world}): the AR-CoPO update is not sliced across "
-            "ranks yet; run nft_update in one process (no torchrun) or use rl.algorithm='nft'"
-        )
     t0 = time.perf_counter()
     groups, skipped = read_labelled_groups(Path(inputs["rollout"]), Path(inputs["labels"]))
     if not groups:
@@ -498,7 +514,7 @@ def run_arcopo(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iterat
         seeds={"lora_seed": cfg.rl.lora_seed, "from_checkpoint": str(ckpt) if ckpt else None},
         timings={"build": t_build, "train": t_train},
         metrics=finite_metrics(metrics),
-        extra={"algorithm": "arcopo"},
+        extra={"algorithm": "arcopo", "world_size": world},
     )
 
 

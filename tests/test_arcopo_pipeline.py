@@ -159,16 +159,37 @@ def test_update_stage_checkpoint_logs_and_syncs_old(chain):
         torch.testing.assert_close(old[key], lora[k], rtol=0, atol=0)
 
 
-def test_arcopo_update_and_merge_sweep_refuse_torchrun(chain, monkeypatch, tmp_path):
-    cfg, _, p, r, lab, _ = chain
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(NotImplementedError, match="not sliced across ranks"):
-        nft_update.run_arcopo(cfg, {"rollout": r, "labels": lab}, tmp_path, 0)
-    from stages import evaluate
+def _adapter_files(state: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(state)): f.read_bytes()
+            for f in [state / "lora" / "adapter_model.safetensors", *sorted((state / "adapters").glob("*"))]}
 
-    with pytest.raises(NotImplementedError, match="merge sweep"):
-        evaluate.run_merge_sweep(_cfg(tmp_path), {"prompts": p}, tmp_path / "state", tmp_path, 1)
+
+@pytest.mark.parametrize("old_policy", ["old", "ref"])  # the on-policy adapter; the semi one (buffer picks)
+def test_update_resumed_after_an_iteration_equals_the_uninterrupted_run(chain, tmp_path, old_policy):
+    cfg, _, _, r, lab, _ = chain
+    cfg = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"epochs": 2, "accumulation_steps": 1})})
+    groups, _ = read_labelled_groups(r, lab)
+    ctx = nft_update.encode_prompts(cfg, [g.prompt for g in groups])
+    extra, pick = ((), None) if old_policy == "old" else (("buffer",), 1)
+    # uninterrupted: one state in memory through iterations 0 and 1
+    state = nft_update.build_arcopo_state(cfg, None, 0, extra)
+    for it in (0, 1):
+        nft_update.arcopo_adapter_phase(cfg, state, groups, ctx, it, old_policy, pick)
+    state.save(tmp_path / "uninterrupted")
+    # interrupted after iteration 0's update: the stage saves it; iteration 1 restores it into a fresh state
+    nft_update.train_arcopo_adapter(cfg, groups, ctx, None, tmp_path / "it0", 0, old_policy, extra, pick)
+    nft_update.train_arcopo_adapter(cfg, groups, ctx, tmp_path / "it0", tmp_path / "it1", 1, old_policy, extra, pick)
+    a, b = _adapter_files(tmp_path / "uninterrupted"), _adapter_files(tmp_path / "it1")
+    assert a.keys() == b.keys() and a == b, "the adapters differ (byte for byte)"
+    o1, o2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=False)["optimizer"] for d in ("uninterrupted", "it1"))
+    assert o1["state"].keys() == o2["state"].keys() and o1["state"]
+    for k in o1["state"]:
+        for name, v in o1["state"][k].items():
+            assert torch.equal(v, o2["state"][k][name]), (k, name)
+    g1, g2 = (torch.load(tmp_path / d / "rng.pt", weights_only=False)["torch_generators"] for d in ("uninterrupted", "it1"))
+    assert g1.keys() == {"sigma", "noise", "shuffle", "anchors", *extra} and all(torch.equal(g1[k], g2[k]) for k in g1)
+    steps = 2 * 2 * -(-(pick or len(groups)) // cfg.rl.accumulation_steps)  # iterations x epochs x steps per pass
+    assert json.loads((tmp_path / "it1" / "state.json").read_text())["step"] == state.step == steps
 
 
 # ----------------------------------------------------------------------------------- merge

@@ -89,6 +89,8 @@ def test_arcopo_preset_keeps_the_papers_layout():
     assert (cfg.rl.algorithm, cfg.rollout.group_size, cfg.rollout.prompts_per_iteration) == ("arcopo", 12, 24)
     assert cfg.resources.gpus is None and cfg.resources.world_size() == 24
     assert cfg.rl.reference == "base" and cfg.rl.selective_kl is None
+    # 2 policy-update steps per iteration: every group in one optimizer step, 2 passes
+    assert cfg.rl.epochs * -(-cfg.rollout.prompts_per_iteration // cfg.rl.accumulation_steps) == 2
     with pytest.raises(ConfigError, match="rollout.group_size=12 conflicts with resources.gpus=24"):
         load_config(CONFIGS / "self_forcing/arcopo.yaml", ["resources.gpus=24"])
 

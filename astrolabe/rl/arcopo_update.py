@@ -29,10 +29,20 @@ step, which the stored value (made by the merged-LoRA sampler in another batch) 
 Assumption (U2): the candidate set includes the anchor's own branch; one forward per step runs all B anchors.
 Assumption (U9): ``rl.epochs`` passes over the iteration's groups (2 in the paper's preset); one optimizer step
 per ``rl.accumulation_steps`` groups.
+
+On N ranks (torchrun) every rank holds the same groups, state and generators and draws the same shuffle and the
+anchors of every group of a step (in group order, as one process does); rank ``k`` then trains the contiguous share
+:func:`~astrolabe.artifacts.ranks.rank_slice` of the step's (group, denoising step) micro-batches (a group cut
+between two ranks builds its prefix cache on both), with the sample weights of the whole step
+(:func:`step_sizes`), and the weighted gradients are summed across ranks by
+:func:`~astrolabe.rl.accumulation.accumulate_gradients`: every rank takes the single-process optimizer step. Under
+DDP (``parallel.strategy=ddp``) the trained forward runs through the wrapper inside ``no_sync`` (the accumulation
+is the one reduction). The per-micro-batch metrics are all-gathered and folded in the single-process order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -45,13 +55,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from astrolabe.artifacts.ranks import rank_slice
 from astrolabe.data.shards import list_shards, read_rollout_shards
+from astrolabe.distributed import dist_rank_world, gather_objects
 from astrolabe.rl.arcopo import ArCoPOConfig, arcopo_loss, choose_anchors
 from astrolabe.rl.arcopo_rollout import PIVOT_INPUTS, PIVOT_X0, PREFIX
 from astrolabe.parallel import ParallelConfig, parallelize
 from astrolabe.rl.accumulation import accumulate_gradients, shuffled_steps
 from astrolabe.rl.state import TrainingState
-from astrolabe.rl.streaming_update import build_prefix_cache
+from astrolabe.rl.streaming_update import build_prefix_cache, train_mode
 from astrolabe.sampling.kv_cache import KVCache
 from astrolabe.sampling.schedule import flow_to_x0
 from astrolabe.sampling.streaming import StreamConfig
@@ -160,34 +172,38 @@ class PreparedGroup:
 def prepare_group(
     state: TrainingState,
     group: PivotGroupData,
+    anchors: Sequence[int],  # (B,) branch indices (:func:`draw_anchors`)
     context: torch.Tensor,  # (1, L, text_dim)
     stream: StreamConfig,
-    cfg: ArCoPOConfig,
     old_policy: OldPolicy,
 ) -> PreparedGroup:
-    """Draw the group's anchors (the ``anchors`` generator) and build its prefix cache under the old policy."""
-    anchors = choose_anchors(group.pivot_inputs.shape[1], cfg.anchors, state.generators["anchors"])
+    """The group's prefix cache under the old policy, forked to its anchors."""
+    anchors = list(anchors)
     b = len(anchors)
     prefix = torch.from_numpy(group.prefix).to(device=context.device, dtype=context.dtype)[None]  # (1, P, C, h, w)
-    with torch.no_grad(), state.policies.use(old_policy) as m:
+    with torch.no_grad(), state.policies.use(old_policy) as m, train_mode(m, False):
         cache = build_prefix_cache(m, stream, context, prefix).fork(b)
     return PreparedGroup(group, anchors, cache, context.expand(b, -1, -1),
                          torch.from_numpy(group.advantages).to(context.device))
 
 
 def step_loss(
-    state: TrainingState, g: PreparedGroup, t: int, cfg: ArCoPOConfig, old_policy: OldPolicy
+    state: TrainingState, g: PreparedGroup, t: int, cfg: ArCoPOConfig, old_policy: OldPolicy,
+    model: nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The surrogate of denoising step ``t`` of the pivot block (module docstring) and its metrics."""
+    """The surrogate of denoising step ``t`` of the pivot block (module docstring) and its metrics.
+
+    ``model``: the module that runs the trained forward (the DDP wrapper); None = the policies' model.
+    """
     policies, data = state.policies, g.group
     device, dtype = g.context.device, g.context.dtype
     timestep, sigma = data.timesteps[t], data.sigmas[t]
     x = torch.from_numpy(data.pivot_inputs[t, g.anchors]).to(device=device, dtype=dtype)  # (B, f, C, h, w)
     cand = torch.from_numpy(data.pivot_x0[t]).to(device=device, dtype=dtype)  # (G, f, C, h, w)
-    with torch.no_grad(), policies.use(old_policy) as m:
+    with torch.no_grad(), policies.use(old_policy) as m, train_mode(m, False):
         old = pivot_x0(m, g.cache, x, timestep, sigma, g.context, data.pivot_start_frame)
-    with policies.use("default") as m:
-        cur = pivot_x0(m, g.cache, x, timestep, sigma, g.context, data.pivot_start_frame)
+    with policies.use("default") as m, train_mode(m, True):  # train mode: activation checkpointing engages
+        cur = pivot_x0(m if model is None else model, g.cache, x, timestep, sigma, g.context, data.pivot_start_frame)
     return arcopo_loss(cur, cand.unsqueeze(0).expand(len(g.anchors), *cand.shape), g.advantages, cfg=cfg,
                        old_anchor_pred=old)
 
@@ -203,6 +219,22 @@ def step_sizes(steps: Sequence[int]) -> list[int]:
     return [m // s for s in steps for _ in range(s)]
 
 
+def draw_anchors(groups: Sequence[PivotGroupData], cfg: ArCoPOConfig, generator: torch.Generator) -> list[list[int]]:
+    """Each group's anchors (symmetric anchor sampling), drawn from ``generator`` in group order."""
+    return [choose_anchors(g.pivot_inputs.shape[1], cfg.anchors, generator) for g in groups]
+
+
+def _fold_metrics(
+    per_item: Mapping[tuple[int, int], Mapping[str, float]], groups: Sequence[PivotGroupData]
+) -> list[dict[str, float]]:
+    """Each group's metrics averaged over its steps, summed in (group, step) order whatever rank made them."""
+    metrics: list[dict[str, float]] = [defaultdict(float) for _ in groups]
+    for (i, t) in sorted(per_item):
+        for k, v in per_item[(i, t)].items():
+            metrics[i][k] += v / len(groups[i].timesteps)
+    return [dict(m) for m in metrics]
+
+
 def accumulate_groups(
     state: TrainingState,
     groups: Sequence[PivotGroupData],
@@ -210,13 +242,25 @@ def accumulate_groups(
     stream: StreamConfig,
     cfg: ArCoPOConfig,
     old_policy: OldPolicy,
+    *,
+    model: nn.Module | None = None,
+    across_ranks: bool = False,
 ) -> list[dict[str, float]]:
     """Back-propagate the mean surrogate of ``groups`` (one optimizer step's worth, not stepped); returns each
     group's metrics averaged over its steps. Each (group, step) is one micro-batch of
-    :func:`~astrolabe.rl.accumulation.accumulate_gradients` (:func:`step_sizes`); a group's anchors and cache
-    are prepared at its first step, so the generator draws follow the group order."""
+    :func:`~astrolabe.rl.accumulation.accumulate_gradients` (:func:`step_sizes`). The anchors of every group are
+    drawn first, in group order (:func:`draw_anchors`), a group's cache is built at its first micro-batch.
+
+    ``across_ranks``: this rank trains its :func:`~astrolabe.artifacts.ranks.rank_slice` of the micro-batches and
+    the gradients and metrics are combined over the ranks (module docstring); every rank must call it with the
+    same ``groups`` and generator state. ``model``: the module of the trained forward (:func:`step_loss`).
+    """
+    rank, world = dist_rank_world() if across_ranks else (0, 1)
+    anchors = draw_anchors(groups, cfg, state.generators["anchors"])  # every rank draws all: generators stay equal
     items = [(i, t) for i, g in enumerate(groups) for t in range(len(g.timesteps))]
-    metrics: list[dict[str, float]] = [defaultdict(float) for _ in groups]
+    sizes = step_sizes([len(g.timesteps) for g in groups])  # weights of the whole step, whichever rank trains it
+    mine = rank_slice(len(items), rank, world)
+    per_item: dict[tuple[int, int], dict[str, float]] = {}
     prepared: dict[int, PreparedGroup] = {}
 
     def loss_of(item: tuple[int, int]) -> torch.Tensor:
@@ -224,15 +268,15 @@ def accumulate_groups(
         if i not in prepared:
             prepared.clear()  # one group's cache at a time
             g = groups[i]
-            prepared[i] = prepare_group(state, g, contexts[g.prompt], stream, cfg, old_policy)
-        loss, m = step_loss(state, prepared[i], t, cfg, old_policy)
-        for k, v in m.items():
-            metrics[i][k] += v / len(groups[i].timesteps)
+            prepared[i] = prepare_group(state, g, anchors[i], contexts[g.prompt], stream, old_policy)
+        loss, per_item[item] = step_loss(state, prepared[i], t, cfg, old_policy, model)
         return loss
 
-    # one rank trains (a "main" stage): no cross-rank reduction even under torchrun
-    accumulate_gradients(state, loss_of, items, step_sizes([len(g.timesteps) for g in groups]), across_ranks=False)
-    return [dict(m) for m in metrics]
+    accumulate_gradients(state, loss_of, items[mine.start : mine.stop], sizes[mine.start : mine.stop],
+                         across_ranks=across_ranks)
+    if across_ranks:
+        per_item = {item: m for part in gather_objects(per_item) for item, m in part.items()}
+    return _fold_metrics(per_item, groups)
 
 
 def arcopo_phase(
@@ -250,23 +294,30 @@ def arcopo_phase(
 ) -> dict[str, float]:
     """``epochs`` shuffled passes over ``groups``, one optimizer step per ``accumulation_steps`` groups.
 
-    ``parallel``: :func:`astrolabe.parallel.parallelize` settings of the model (activation checkpointing;
-    one rank, so strategy ``none``). Returns the metrics averaged over groups (``loss/policy``,
-    ``arcopo/entropy``, ``arcopo/clip_fraction``, ``arcopo/ratio_*``, ...), the per-step ``update/grad_norm``
-    and ``update/lr``, and ``update/optimizer_steps``. With ``old_policy="old"`` the phase ends with
+    ``parallel``: :func:`astrolabe.parallel.parallelize` settings of the model (activation checkpointing, DDP;
+    FSDP is refused). Under torchrun (world size > 1) every optimizer step is sliced across the ranks (module
+    docstring); every rank must call it with the same arguments and state. Returns the metrics averaged over
+    groups (``loss/policy``, ``arcopo/entropy``, ``arcopo/clip_fraction``, ``arcopo/ratio_*``, ...), the per-step
+    ``update/grad_norm`` and ``update/lr``, and ``update/optimizer_steps`` (the same on every rank). With ``old_policy="old"`` the phase ends with
     ``old <- default`` (the next rollout's sampling policy).
     """
     if not groups:
         raise ValueError("the AR-CoPO phase has no group to train on (every group was skipped)")
+    model = state.policies.model
     if parallel is not None:
-        if parallel.strategy != "none":
-            raise ValueError(f"parallel.strategy={parallel.strategy!r}: the AR-CoPO update trains on one rank")
-        parallelize(state.policies.model, parallel)
+        if parallel.strategy == "fsdp":
+            raise ValueError("parallel.strategy='fsdp': the AR-CoPO update runs replicated (use 'ddp' or 'none')")
+        model = parallelize(model, parallel)
+    no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext  # the accumulation reduces
+    distributed = dist_rank_world()[1] > 1
     sums: dict[str, list[float]] = defaultdict(list)
     total = epochs * math.ceil(len(groups) / accumulation_steps)
     steps = shuffled_steps(len(groups), epochs, accumulation_steps, state.generators["shuffle"])
     for done, step in enumerate(steps, 1):
-        for m in accumulate_groups(state, [groups[i] for i in step], contexts, stream, cfg, old_policy):
+        with no_sync():
+            per_group = accumulate_groups(state, [groups[i] for i in step], contexts, stream, cfg, old_policy,
+                                          model=model, across_ranks=distributed)
+        for m in per_group:
             for k, v in m.items():
                 sums[k].append(v)
         stats = state.optimizer_step()
