@@ -336,6 +336,11 @@ class RunConfig(Frozen):
             )
         if self.rl.algorithm == "arcopo" and self.rl.selective_kl is not None:
             raise ValueError("rl.algorithm 'arcopo' has no KL term to make selective: set rl.selective_kl: null")
+        if self.rl.algorithm == "arcopo" and self.parallel.strategy == "fsdp":
+            raise ValueError(
+                "rl.algorithm 'arcopo' trains replicated LoRA adapters (DDP), not FSDP shards: set parallel.strategy "
+                "to 'ddp' (several ranks) or 'none'"
+            )
         return self
 
 

@@ -192,6 +192,8 @@ def test_config_section_and_validation():
         load_config(None, ["rl.algorithm=arcopo", "rollout.group_size=3"])
     with pytest.raises(ConfigError, match="rl.selective_kl: null"):  # AR-CoPO has no KL term to make selective
         load_config("configs/tiny.yaml", ["rl.algorithm=arcopo", "arcopo.anchors=2"])
+    with pytest.raises(ConfigError, match="parallel.strategy"):  # replicated adapters: DDP, not FSDP shards
+        load_config("configs/tiny-arcopo.yaml", ["parallel.strategy=fsdp"])
 
 
 def test_step_sizes_weight_every_group_equally_and_its_steps_evenly():
