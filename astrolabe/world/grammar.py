@@ -12,7 +12,8 @@ Grammar (case-insensitive, whitespace-normalised, an optional final ``.``)::
     background := "on a" colour "background"                  (a colour other than the object's)
 
 e.g. ``a red circle moving left slowly on a blue background``, ``a green triangle staying still on a
-white background``. The canonical captions of the train and held-out sets name every attribute;
+white background``. Scene prompts for long videos (:func:`scene_prompts`) chain two captions of one set,
+``p1[3s] | p2`` (:mod:`astrolabe.sampling.scenes`). The canonical captions of the train and held-out sets name every attribute;
 shorter captions (``a red circle moving left``) are valid too: what they do not name is drawn at
 random when rendered and not judged by ``world_alignment``. ``direction`` is ``"still"`` for
 ``staying still`` (then ``speed`` is None).
@@ -42,6 +43,7 @@ __all__ = [
     "PALETTE",
     "SHAPES",
     "SPEEDS",
+    "SCENE_FIRST_SECONDS",
     "SPLIT_SEED",
     "WorldCaption",
     "WorldCaptionError",
@@ -49,9 +51,11 @@ __all__ = [
     "heldout_captions",
     "heldout_triples",
     "parse_caption",
+    "scene_prompts",
     "train_captions",
     "try_parse_caption",
     "write_prompt_files",
+    "write_scene_prompt_files",
 ]
 
 #: Named colours, RGB in [0, 1]. Pairwise RGB distances are >= 0.44 (blue - purple), so the nearest
@@ -71,6 +75,7 @@ DIRECTIONS: tuple[str, ...] = (*MOVING_DIRECTIONS, "still")
 SPEEDS: tuple[str, ...] = ("slow", "fast")
 SPEED_WORDS: dict[str, str] = {"slow": "slowly", "fast": "quickly"}
 SPLIT_SEED = 0
+SCENE_FIRST_SECONDS = 3.0  # 4 blocks of 3 latent frames at 16 fps (astrolabe.sampling.scenes.blocks_for_seconds)
 
 _WORD_SPEEDS = {word: speed for speed, word in SPEED_WORDS.items()}
 _COLOR_RE = "|".join(COLORS)
@@ -240,3 +245,33 @@ def write_prompt_files(directory: str | Path, seed: int = SPLIT_SEED) -> tuple[P
         write_text(path, "".join(c.text + "\n" for c in captions))
     return paths
 
+
+
+def scene_prompts(
+    captions: list[WorldCaption], seed: int = SPLIT_SEED, first_seconds: float = SCENE_FIRST_SECONDS
+) -> list[str]:
+    """One two-scene prompt ``p1[<first_seconds>s] | p2`` per caption ``p1`` of ``captions`` (in their order).
+
+    ``p2`` is drawn from the same ``captions`` with ``numpy.random.default_rng([seed, 2])`` among those whose
+    colour *and* direction differ from ``p1``'s, so the switch is visible. Both scenes come from one set, so
+    held-out scene prompts are made of held-out captions only. The second scene runs to the end of the video.
+    """
+    rng = np.random.default_rng([seed, 2])
+    seconds = f"{first_seconds:g}s"
+    out = []
+    for first in captions:
+        others = [c for c in captions if c.color != first.color and c.direction != first.direction]
+        second = others[int(rng.integers(len(others)))]
+        out.append(f"{first.text}[{seconds}] | {second.text}")
+    return out
+
+
+def write_scene_prompt_files(directory: str | Path, seed: int = SPLIT_SEED) -> tuple[Path, Path]:
+    """Write ``world_train_scenes.txt`` and ``world_heldout_scenes.txt`` (:func:`scene_prompts` of the train and
+    held-out captions, one per line) into ``directory``; the packaged ``builtin:world/train_scenes.txt`` and
+    ``builtin:world/heldout_scenes.txt`` are this function's output for the default seed (tested)."""
+    directory = Path(directory)
+    paths = directory / "world_train_scenes.txt", directory / "world_heldout_scenes.txt"
+    for path, captions in zip(paths, (train_captions(seed), heldout_captions(seed))):
+        write_text(path, "".join(line + "\n" for line in scene_prompts(captions, seed)))
+    return paths
