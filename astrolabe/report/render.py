@@ -227,10 +227,13 @@ def render(d: ReportData) -> str:
 
 
 def pair_labels(a: ReportData, b: ReportData) -> tuple[str, str]:
-    """How the two runs are called on the page: their names, or ``name (parent dir)`` when the names are equal."""
+    """How the two runs are called on the page: their names; ``name (parent dir)`` when the names are equal (two
+    runs roots), ``name (1)`` / ``name (2)`` when those are equal too."""
     if a.run_name != b.run_name:
         return a.run_name, b.run_name
-    return tuple(f"{d.run_name} ({d.run_path.parent.name})" for d in (a, b))  # type: ignore[return-value]
+    if a.run_path.parent.name != b.run_path.parent.name:
+        return f"{a.run_name} ({a.run_path.parent.name})", f"{b.run_name} ({b.run_path.parent.name})"
+    return f"{a.run_name} (1)", f"{b.run_name} (2)"
 
 
 def pair_panels(a: ReportData, b: ReportData) -> dict[str, dict[str, Series]]:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from astrolabe.artifacts.atomic import write_text
+from astrolabe.data.prompts import PromptFilterConfig, jaccard, shingles
 
 __all__ = [
     "COLORS",
@@ -253,16 +254,27 @@ def scene_prompts(
     """One two-scene prompt ``p1[<first_seconds>s] | p2`` per caption ``p1`` of ``captions`` (in their order).
 
     ``p2`` is drawn from the same ``captions`` with ``numpy.random.default_rng([seed, 2])`` among those whose
-    colour *and* direction differ from ``p1``'s, so the switch is visible. Both scenes come from one set, so
-    held-out scene prompts are made of held-out captions only. The second scene runs to the end of the video.
+    colour *and* direction differ from ``p1``'s, so the switch is visible, and drawn again while the line would
+    be a near duplicate of an earlier one (the prompt filter's rule: ``a p1 | b p2`` and ``b p1' | a p2'`` share
+    most word 3-grams), so the filter keeps every line. Both scenes come from one set, so held-out scene prompts
+    are made of held-out captions only. The second scene runs to the end of the video.
     """
     rng = np.random.default_rng([seed, 2])
+    threshold = PromptFilterConfig().near_duplicate_threshold
     seconds = f"{first_seconds:g}s"
-    out = []
+    out: list[str] = []
+    kept: list[frozenset] = []
     for first in captions:
         others = [c for c in captions if c.color != first.color and c.direction != first.direction]
-        second = others[int(rng.integers(len(others)))]
-        out.append(f"{first.text}[{seconds}] | {second.text}")
+        for _ in range(100):
+            line = f"{first.text}[{seconds}] | {others[int(rng.integers(len(others)))].text}"
+            grams = shingles(line)
+            if all(jaccard(grams, k) < threshold for k in kept):
+                break
+        else:  # pragma: no cover - 100 near duplicates in a row
+            raise RuntimeError(f"no second scene for {first.text!r} that is not a near duplicate")
+        out.append(line)
+        kept.append(grams)
     return out
 
 
