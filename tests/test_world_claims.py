@@ -37,7 +37,7 @@ from astrolabe.world.render import render_scene_prompt
 from flows import cli
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {name: REPO / "configs" / f"{name}.yaml" for name in ("tiny-world", "tiny-hacking", "tiny-guarded", "tiny-long")}
+CONFIGS = {n: REPO / "configs" / f"{n}.yaml" for n in ("tiny-world", "tiny-hacking", "tiny-guarded", "tiny-long")}
 QUICK = WorldModelRecipe(steps=2, batch_size=2, warmup_steps=1)
 SMOKE = [  # one iteration at the smallest batch; every other setting is the config's own
     "pipeline.iterations=1", "pipeline.eval_every=1", "pipeline.eval_max_prompts=1", "pipeline.eval_seeds=[1000]",
@@ -68,10 +68,11 @@ def test_hacking_and_guarded_differ_only_in_rewards_kl_and_reference() -> None:
     skl = guarded.rl.selective_kl
     assert skl is not None and skl.main_reward == "world_alignment"
     assert set(skl.auxiliary_rewards) == {"world_quality", "world_motion"} and guarded.rl.reference == "lagging"
-    same = ("seed", "model", "rollout", "data", "pipeline", "rl.optim", "rl.lora", "rl.nft", "rl.epochs")
-    for key in same:  # same prompts, held-out set, seed and budget: the pair compares
-        get = lambda c: c.model_dump(mode="json")[key] if "." not in key else getattr(c.rl, key.split(".")[1])  # noqa: E731
-        assert get(hacking) == get(guarded), key
+    a, b = hacking.model_dump(mode="json"), guarded.model_dump(mode="json")
+    for key in ("seed", "model", "rollout", "data", "pipeline"):  # same prompts, held-out set, seed and budget
+        assert a[key] == b[key], key
+    for key in ("optim", "lora", "nft", "epochs", "advantage"):
+        assert a["rl"][key] == b["rl"][key], key
     assert hacking.data.eval_prompts == Path("builtin:world/heldout.txt")
 
 

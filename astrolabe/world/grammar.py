@@ -12,8 +12,7 @@ Grammar (case-insensitive, whitespace-normalised, an optional final ``.``)::
     background := "on a" colour "background"                  (a colour other than the object's)
 
 e.g. ``a red circle moving left slowly on a blue background``, ``a green triangle staying still on a
-white background``. Scene prompts for long videos (:func:`scene_prompts`) chain two captions of one set,
-``p1[3s] | p2`` (:mod:`astrolabe.sampling.scenes`). The canonical captions of the train and held-out sets name every attribute;
+white background``. The canonical captions of the train and held-out sets name every attribute;
 shorter captions (``a red circle moving left``) are valid too: what they do not name is drawn at
 random when rendered and not judged by ``world_alignment``. ``direction`` is ``"still"`` for
 ``staying still`` (then ``speed`` is None).
@@ -23,6 +22,9 @@ out. For each of the 18 (colour, shape) pairs exactly one direction is held out 
 the directions balanced over the pairs and drawn with a fixed seed such that every (colour, direction)
 and (shape, direction) pair still occurs in train: held-out captions are new *combinations* of values
 and pairs all seen in training.
+
+Scene prompts for long videos (:func:`scene_prompts`) chain two captions of one set, ``p1[3s] | p2``
+(:mod:`astrolabe.sampling.scenes`).
 """
 
 from __future__ import annotations
