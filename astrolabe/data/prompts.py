@@ -5,7 +5,8 @@ line, the prompt under ``column``; ``.csv`` = a header row and the prompt in col
 prompt keeps its 1-based source line (csv: the row number, header = 1) for the drop report.
 ``builtin:tiny/train.txt`` and ``builtin:tiny/eval.txt`` name the packaged tiny prompt files,
 ``builtin:world/train.txt`` and ``builtin:world/heldout.txt`` the world's caption split
-(:mod:`astrolabe.world.grammar`).
+(:mod:`astrolabe.world.grammar`), ``builtin:world/train_scenes.txt`` and ``builtin:world/heldout_scenes.txt``
+two-scene prompts made of them (``p1[3s] | p2``, :func:`astrolabe.world.grammar.scene_prompts`).
 
 Normalisation (:func:`normalize_prompt`): Unicode NFKC, every run of whitespace (including tabs and
 non-breaking spaces) -> one space, stripped.
@@ -61,6 +62,8 @@ BUILTIN_FILES = {
     "tiny/eval.txt": "tiny_eval.txt",
     "world/train.txt": "world_train.txt",  # astrolabe.world.grammar.write_prompt_files
     "world/heldout.txt": "world_heldout.txt",
+    "world/train_scenes.txt": "world_train_scenes.txt",  # astrolabe.world.grammar.write_scene_prompt_files
+    "world/heldout_scenes.txt": "world_heldout_scenes.txt",
 }
 _BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".csv")

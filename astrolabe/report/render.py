@@ -4,6 +4,10 @@ Sections, in the order a reader wants them: the held-out change of every reward 
 reward curves (training rollouts and held-out evaluations, one panel per reward), the before/after grid
 (one row per held-out sample with its caption, one playable video per evaluated iteration), the
 selective-KL fraction and KL, time and peak memory per stage, and the config's differences from the defaults.
+
+:func:`render_pair` puts two runs on one page (``astrolabe report RUN --vs OTHER``, e.g. tiny-hacking vs
+tiny-guarded): their results tables next to each other, every reward's curves of both runs in one panel (shared
+axes), the settings where the two configs differ, and their selective-KL and stage sections next to each other.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from html import escape
 
+from astrolabe.artifacts.plan import config_diff
 from astrolabe.report.collect import GridCell, ReportData, Series
 from astrolabe.report.media import browser_video, data_uri
 from astrolabe.tracking import panels_png
@@ -37,6 +42,8 @@ table.config td{text-align:left;font-family:ui-monospace,monospace;font-size:13p
 table.config td:first-child{white-space:nowrap} table.grid td.caption{text-align:left;max-width:260px;font-weight:600}
 table.grid video{width:192px;height:auto;image-rendering:pixelated;background:#000;border-radius:4px}
 .scores{font-size:12px;color:#444;text-align:left;margin-top:2px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:14px} .pair>div{min-width:0} .pair section{overflow-x:auto}
+.pair h3{margin:10px 0 0;font-size:16px}
 """
 
 
@@ -192,16 +199,83 @@ def config_value(v: object) -> str:
     return v if isinstance(v, str) else json.dumps(v, default=str)
 
 
+def config_table(changes: Sequence[tuple[str, object, object]], head: Sequence[str]) -> str:
+    """``(dotted key, value, value)`` rows as a three-column table."""
+    rows = [[f"<code>{escape(k)}</code>", escape(config_value(a)), escape(config_value(b))] for k, a, b in changes]
+    return _table(head, rows, left=3, cls="config")
+
+
 def config_section(d: ReportData) -> str:
-    rows = [[f"<code>{escape(k)}</code>", escape(config_value(a)), escape(config_value(b))]
-            for k, a, b in d.config_changes]
-    body = (_table(["setting", "default", "this run"], rows, left=3, cls="config") if rows
+    body = (config_table(d.config_changes, ["setting", "default", "this run"]) if d.config_changes
             else "<p>Every setting is at its default.</p>")
     return f"<section id=config><h2>Config: differences from the defaults</h2>{body}</section>"
+
+
+def page(title: str, head: str, body: str) -> str:
+    """The HTML document: ``title``, the ``head`` banner and ``body`` sections."""
+    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title><style>{CSS}"
+            f"</style></head><body>{head}<main>{body}</main></body></html>\n")
 
 
 def render(d: ReportData) -> str:
     """The whole page."""
     body = "".join(f(d) for f in (headline, curves, grid, kl, stage_table, config_section))
-    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Astrolabe report: {escape(d.run_name)}"
-            f"</title><style>{CSS}</style></head><body>{header(d)}<main>{body}</main></body></html>\n")
+    return page(f"Astrolabe report: {d.run_name}", header(d), body)
+
+
+# ----------------------------------------------------------------------------------- two runs
+
+
+def pair_labels(a: ReportData, b: ReportData) -> tuple[str, str]:
+    """How the two runs are called on the page: their names; ``name (parent dir)`` when the names are equal (two
+    runs roots), ``name (1)`` / ``name (2)`` when those are equal too."""
+    if a.run_name != b.run_name:
+        return a.run_name, b.run_name
+    if a.run_path.parent.name != b.run_path.parent.name:
+        return f"{a.run_name} ({a.run_path.parent.name})", f"{b.run_name} ({b.run_path.parent.name})"
+    return f"{a.run_name} (1)", f"{b.run_name} (2)"
+
+
+def pair_panels(a: ReportData, b: ReportData) -> dict[str, dict[str, Series]]:
+    """:func:`curve_panels` of both runs merged: one panel per reward of either run holding both runs' curves
+    (labelled ``<run>: <curve>``), so the two runs share the axes. Empty curves are left out, and so is the
+    combined reward (each run weighs its rewards differently: its sums are not comparable)."""
+    panels: dict[str, dict[str, Series]] = {}
+    for d, label in zip((a, b), pair_labels(a, b)):
+        for name, curves_of_run in curve_panels(d).items():
+            for curve, points in curves_of_run.items():
+                if points and name in d.reward_names:
+                    panels.setdefault(name, {})[f"{label}: {curve}"] = points
+    return panels
+
+
+def side_by_side(a: ReportData, b: ReportData, section: Callable[[ReportData], str]) -> str:
+    """``section`` of each run in two columns, each headed by the run's name."""
+    cols = "".join(f"<div><h3>{escape(label)}</h3>{section(d)}</div>" for d, label in zip((a, b), pair_labels(a, b)))
+    return f"<div class=pair>{cols}</div>"
+
+
+def pair_curves(a: ReportData, b: ReportData) -> str:
+    panels = pair_panels(a, b)
+    if not panels:
+        return "<section id=curves><h2>Reward curves</h2><p>No scores yet.</p></section>"
+    return ("<section id=curves><h2>Reward curves, both runs</h2><p class=muted>One panel per reward with both runs' "
+            "training-rollout and held-out curves on shared axes.</p>"
+            + _plot(panels, "reward curves of both runs: " + ", ".join(panels)) + "</section>")
+
+
+def pair_config(a: ReportData, b: ReportData) -> str:
+    changes = config_diff(a.cfg, b.cfg)
+    la, lb = pair_labels(a, b)
+    body = config_table(changes, ["setting", la, lb]) if changes else "<p>The two configs are equal.</p>"
+    return f"<section id=config><h2>Config: where the two runs differ</h2>{body}</section>"
+
+
+def render_pair(a: ReportData, b: ReportData) -> str:
+    """One page comparing two runs (module docstring); each run's own report keeps its before/after videos."""
+    la, lb = pair_labels(a, b)
+    head = (f"<header><h1>Astrolabe comparison: {escape(la)} vs {escape(lb)}</h1>"
+            f"<p class=muted>{escape(str(a.run_path))} &middot; {escape(str(b.run_path))}</p></header>")
+    body = (side_by_side(a, b, headline) + pair_curves(a, b) + pair_config(a, b) + side_by_side(a, b, kl)
+            + side_by_side(a, b, stage_table))
+    return page(f"Astrolabe comparison: {la} vs {lb}", head, body)

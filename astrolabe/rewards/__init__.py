@@ -16,10 +16,10 @@ The import arrow inside the package is ``spec, video -> contract -> registry -> 
 ``combine`` needs only ``spec``. No module imports one that imports it back (tested).
 
 Importing this package registers the weight-free rewards, registers the world's rewards
-(``world_alignment``, ``world_quality``, ``world_motion`` in :mod:`astrolabe.world.rewards`) lazily, and
-imports ``astrolabe.rewards.models``, whose light ``__init__`` registers the model rewards lazily by
-dotted path (no torch model code runs until a model reward is built). Benchmarks live in
-:mod:`astrolabe.bench.rewards`.
+(``world_alignment``, ``world_alignment_late``, ``world_quality``, ``world_motion`` in
+:mod:`astrolabe.world.rewards`) lazily, and imports ``astrolabe.rewards.models``, whose light ``__init__``
+registers the model rewards lazily by dotted path (no torch model code runs until a model reward is built).
+Benchmarks live in :mod:`astrolabe.bench.rewards`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from astrolabe.rewards.video import VideoBatch, as_video_array, check_prompts, s
 
 # The procedural world's verifiable rewards (astrolabe/world/), lazily: building one imports the world.
 register_reward("world_alignment", "astrolabe.world.rewards:WorldAlignmentReward")
+register_reward("world_alignment_late", "astrolabe.world.rewards:WorldAlignmentLateReward")
 register_reward("world_quality", "astrolabe.world.rewards:WorldQualityReward")
 register_reward("world_motion", "astrolabe.world.rewards:WorldMotionReward")
 

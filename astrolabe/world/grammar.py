@@ -22,6 +22,9 @@ out. For each of the 18 (colour, shape) pairs exactly one direction is held out 
 the directions balanced over the pairs and drawn with a fixed seed such that every (colour, direction)
 and (shape, direction) pair still occurs in train: held-out captions are new *combinations* of values
 and pairs all seen in training.
+
+Scene prompts for long videos (:func:`scene_prompts`) chain two captions of one set, ``p1[3s] | p2``
+(:mod:`astrolabe.sampling.scenes`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from astrolabe.artifacts.atomic import write_text
+from astrolabe.data.prompts import PromptFilterConfig, jaccard, shingles
 
 __all__ = [
     "COLORS",
@@ -42,6 +46,7 @@ __all__ = [
     "PALETTE",
     "SHAPES",
     "SPEEDS",
+    "SCENE_FIRST_SECONDS",
     "SPLIT_SEED",
     "WorldCaption",
     "WorldCaptionError",
@@ -49,9 +54,11 @@ __all__ = [
     "heldout_captions",
     "heldout_triples",
     "parse_caption",
+    "scene_prompts",
     "train_captions",
     "try_parse_caption",
     "write_prompt_files",
+    "write_scene_prompt_files",
 ]
 
 #: Named colours, RGB in [0, 1]. Pairwise RGB distances are >= 0.44 (blue - purple), so the nearest
@@ -71,6 +78,7 @@ DIRECTIONS: tuple[str, ...] = (*MOVING_DIRECTIONS, "still")
 SPEEDS: tuple[str, ...] = ("slow", "fast")
 SPEED_WORDS: dict[str, str] = {"slow": "slowly", "fast": "quickly"}
 SPLIT_SEED = 0
+SCENE_FIRST_SECONDS = 3.0  # 4 blocks of 3 latent frames at 16 fps (astrolabe.sampling.scenes.blocks_for_seconds)
 
 _WORD_SPEEDS = {word: speed for speed, word in SPEED_WORDS.items()}
 _COLOR_RE = "|".join(COLORS)
@@ -240,3 +248,44 @@ def write_prompt_files(directory: str | Path, seed: int = SPLIT_SEED) -> tuple[P
         write_text(path, "".join(c.text + "\n" for c in captions))
     return paths
 
+
+
+def scene_prompts(
+    captions: list[WorldCaption], seed: int = SPLIT_SEED, first_seconds: float = SCENE_FIRST_SECONDS
+) -> list[str]:
+    """One two-scene prompt ``p1[<first_seconds>s] | p2`` per caption ``p1`` of ``captions`` (in their order).
+
+    ``p2`` is drawn from the same ``captions`` with ``numpy.random.default_rng([seed, 2])`` among those whose
+    colour *and* direction differ from ``p1``'s, so the switch is visible, and drawn again while the line would
+    be a near duplicate of an earlier one (the prompt filter's rule: ``a p1 | b p2`` and ``b p1' | a p2'`` share
+    most word 3-grams), so the filter keeps every line. Both scenes come from one set, so held-out scene prompts
+    are made of held-out captions only. The second scene runs to the end of the video.
+    """
+    rng = np.random.default_rng([seed, 2])
+    threshold = PromptFilterConfig().near_duplicate_threshold
+    seconds = f"{first_seconds:g}s"
+    out: list[str] = []
+    kept: list[frozenset] = []
+    for first in captions:
+        others = [c for c in captions if c.color != first.color and c.direction != first.direction]
+        for _ in range(100):
+            line = f"{first.text}[{seconds}] | {others[int(rng.integers(len(others)))].text}"
+            grams = shingles(line)
+            if all(jaccard(grams, k) < threshold for k in kept):
+                break
+        else:  # pragma: no cover - 100 near duplicates in a row
+            raise RuntimeError(f"no second scene for {first.text!r} that is not a near duplicate")
+        out.append(line)
+        kept.append(grams)
+    return out
+
+
+def write_scene_prompt_files(directory: str | Path, seed: int = SPLIT_SEED) -> tuple[Path, Path]:
+    """Write ``world_train_scenes.txt`` and ``world_heldout_scenes.txt`` (:func:`scene_prompts` of the train and
+    held-out captions, one per line) into ``directory``; the packaged ``builtin:world/train_scenes.txt`` and
+    ``builtin:world/heldout_scenes.txt`` are this function's output for the default seed (tested)."""
+    directory = Path(directory)
+    paths = directory / "world_train_scenes.txt", directory / "world_heldout_scenes.txt"
+    for path, captions in zip(paths, (train_captions(seed), heldout_captions(seed))):
+        write_text(path, "".join(line + "\n" for line in scene_prompts(captions, seed)))
+    return paths

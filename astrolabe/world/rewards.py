@@ -47,6 +47,12 @@ background_steady, background_still):
 
 Fewer than 2 frames with an object score 0. Motion judges steadiness, not direction (alignment does):
 a still object scores 1.
+
+``world_alignment_late``: ``world_alignment`` on the last ``ceil(late_fraction * F)`` of the video's F frames
+only (default the last third): each scene is judged on its frames inside that tail, scenes without any are
+skipped, so for ``p1[3s] | p2`` with the tail inside the second scene it is the alignment of ``p2`` alone.
+An evaluation metric for long videos (alignment late in the stream, after the window has rolled); log it
+with weight 0.
 """
 
 from __future__ import annotations
@@ -76,7 +82,9 @@ from astrolabe.world.grammar import COLORS, SHAPES, WorldCaption, try_parse_capt
 from astrolabe.world.render import UNIT_VECTORS, WorldConfig, scene_frame_ranges
 
 __all__ = [
+    "WorldAlignmentLateReward",
     "WorldAlignmentReward",
+    "WorldLateOptions",
     "WorldMotionReward",
     "WorldQualityReward",
     "WorldRewardOptions",
@@ -92,6 +100,12 @@ ATTRIBUTES = ("color", "shape", "direction", "speed", "background")
 
 class WorldRewardOptions(SignalRewardOptions):
     world: WorldConfig = Field(default_factory=WorldConfig, description="The world the videos come from (fps, speeds).")
+
+
+class WorldLateOptions(WorldRewardOptions):
+    late_fraction: float = Field(
+        1.0 / 3.0, gt=0.0, le=1.0, description="Share of the video's last frames scored (1 = the whole video)."
+    )
 
 
 def _scalar(x: float | np.ndarray) -> float:
@@ -280,9 +294,14 @@ class WorldReward(SignalReward):
     def score_scene(self, detection: ClipDetection, prompt: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def first_frame(self, num_frames: int) -> int:
+        """First frame scored (earlier frames are ignored): 0, the whole video."""
+        return 0
+
     def score_video(self, batch: VideoBatch, index: int, prompt: str) -> dict[str, float]:
         fps = self.options.world.fps
         indices = self.frame_indices(batch.num_frames)
+        indices = indices[indices >= self.first_frame(batch.num_frames)]
         rows = []
         for scene_prompt, start, end in scene_segments(prompt, batch.num_frames, fps):
             chosen = indices[(indices >= start) & (indices < end)]
@@ -337,3 +356,17 @@ class WorldMotionReward(WorldReward):
 
     def score_scene(self, detection: ClipDetection, prompt: str) -> dict[str, float]:
         return motion_terms(detection, self.options.world)
+
+
+class WorldAlignmentLateReward(WorldAlignmentReward):
+    """``world_alignment`` on the last ``late_fraction`` of the frames (module docstring): alignment late in a
+    long video. NaN for prompts that are not world (scene) captions."""
+
+    Options: ClassVar[type[WorldLateOptions]] = WorldLateOptions
+    options: WorldLateOptions
+    name: ClassVar[str] = "world_alignment_late"
+    version: ClassVar[str] = "1"
+
+    def first_frame(self, num_frames: int) -> int:
+        """``F - ceil(late_fraction * F)`` (at least one frame is scored)."""
+        return num_frames - max(1, math.ceil(self.options.late_fraction * num_frames))
