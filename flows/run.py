@@ -46,13 +46,14 @@ from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.lock import RunLock, RunLockedError
 from astrolabe.artifacts.manifest import Manifest
 from astrolabe.artifacts.plan import (
-    Node, NodeResult, NodeStatus, RunResults, Runner, build_plan, direct_runner, explain_change, plan_status, run_plan,
+    Node, NodeResult, NodeStatus, RunResults, Runner, build_plan, explain_change, plan_status, run_plan,
 )
 from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
 from astrolabe.distributed import current_context, rank0_run_lock
 from astrolabe.report import REPORT_FILE, StageOutput, write_report
 from astrolabe.tracking import RUN_ID_FILE, Tracker, plot_curves
+from flows.launch import launching_runner
 from stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -374,9 +375,8 @@ def train_run(
                 if on_done is not None:
                     on_done(res, results)
 
-            runner = runner_factory(cfg, run_path) if runner_factory is not None else None
-            results = run_plan(cfg, run_path, STAGES, runner=announcing(runner or direct_runner(cfg, run_path, STAGES),
-                                                                        on_start), on_done=done)  # fmt: skip
+            runner = (runner_factory or launching_runner)(cfg, run_path)
+            results = run_plan(cfg, run_path, STAGES, runner=announcing(runner, on_start), on_done=done)
             logger.finish()
             report_after_training(run_path, cfg, results, tracker)
             status = "FINISHED"
