@@ -19,7 +19,10 @@ directly (``--engine local``). Both execute the same plan (:mod:`astrolabe.artif
 stage registry :data:`stages.STAGES`. What is logged to MLflow is what each stage's manifest carries
 (``Manifest.metrics``, ``Manifest.reports``): this module does not know which stage made what.
 
-Under ``torchrun`` (local engine only) every rank calls :func:`train_run`: rank 0 alone takes the run lock
+Each node runs where ``resources`` says (:func:`flows.launch.run_node`): in this process at world size 1, else
+as one torchrun job launched from here (this process keeps the lock and the bookkeeping).
+
+Under ``torchrun`` itself (local engine only) every rank calls :func:`train_run`: rank 0 alone takes the run lock
 (:func:`astrolabe.distributed.rank0_run_lock`), records the config, writes the summary and logs to MLflow;
 the other ranks run the same plan without bookkeeping (:func:`astrolabe.artifacts.engine.execute` keeps them
 in step).
@@ -344,7 +347,8 @@ def train_run(
 
     Takes the run lock (a second process exits with :class:`astrolabe.artifacts.lock.RunLockedError`), records
     the config (explaining what a change makes stale), continues the MLflow run, and runs the plan
-    (``on_start`` before each node, ``on_done`` after). The MLflow run ends FINISHED, FAILED on an error, or
+    (``on_start`` before each node, ``on_done`` after; nodes run through ``runner_factory(cfg, run_path)``, by
+    default :func:`flows.launch.launching_runner`). The MLflow run ends FINISHED, FAILED on an error, or
     KILLED when interrupted (SIGINT, SIGTERM: anything raised that is not an ``Exception``); one left RUNNING by
     a SIGKILLed attempt is marked KILLED first (:func:`mark_killed_if_dead`).
     Under torchrun only rank 0 does that bookkeeping (and calls the hooks); the others only run the plan.
