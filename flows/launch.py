@@ -259,7 +259,8 @@ def _die_with_parent_term() -> None:  # pragma: no cover - runs in the forked ch
     die_with_parent(signal.SIGTERM)
 
 
-def run_job(cmd: Sequence[str], env: Mapping[str, str], log_line: LogLine, cwd: Path | None = None) -> tuple[int, list[str]]:
+def run_job(cmd: Sequence[str], env: Mapping[str, str], log_line: LogLine,
+            cwd: Path | None = None) -> tuple[int, list[str]]:  # fmt: skip
     """Run ``cmd`` in its own session, each output line to ``log_line``; returns ``(returncode, lines)``.
 
     An interrupt of the caller (SIGINT, SIGTERM as KeyboardInterrupt) stops the job: SIGTERM to its process
@@ -296,7 +297,8 @@ def stop_job(proc: subprocess.Popen) -> None:
 
 
 def launch_stage(cfg: RunConfig, run_path: Path, stage: StageModule, inputs: Mapping[str, Path], iteration: int | None,
-                 force: bool = False, log_line: LogLine | None = None, layout: Layout | None = None) -> Manifest:  # fmt: skip
+                 force: bool = False, log_line: LogLine | None = None,
+                 layout: Layout | None = None) -> Manifest:  # fmt: skip
     """Run one stage as a job of ``layout`` (default :func:`stage_layout`) and return its published manifest.
 
     Cached (complete, intact, not forced): returned without starting anything. Otherwise the job runs

@@ -52,7 +52,8 @@ def stage_task(config_path: str, run_path: str, stage: str, iteration: int | Non
     paths = {k: Path(v) for k, v in inputs.items()}
     if not launch:
         return execute(STAGES[stage], cfg, Path(run_path), paths, iteration, force=force).model_dump(mode="json")
-    return run_node(cfg, Path(run_path), stage, iteration, paths, force, log_line=job_log_line()).model_dump(mode="json")
+    m = run_node(cfg, Path(run_path), stage, iteration, paths, force, log_line=job_log_line())
+    return m.model_dump(mode="json")
 
 
 def job_log_line() -> Callable[[str], None]:

@@ -159,7 +159,8 @@ def test_first_node_of_a_slurm_node_list(nodelist, first):
 
 def test_parse_failures_root_cause_first_with_its_error_line():
     assert launch.parse_failures(REPORT_EXC.splitlines()) == [
-        RankFailure(1, 1, "ValueError: boom on rank 1"), RankFailure(0, -15, "Signal 15 (SIGTERM) received by PID 13758"),
+        RankFailure(1, 1, "ValueError: boom on rank 1"),
+        RankFailure(0, -15, "Signal 15 (SIGTERM) received by PID 13758"),
     ]  # fmt: skip
     assert launch.parse_failures(REPORT_KILL.splitlines())[0] == RankFailure(
         1, -9, "Signal 9 (SIGKILL) received by PID 15309"
@@ -317,7 +318,7 @@ def test_slurm_launcher_with_a_stand_in_srun(prefect2, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost")
     monkeypatch.setenv("SLURM_NNODES", "2")
     cfg, stage, inputs = _score_job(run, ["resources.launcher=slurm", "resources.nnodes=2",
-                                          f"resources.rdzv_endpoint=127.0.0.1:{free_port()}"])
+                                          "resources.nproc_per_node=1", f"resources.rdzv_endpoint=127.0.0.1:{free_port()}"])
     lines: list[str] = []
     with RunLock(run):
         m = launch.launch_stage(cfg, run, stage, inputs, 0, force=True, log_line=lines.append)
@@ -333,7 +334,8 @@ def _rank_pids(holder: str) -> dict[int, int]:
     out = {}
     for env_file in Path("/proc").glob("[0-9]*/environ"):
         try:
-            env = dict(kv.split("=", 1) for kv in env_file.read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+            raw = env_file.read_bytes().decode(errors="replace").split("\0")
+            env = dict(kv.split("=", 1) for kv in raw if "=" in kv)
             state = (env_file.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
