@@ -389,3 +389,14 @@ def test_launch_in_process_at_world_size_1(tmp_path, monkeypatch):
     assert launch.run_node(cfg, tmp_path, "rollout", 0, {}) == "manifest"
     assert launch.run_node(cfg, tmp_path, "label_uncertainty", 0, {}) == "manifest"
     assert calls == ["rollout", "label_uncertainty"]
+
+
+def test_prefect_engine_under_torchrun_points_to_resources(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "COLUMNS": "300"}
+    res = CliRunner().invoke(app, ["train", str(ph.TINY), "--set", f"pipeline.runs_root={tmp_path}"], env=env)
+    assert res.exit_code == 2 and "--engine prefect cannot run under torchrun" in res.output
+    assert "astrolabe train CONFIG --set resources.nproc_per_node=N" in res.output
