@@ -366,6 +366,7 @@ def test_sigkill_of_a_rank_in_nft_update_fails_naming_it_and_the_rerun_equals(pr
         with pytest.raises(StageLaunchError) as info:
             launch.launch_stage(cfg, run, STAGES["nft_update"], inputs, 0, log_line=log_line)
     msg = str(info.value)
+    print(f"the launch after SIGKILL of rank 1: {msg}")
     assert killed and f"rank 1: Signal 9 (SIGKILL) received by PID {killed[0]}" in msg, msg
     assert "nft_update (iteration 0) failed in its 2-rank job" in msg and "nothing was published" in msg
     assert not (ph.stage_root(run, "nft_update", 0)).exists() or not [
