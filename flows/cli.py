@@ -278,10 +278,8 @@ def stage(
 ) -> None:
     """Run one stage of a run from its current inputs (upstream is never touched)."""
     setup_logging(verbose)
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     from astrolabe.artifacts.plan import run_stage
-    from flows.launch import stage_lock
+    from flows.launch import recorded, stage_lock
     from flows.run import load_run_config, resolve_run_path
     from stages import STAGES
 
@@ -291,8 +289,7 @@ def stage(
         if name in STAGES and STAGES[name].STAGE.per_iteration and iteration is None:
             raise ConfigError(f"{name} runs per iteration: pass --iteration K")
         with _ranks(cfg.model.device, "local") as is_main, stage_lock(run_path):
-            # record: under torchrun the rank's traceback goes to its error file (torchrun's failure report)
-            res = record(run_stage)(cfg, run_path, STAGES, name, iteration, force)
+            res = recorded(run_stage)(cfg, run_path, STAGES, name, iteration, force)  # torchrun: traceback to report
     if not is_main:
         return
     what = "cached" if res.cached else f"computed in {res.manifest.timings.get('total', 0.0):.1f}s"

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.keys import stage_key
@@ -354,6 +355,19 @@ def launching_runner(cfg: RunConfig, run_path: Path) -> Runner:
 
 
 # ----------------------------------------------------------------------------------- inside the job
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def recorded(fn: F) -> F:
+    """Under torchrun (``$TORCHELASTIC_ERROR_FILE`` set), ``fn`` decorated with torch elastic's ``record``: an
+    exception writes the rank's traceback to its error file, which torchrun's failure report shows (and
+    :func:`parse_failures` reads). Elsewhere ``fn`` itself."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return fn
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)
 
 
 def lock_holder_id(holder: Mapping[str, object]) -> str | None:

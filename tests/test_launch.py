@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -401,3 +402,23 @@ def test_prefect_engine_under_torchrun_points_to_resources(tmp_path):
     res = CliRunner().invoke(app, ["train", str(ph.TINY), "--set", f"pipeline.runs_root={tmp_path}"], env=env)
     assert res.exit_code == 2 and "--engine prefect cannot run under torchrun" in res.output
     assert "astrolabe train CONFIG --set resources.nproc_per_node=N" in res.output
+
+
+@pytest.mark.slow
+def test_a_rank_error_fails_the_launch_with_that_ranks_error_line(prefect2):
+    """A Python error on the ranks (here: a damaged input) reaches the caller as "rank R: <error line>" through
+    the ranks' error files (``record``) and torchrun's report; nothing is published."""
+    run = ph.copy_run(prefect2[0], "rankerror")
+    shard = sorted(ph.node_dir(run, "rollout", 0).glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other checksum
+    shard.write_bytes(bytes(data))
+    cfg, stage, inputs = _score_job(run, [])
+    before = json.loads((ph.node_dir(run, "score", 0) / MANIFEST_NAME).read_text())
+    with RunLock(run), pytest.raises(StageLaunchError) as info:
+        launch.launch_stage(cfg, run, stage, inputs, 0, force=True, log_line=lambda line: None)
+    msg = str(info.value)
+    print(f"the launch with a damaged input: {msg}")
+    assert re.search(r"failed in its 2-rank job \(exit code 1\); nothing was published: rank [01]: [\w.]*StageInputError: "
+                     r"input 'rollout' of score\[0\] \(rollout\[0\]\) is damaged", msg), msg
+    assert json.loads((ph.node_dir(run, "score", 0) / MANIFEST_NAME).read_text())["created"] == before["created"]
