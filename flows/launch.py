@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds flows/ (the jobs run `-m flows.cli`)
 LOCK_HOLDER_ENV = "ASTROLABE_RUN_LOCK_HOLDER"
+OUTPUT_TAIL_LINES = 5000  # of a job's output kept for its failure report
 TERMINATE_GRACE_S = 60.0  # after SIGTERM, how long the job may take to stop before SIGKILL
 SLURM_HINT = ("resources.launcher=slurm launches inside a Slurm allocation: run `astrolabe train` (or the Prefect "
               "worker) inside `salloc --nodes N ...` or an `sbatch` script")
@@ -262,12 +264,13 @@ def _die_with_parent_term() -> None:  # pragma: no cover - runs in the forked ch
 
 def run_job(cmd: Sequence[str], env: Mapping[str, str], log_line: LogLine,
             cwd: Path | None = None) -> tuple[int, list[str]]:  # fmt: skip
-    """Run ``cmd`` in its own session, each output line to ``log_line``; returns ``(returncode, lines)``.
+    """Run ``cmd`` in its own session, each output line to ``log_line``; returns ``(returncode, last lines)``
+    (the last :data:`OUTPUT_TAIL_LINES`: enough for torchrun's failure report).
 
     An interrupt of the caller (SIGINT, SIGTERM as KeyboardInterrupt) stops the job: SIGTERM to its process
     group (torchrun stops its ranks), SIGKILL after :data:`TERMINATE_GRACE_S`; then the interrupt goes on.
     """
-    lines: list[str] = []
+    lines: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
     proc = subprocess.Popen(list(cmd), env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
                             start_new_session=True, preexec_fn=_die_with_parent_term)  # fmt: skip
@@ -277,7 +280,7 @@ def run_job(cmd: Sequence[str], env: Mapping[str, str], log_line: LogLine,
             line = raw.rstrip("\n")
             lines.append(line)
             log_line(line)
-        return proc.wait(), lines
+        return proc.wait(), list(lines)
     except BaseException:
         stop_job(proc)
         raise

@@ -318,8 +318,9 @@ def test_slurm_launcher_with_a_stand_in_srun(prefect2, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost")
     monkeypatch.setenv("SLURM_NNODES", "2")
+    endpoint = f"resources.rdzv_endpoint=127.0.0.1:{free_port()}"
     cfg, stage, inputs = _score_job(run, ["resources.launcher=slurm", "resources.nnodes=2",
-                                          "resources.nproc_per_node=1", f"resources.rdzv_endpoint=127.0.0.1:{free_port()}"])
+                                          "resources.nproc_per_node=1", endpoint])
     lines: list[str] = []
     with RunLock(run):
         m = launch.launch_stage(cfg, run, stage, inputs, 0, force=True, log_line=lines.append)
@@ -419,6 +420,14 @@ def test_a_rank_error_fails_the_launch_with_that_ranks_error_line(prefect2):
         launch.launch_stage(cfg, run, stage, inputs, 0, force=True, log_line=lambda line: None)
     msg = str(info.value)
     print(f"the launch with a damaged input: {msg}")
-    assert re.search(r"failed in its 2-rank job \(exit code 1\); nothing was published: rank [01]: [\w.]*StageInputError: "
-                     r"input 'rollout' of score\[0\] \(rollout\[0\]\) is damaged", msg), msg
+    assert re.search(r"failed in its 2-rank job \(exit code 1\); nothing was published: "
+                     r"rank [01]: [\w.]*StageInputError: input 'rollout' of score\[0\] \(rollout\[0\]\) is damaged",
+                     msg), msg
     assert json.loads((ph.node_dir(run, "score", 0) / MANIFEST_NAME).read_text())["created"] == before["created"]
+
+
+def test_run_job_streams_lines_and_returns_the_exit_code(tmp_path):
+    seen: list[str] = []
+    script = "import sys; print('a'); print('b', file=sys.stderr); sys.exit(3)"
+    code, lines = launch.run_job([sys.executable, "-c", script], launch.job_env(), seen.append)
+    assert code == 3 and lines == seen and sorted(seen) == ["a", "b"]
