@@ -164,15 +164,16 @@ def generate(
 def _ranks(device: str, engine: str) -> Iterator[bool]:
     """Join the torchrun ranks (if launched by torchrun) for the block; yields whether this is rank 0.
 
-    Prefect does not fan out ranks (it launches a torchrun job as one task), so ``--engine prefect`` is
-    refused under torchrun.
+    Prefect does not fan out ranks (its task launches a stage as one torchrun job: ``resources``), so
+    ``--engine prefect`` is refused under torchrun.
     """
     from astrolabe.distributed import DistContext, init_distributed, shutdown_distributed
 
     if engine == "prefect" and DistContext.from_env().is_distributed:
         raise ConfigError(
-            "--engine prefect cannot run under torchrun (WORLD_SIZE > 1): Prefect launches a torchrun job as one "
-            "task and does not fan out ranks. Use `torchrun ... -m flows.cli train CONFIG --engine local`."
+            "--engine prefect cannot run under torchrun (WORLD_SIZE > 1): the flow launches each heavy stage as a "
+            "torchrun job itself. Run it without torchrun: `astrolabe train CONFIG --set resources.nproc_per_node=N` "
+            "(or, bypassing Prefect, `torchrun ... -m flows.cli train CONFIG --engine local`)."
         )
     ctx = init_distributed(device)
     try:
@@ -233,8 +234,8 @@ def train(
 ) -> None:
     """Train: all iterations of prompt filtering, rollout, scoring, labelling, NFT update, evaluation (resumes).
 
-    Under torchrun (``torchrun --nproc_per_node=N -m flows.cli train CONFIG --engine local``) the rollout is
-    split over the ranks; rank 0 runs the other stages, holds the run lock and logs (deploy/README.md).
+    ``--set resources.nproc_per_node=N`` runs each heavy stage as an N-rank torchrun job launched by the flow
+    (``resources.launcher=slurm``: srun + torchrun inside an allocation); deploy/README.md.
     """
     setup_logging(verbose)
     sets = list(set_ or []) + ([f"name={run_name}"] if run_name else [])
@@ -277,18 +278,18 @@ def stage(
 ) -> None:
     """Run one stage of a run from its current inputs (upstream is never touched)."""
     setup_logging(verbose)
-    from astrolabe.distributed import rank0_run_lock
     from astrolabe.artifacts.plan import run_stage
+    from flows.launch import recorded, stage_lock
     from flows.run import load_run_config, resolve_run_path
     from stages import STAGES
 
-    with user_errors():
+    with user_errors(), _signals_as_interrupt():
         run_path = resolve_run_path(run, runs_root)
         cfg = load_run_config(run_path)
         if name in STAGES and STAGES[name].STAGE.per_iteration and iteration is None:
             raise ConfigError(f"{name} runs per iteration: pass --iteration K")
-        with _ranks(cfg.model.device, "local") as is_main, rank0_run_lock(run_path):
-            res = run_stage(cfg, run_path, STAGES, name, iteration, force)
+        with _ranks(cfg.model.device, "local") as is_main, stage_lock(run_path):
+            res = recorded(run_stage)(cfg, run_path, STAGES, name, iteration, force)  # torchrun: traceback to report
     if not is_main:
         return
     what = "cached" if res.cached else f"computed in {res.manifest.timings.get('total', 0.0):.1f}s"

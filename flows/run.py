@@ -19,7 +19,10 @@ directly (``--engine local``). Both execute the same plan (:mod:`astrolabe.artif
 stage registry :data:`stages.STAGES`. What is logged to MLflow is what each stage's manifest carries
 (``Manifest.metrics``, ``Manifest.reports``): this module does not know which stage made what.
 
-Under ``torchrun`` (local engine only) every rank calls :func:`train_run`: rank 0 alone takes the run lock
+Each node runs where ``resources`` says (:func:`flows.launch.run_node`): in this process at world size 1, else
+as one torchrun job launched from here (this process keeps the lock and the bookkeeping).
+
+Under ``torchrun`` itself (local engine only) every rank calls :func:`train_run`: rank 0 alone takes the run lock
 (:func:`astrolabe.distributed.rank0_run_lock`), records the config, writes the summary and logs to MLflow;
 the other ranks run the same plan without bookkeeping (:func:`astrolabe.artifacts.engine.execute` keeps them
 in step).
@@ -46,13 +49,14 @@ from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.lock import RunLock, RunLockedError
 from astrolabe.artifacts.manifest import Manifest
 from astrolabe.artifacts.plan import (
-    Node, NodeResult, NodeStatus, RunResults, Runner, build_plan, direct_runner, explain_change, plan_status, run_plan,
+    Node, NodeResult, NodeStatus, RunResults, Runner, build_plan, explain_change, plan_status, run_plan,
 )
 from astrolabe.artifacts.stagedir import find_current, list_iterations, run_dir
 from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config, load_config
 from astrolabe.distributed import current_context, rank0_run_lock
 from astrolabe.report import REPORT_FILE, StageOutput, write_report
 from astrolabe.tracking import RUN_ID_FILE, Tracker, plot_curves
+from flows.launch import launching_runner
 from stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -343,7 +347,8 @@ def train_run(
 
     Takes the run lock (a second process exits with :class:`astrolabe.artifacts.lock.RunLockedError`), records
     the config (explaining what a change makes stale), continues the MLflow run, and runs the plan
-    (``on_start`` before each node, ``on_done`` after). The MLflow run ends FINISHED, FAILED on an error, or
+    (``on_start`` before each node, ``on_done`` after; nodes run through ``runner_factory(cfg, run_path)``, by
+    default :func:`flows.launch.launching_runner`). The MLflow run ends FINISHED, FAILED on an error, or
     KILLED when interrupted (SIGINT, SIGTERM: anything raised that is not an ``Exception``); one left RUNNING by
     a SIGKILLed attempt is marked KILLED first (:func:`mark_killed_if_dead`).
     Under torchrun only rank 0 does that bookkeeping (and calls the hooks); the others only run the plan.
@@ -374,9 +379,8 @@ def train_run(
                 if on_done is not None:
                     on_done(res, results)
 
-            runner = runner_factory(cfg, run_path) if runner_factory is not None else None
-            results = run_plan(cfg, run_path, STAGES, runner=announcing(runner or direct_runner(cfg, run_path, STAGES),
-                                                                        on_start), on_done=done)  # fmt: skip
+            runner = (runner_factory or launching_runner)(cfg, run_path)
+            results = run_plan(cfg, run_path, STAGES, runner=announcing(runner, on_start), on_done=done)
             logger.finish()
             report_after_training(run_path, cfg, results, tracker)
             status = "FINISHED"

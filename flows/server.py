@@ -104,12 +104,12 @@ def startup_timeout_s() -> float:
     return float(raw) if raw else DEFAULT_STARTUP_TIMEOUT_S
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """``preexec_fn``: the kernel sends SIGKILL to this process when its parent dies (Linux only)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:  # pragma: no cover - runs in the forked child
+    """``preexec_fn``: the kernel sends ``sig`` (SIGKILL) to this process when its parent dies (Linux only)."""
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):
         return  # not Linux: the pidfile reaping is the fallback
     if os.getppid() != parent:  # the parent died before prctl: die now

@@ -1,7 +1,9 @@
 """Prefect flows: ``train``, ``rescore``, ``evaluate``, ``generate``; thin wiring over :mod:`flows.run`.
 
 Flows pass paths and names, never tensors. Every stage call is one task run named
-``<stage>-it<k>``; the ``score`` stage is retried on transient errors (``SCORE_RETRIES``). Caching is
+``<stage>-it<k>``, whatever its world size: a stage that ``resources`` gives N > 1 processes runs as one
+torchrun (or srun + torchrun) job launched by its task (:mod:`flows.launch`), the job's output in the task's
+log. The ``score`` stage is retried on transient errors (``SCORE_RETRIES``). Caching is
 Astrolabe's own (content-keyed stage directories), so Prefect's task cache is off.
 
 Local mode (default): the CLI starts a temporary local server tied to its process, or uses the one of
@@ -11,7 +13,8 @@ Local mode (default): the CLI starts a temporary local server tied to its proces
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from flows.prefect_env import configure
 
 configure()
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from astrolabe.artifacts.atomic import write_text  # noqa: E402
@@ -30,6 +33,7 @@ from astrolabe.artifacts.plan import Node, Runner, run_stage  # noqa: E402
 from astrolabe.config import RunConfig, load_config  # noqa: E402
 from flows import progress  # noqa: E402
 from flows import run as run_mod  # noqa: E402
+from flows.launch import run_node  # noqa: E402
 from stages import STAGES  # noqa: E402
 
 SCORE_RETRIES = 2
@@ -38,11 +42,32 @@ SCORE_RETRY_DELAY_S = 5.0
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def stage_task(config_path: str, run_path: str, stage: str, iteration: int | None, inputs: dict[str, str],
-               force: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Run one stage from the run's recorded config; returns its manifest as a dict."""
+               force: bool = False, launch: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run one stage from the run's recorded config; returns its manifest as a dict.
+
+    ``launch``: where ``resources`` gives the stage more than one process, run it as a torchrun (or srun)
+    job whose output goes to this task's log (:func:`flows.launch.run_node`); else in this process.
+    """
     cfg = load_config(config_path)
-    m = execute(STAGES[stage], cfg, Path(run_path), {k: Path(v) for k, v in inputs.items()}, iteration, force=force)
+    paths = {k: Path(v) for k, v in inputs.items()}
+    if not launch:
+        return execute(STAGES[stage], cfg, Path(run_path), paths, iteration, force=force).model_dump(mode="json")
+    m = run_node(cfg, Path(run_path), stage, iteration, paths, force, log_line=job_log_line())
     return m.model_dump(mode="json")
+
+
+def job_log_line() -> Callable[[str], None]:
+    """Where a launched job's output lines go: this task run's log (the UI) at INFO, even though Prefect's own
+    level is WARNING (:mod:`flows.prefect_env`), and the console only where INFO is shown (``astrolabe -v``)."""
+    run_logger = get_run_logger()
+    job = logging.getLogger("prefect.task_runs.job")
+    job.setLevel(logging.INFO)
+    job.propagate = False
+    root = logging.getLogger()
+    job.handlers = [*logging.getLogger("prefect.task_runs").handlers,
+                    *(root.handlers if root.isEnabledFor(logging.INFO) else [])]  # fmt: skip
+    adapter = logging.LoggerAdapter(job, dict(run_logger.extra))  # the task and flow run ids the API handler needs
+    return lambda line: adapter.info("%s", line)
 
 
 def task_name(stage: str, iteration: int | None) -> str:
@@ -63,10 +88,23 @@ def prefect_runner(cfg: RunConfig, run_path: Path) -> Runner:
     return run
 
 
+def resources_overrides(nproc_per_node: int | None = None, nnodes: int | None = None,
+                        launcher: str | None = None) -> list[str]:  # fmt: skip
+    """``resources.<key>=<value>`` overrides of the parameters given (None: the config's value)."""
+    given = {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "launcher": launcher}
+    return [f"resources.{k}={v}" for k, v in given.items() if v is not None]
+
+
 @flow(name="train")
-def train(config: str, run_name: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """All iterations of a run (resumes: completed stages are skipped). Returns the run summary."""
-    sets = list(overrides or []) + ([f"name={run_name}"] if run_name else [])
+def train(config: str, run_name: str | None = None, overrides: list[str] | None = None,
+          nproc_per_node: int | None = None, nnodes: int | None = None, launcher: str | None = None) -> dict[str, Any]:
+    """All iterations of a run (resumes: completed stages are skipped). Returns the run summary.
+
+    ``nproc_per_node`` / ``nnodes`` / ``launcher`` (torchrun | slurm) override ``resources``: each heavy stage
+    then runs as one job of that many processes, launched by its task.
+    """
+    sets = list(overrides or []) + resources_overrides(nproc_per_node, nnodes, launcher)
+    sets += [f"name={run_name}"] if run_name else []
     cfg = load_config(config, sets)
     shown = progress.current()  # the CLI's progress display, when called from `astrolabe train`
     return run_mod.train_run(cfg, runner_factory=prefect_runner, on_start=shown.start if shown else None,
@@ -86,7 +124,8 @@ def rescore(run: str, rewards: list[str], runs_root: str | None = None) -> dict[
             write_text(config_path, dump_config(cfg))
         t = stage_task.with_options(name=task_name("score", iteration), retries=SCORE_RETRIES,
                                     retry_delay_seconds=SCORE_RETRY_DELAY_S)
-        return Manifest.model_validate(t(str(config_path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}))
+        out = t(str(config_path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}, launch=False)
+        return Manifest.model_validate(out)  # in this process: the stage command reads the run's own config
 
     out = run_mod.rescore_run(run_path, rewards, score_runner)
     return {str(k): v for k, v in out.items()}
