@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +55,9 @@ from astrolabe.models.wan.attention import CausalWindow
 from astrolabe.models.wan.config import build_config
 from astrolabe.models.wan.dit import WanDiT
 from astrolabe.models.wan.text_encoder import TextEncoderConfig, WanTextEncoder, build_text_encoder
-from astrolabe.models.wan.vae_preview import preview_latents
+from astrolabe.models.wan.vae_preview import latent_cell_means, preview_latents
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
-from astrolabe.world.grammar import WorldCaption, train_captions
+from astrolabe.world.grammar import PALETTE, WorldCaption, train_captions
 from astrolabe.world.render import UNIT_VECTORS, WorldConfig, render
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,11 @@ __all__ = [
     "build_world_model",
     "ensure_world_model",
     "load_world_model",
+    "loss_weights",
+    "object_coverage",
     "teacher_forced_loss",
     "train_world_model",
+    "training_steps",
     "world_latents",
     "world_model_built",
     "world_model_dir",
@@ -107,6 +110,7 @@ class WorldModelRecipe(Frozen):
     identity_init: bool = Field(
         False, description="Start the DiT at v ~= x_t (init_identity_flow_); off = Wan's random init (measured)."
     )
+    object_weight: float = Field(0.0, ge=0, description="Loss weight 1 + w * (object coverage) per latent cell.")
     start_jitter: float = Field(0.08, ge=0, le=0.5, description="Start offset from the centred track / min(H, W).")
     seed: int = Field(0, description="Data stream, sigma and noise seed.")
     init_seed: int = Field(0, description="Seed of the initial DiT and text-encoder weights.")
@@ -135,20 +139,38 @@ def centred_start(attributes: WorldCaption, config: WorldConfig) -> np.ndarray:
     return np.array([config.width / 2, config.height / 2]) - step * (config.num_frames - 1) / 2
 
 
-def pretraining_pair(seed: int, index: int, recipe: WorldModelRecipe) -> tuple[str, torch.Tensor]:
-    """Pair ``index``: (caption, frames (T, 3, H, W) in [0, 1]), the track centred and jittered (module docstring)."""
+def object_coverage(frames: torch.Tensor, attributes: WorldCaption) -> torch.Tensor:
+    """The renderer's blend weight per pixel: frames (T, 3, H, W) -> (T, H, W) in [0, 1].
+
+    Each pixel is ``x = b + a (o - b)`` (background ``b``, object colour ``o``), so ``a = (x - b).(o - b) / |o - b|^2``.
+    """
+    background = torch.tensor(PALETTE[attributes.background], dtype=frames.dtype).view(1, 3, 1, 1)
+    delta = torch.tensor(PALETTE[attributes.color], dtype=frames.dtype).view(1, 3, 1, 1) - background
+    return (((frames - background) * delta).sum(dim=1) / delta.square().sum()).clamp(0.0, 1.0)
+
+
+def pretraining_pair(seed: int, index: int, recipe: WorldModelRecipe) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Pair ``index``: (caption, frames (T, 3, H, W) in [0, 1], object coverage (T, H, W)), the track centred
+    and jittered (module docstring)."""
     generator = np.random.default_rng([seed, index])
     pool = train_captions()
     caption = pool[int(generator.integers(len(pool)))]
     offset = (generator.random(2) * 2 - 1) * recipe.start_jitter * recipe.world.side
     start = centred_start(caption, recipe.world) + offset
-    return caption.text, render(caption, generator, recipe.world, start=start).frames
+    frames = render(caption, generator, recipe.world, start=start).frames
+    return caption.text, frames, object_coverage(frames, caption)
 
 
-def pretraining_batch(seed: int, indices: range, recipe: WorldModelRecipe) -> tuple[list[str], torch.Tensor]:
-    """Pairs ``indices`` stacked: (captions, frames (B, T, 3, H, W))."""
+def pretraining_batch(seed: int, indices: range, recipe: WorldModelRecipe) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Pairs ``indices`` stacked: (captions, frames (B, T, 3, H, W), coverage (B, T, H, W))."""
     pairs = [pretraining_pair(seed, i, recipe) for i in indices]
-    return [c for c, _ in pairs], torch.stack([f for _, f in pairs])
+    return [c for c, _, _ in pairs], torch.stack([f for _, f, _ in pairs]), torch.stack([a for _, _, a in pairs])
+
+
+def loss_weights(coverage: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Per latent cell loss weight ``1 + w * m`` with ``m`` the cell's mean object coverage:
+    coverage (B, T, H, W) -> (B, F, 1, H / 8, W / 8)."""
+    return 1.0 + object_weight * latent_cell_means(coverage[:, None]).permute(0, 2, 1, 3, 4)
 
 
 def world_latents(frames: torch.Tensor) -> torch.Tensor:
@@ -173,9 +195,10 @@ def teacher_forced_loss(
     sigmas: torch.Tensor,  # (S,) noise levels to draw from
     generator: torch.Generator,
     block_frames: int,
+    weights: torch.Tensor | None = None,  # (B, F, 1, h, w) per latent cell, None = 1
 ) -> torch.Tensor:
     """Mean over blocks ``j`` of the flow-matching loss of block ``j`` given the clean blocks before it
-    (module docstring); one sigma per sample and block."""
+    (module docstring), each latent cell's squared error times ``weights``; one sigma per sample and block."""
     b, f = x0.shape[:2]
     if f % block_frames:
         raise ValueError(f"{f} latent frames are not a whole number of {block_frames}-frame blocks")
@@ -190,7 +213,8 @@ def teacher_forced_loss(
         inputs = torch.cat([x0[:, :start], x_t], dim=1)  # (B, end, C, h, w)
         t = torch.cat([torch.zeros(b, start), (1000 * sigma)[:, None].expand(b, block_frames)], dim=1)  # (B, end)
         v = dit(inputs, t, context, causal=causal)[:, start:end]
-        losses.append((v - (eps - x0[:, start:end])).square().mean())
+        error = (v - (eps - x0[:, start:end])).square()  # (B, f, C, h, w)
+        losses.append((error if weights is None else error * weights[:, start:end]).mean())
     return torch.stack(losses).mean()
 
 
@@ -244,8 +268,9 @@ def _lr_at(recipe: WorldModelRecipe, step: int) -> float:
     return recipe.lr * 0.5 ** ((step - recipe.warmup_steps) / recipe.lr_half_life)
 
 
-def train_world_model(recipe: WorldModelRecipe = WorldModelRecipe(), progress: Progress | None = None) -> WorldModel:
-    """Train DiT and text encoder from scratch for ``recipe.steps`` steps (module docstring)."""
+def training_steps(recipe: WorldModelRecipe = WorldModelRecipe()) -> Iterator[tuple[int, float, WorldModel]]:
+    """Train DiT and text encoder from scratch (module docstring), yielding ``(steps done, loss, model)``
+    after each of the ``recipe.steps`` optimizer steps (the model in train mode, shared, not a copy)."""
     dit, text = _fresh_modules(recipe)
     dit.train().requires_grad_(True)
     text.model.train().requires_grad_(True)
@@ -256,8 +281,9 @@ def train_world_model(recipe: WorldModelRecipe = WorldModelRecipe(), progress: P
     tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for step in range(recipe.steps):
         indices = range(step * recipe.batch_size, (step + 1) * recipe.batch_size)
-        captions, frames = pretraining_batch(recipe.seed, indices, recipe)
+        captions, frames, coverage = pretraining_batch(recipe.seed, indices, recipe)
         x0 = world_latents(frames)  # (B, F, C, h, w)
+        weights = loss_weights(coverage, recipe.object_weight) if recipe.object_weight else None
         for c in captions:
             if c not in tokens:
                 ids, mask = text.tokenize([c])
@@ -267,18 +293,28 @@ def train_world_model(recipe: WorldModelRecipe = WorldModelRecipe(), progress: P
         context = text(ids, mask)  # (B, L, text_dim)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(recipe, step)
-        loss = teacher_forced_loss(dit, context, x0, sigmas, generator, recipe.block_frames)
+        loss = teacher_forced_loss(dit, context, x0, sigmas, generator, recipe.block_frames, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
-        if progress is not None:
-            progress(step + 1, recipe.steps, float(loss.detach()))
         if step % 50 == 0:
             log.info("world pretraining step %d/%d loss %.4f", step, recipe.steps, float(loss.detach()))
-    dit.eval().requires_grad_(False)
-    text.model.eval().requires_grad_(False)
-    return WorldModel(dit, text)
+        yield step + 1, float(loss.detach()), WorldModel(dit, text)
+
+
+def train_world_model(recipe: WorldModelRecipe = WorldModelRecipe(), progress: Progress | None = None) -> WorldModel:
+    """Train DiT and text encoder from scratch for ``recipe.steps`` steps (:func:`training_steps`)."""
+    model = None
+    for step, loss, model in training_steps(recipe):
+        if progress is not None:
+            progress(step, recipe.steps, loss)
+    if model is None:  # zero steps: the initial weights
+        dit, text = _fresh_modules(recipe)
+        model = WorldModel(dit, text)
+    model.dit.eval().requires_grad_(False)
+    model.text.model.eval().requires_grad_(False)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- cache
