@@ -29,8 +29,10 @@ objective (recipe knobs, measured):
 
 Measured (default recipe, 96 held-out captions, one video each; chance colour 1/6, shape 1/3, direction
 1/5, speed 1/2, background 1/6): after 300 / 450 / 600 steps colour 0.60 / 0.70 / 0.79, shape 0.38 / 0.40 /
-0.39, background 0.87 / 0.92 / 0.92, direction 0.16 / 0.15 / 0.15, speed 0.09 / 0.18 / 0.22. 450 steps take
-about 145 s of CPU time (one thread). **Motion is not learned** (every recipe tried: the objects stay still,
+0.39, background 0.87 / 0.92 / 0.92, direction 0.16 / 0.15 / 0.15, speed 0.09 / 0.18 / 0.22 (one torch thread);
+the 450-step build of ``astrolabe world build`` (two threads: slightly different numerics): colour 0.74, shape
+0.40, background 0.90, direction 0.14 on 96 captions (0.75, 0.35, 0.93, 0.11 on all 165). 450 steps take
+about 145 s of CPU time on one thread. **Motion is not learned** (every recipe tried: the objects stay still,
 even for train captions and at one sampling step): in the first block at t = 1000 the DiT sees pure noise
 and has no absolute frame or position signal (RoPE is relative), so it cannot place a track; a later block
 given a clean prefix continues its motion. Direction needs a change outside this recipe (an absolute
