@@ -3,7 +3,6 @@ its held-out accuracy band."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from astrolabe.models.registry import get_base_model
 from astrolabe.models.wan.vae import WanVAE, tiny_vae
 from astrolabe.models.wan.vae_preview import init_preview_decoder_, preview_latents, preview_video
 from astrolabe.world.evaluate import generation_accuracy, roundtrip_accuracy, world_stream_config
-from astrolabe.world.grammar import heldout_captions
+from astrolabe.world.grammar import heldout_captions, parse_caption
 from astrolabe.world.pretrain import (
     WorldModelMissingError,
     WorldModelRecipe,
@@ -48,6 +47,19 @@ def test_latent_roundtrip_keeps_colour_motion_and_background() -> None:
     assert min(acc["direction"], acc["speed"], acc["background"]) >= 0.95, acc
     assert acc["color"] >= 0.8, acc  # a small object may fill no 8x8 cell: its colour is blended with the background
     assert acc["shape"] >= 0.45, acc  # shapes from 8x8-cell coverage: about 2 in 3 (chance 1/3)
+
+
+def test_object_weights_follow_the_rendered_object() -> None:
+    """Coverage is the renderer's blend weight (a square of side s covers s^2 pixels); cells away from the object
+    weigh 1, cells inside it 1 + w."""
+    recipe = WorldModelRecipe()
+    caption, frames, coverage = pretrain.pretraining_pair(0, 0, recipe)
+    side = recipe.world.object_px
+    area = {"square": side**2, "circle": np.pi * side**2 / 4, "triangle": side**2 / 2}[parse_caption(caption).shape]
+    np.testing.assert_allclose(coverage.sum(dim=(1, 2)).numpy(), area, rtol=0.05)
+    weights = pretrain.loss_weights(coverage[None], 10.0)  # (1, F, 1, 8, 8)
+    assert weights.shape == (1, 6, 1, 8, 8)
+    assert float(weights.min()) == 1.0 and 1.0 + 10.0 * 0.5 < float(weights.max()) <= 11.0
 
 
 def test_fresh_dit_passes_the_noise_through() -> None:
@@ -105,17 +117,25 @@ def test_world_base_model_needs_the_build_and_loads_it(tmp_path: Path, monkeypat
     assert vae.decode(torch.zeros(1, 16, 1, 8, 8)).shape == (1, 3, 1, 64, 64)
 
 
+@pytest.fixture(scope="module")
+def heldout_accuracy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    """The default recipe built from scratch (a few minutes on 2 cores) and its 96 held-out generations."""
+    model = load_world_model(build_world_model(tmp_path_factory.mktemp("world")))
+    return generation_accuracy(model, count=96)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ASTROLABE_WORLD_BAND") != "1",
-                    reason="calibration check (builds the world, minutes): set ASTROLABE_WORLD_BAND=1")
-@pytest.mark.xfail(reason="band not reached yet (issue 13): 400-600 steps give held-out colour 0.22-0.27, shape "
-                   "0.28-0.38, direction 0.16-0.22, background 0.83 (chance 1/6, 1/3, 1/5, 1/6)", strict=False)
-def test_pretrained_world_model_is_above_chance_and_far_from_perfect() -> None:
-    """The real build (cached under $ASTROLABE_WORLD_ROOT or runs/): held-out generations, 64 captions."""
-    root = Path(os.environ.get("ASTROLABE_WORLD_ROOT", "runs"))
-    model = load_world_model(build_world_model(root))
-    acc = generation_accuracy(model, count=64)
-    assert 0.35 <= acc["color"] <= 0.9, acc  # chance 1/6
-    assert 0.3 <= acc["direction"] <= 0.85, acc  # chance 1/5
-    assert acc["background"] >= 0.35, acc  # chance 1/6
-    assert np.isfinite(acc["shape"])
+def test_pretrained_world_model_is_above_chance_and_far_from_perfect(heldout_accuracy: dict[str, float]) -> None:
+    """Measured (pretrain docstring): colour 0.70, shape 0.40, background 0.92 (chance 1/6, 1/3, 1/6)."""
+    acc = heldout_accuracy
+    assert acc["detected"] >= 0.9, acc
+    assert 0.45 <= acc["color"] <= 0.9, acc
+    assert acc["shape"] > 0.34, acc
+    assert acc["background"] >= 0.8, acc
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="motion is not learned yet (pretrain docstring): held-out direction 0.15, chance 0.2",
+                   strict=False)
+def test_pretrained_world_model_moves_as_captioned(heldout_accuracy: dict[str, float]) -> None:
+    assert 0.35 <= heldout_accuracy["direction"] <= 0.85, heldout_accuracy

@@ -42,6 +42,7 @@ __all__ = [
     "WAN21_LATENT_RGB_FACTORS",
     "PREVIEW_LEVEL",
     "init_preview_decoder_",
+    "latent_cell_means",
     "preview_latents",
     "preview_pixels",
     "preview_video",
@@ -88,6 +89,21 @@ def preview_video(z: Tensor, spatial: int = 8, temporal: int = 4) -> Tensor:
     return pixels.clamp(-1.0, 1.0)
 
 
+def latent_cell_means(video: Tensor, spatial: int = 8, temporal: int = 4) -> Tensor:
+    """Mean of ``video`` (B, C, 1 + 4k, H, W) over each latent cell: (B, C, 1 + k, H / 8, W / 8).
+
+    Latent frame 0 is pixel frame 0, frame j >= 1 the pixel frames 4j-3 .. 4j (what the decoder repeats);
+    spatially the ``spatial x spatial`` cells. Any channel count (colours, or a coverage mask with C = 1).
+    """
+    b, c, t, h, w = video.shape
+    if (t - 1) % temporal or h % spatial or w % spatial:
+        raise ValueError(f"video must be (B, C, 1 + {temporal}k, H, W) with H, W multiples of {spatial}, got {tuple(video.shape)}")
+    first = video[:, :, :1]  # (B, C, 1, H, W)
+    rest = video[:, :, 1:].reshape(b, c, (t - 1) // temporal, temporal, h, w).mean(dim=3)  # (B, C, k, H, W)
+    frames = torch.cat([first, rest], dim=2)  # (B, C, F, H, W)
+    return frames.reshape(b, c, -1, h // spatial, spatial, w // spatial, spatial).mean(dim=(4, 6))
+
+
 def preview_latents(video: Tensor, spatial: int = 8, temporal: int = 4, max_norm2: float = 1.95) -> Tensor:
     """Least-norm normalised latents whose preview decode best fits ``video``: the preview decoder's inverse.
 
@@ -97,13 +113,9 @@ def preview_latents(video: Tensor, spatial: int = 8, temporal: int = 4, max_norm
     bright colours are dimmed), then ``p = C y / sqrt(A^2 - 2 |y|^2)`` inverts ``y = A p / sqrt(2|p|^2 + C^2)``
     and ``z = F (F^T F)^{-1} (p - b)`` is the least-norm solution of ``F^T z + b = p``.
     """
-    b, c, t, h, w = video.shape
-    if c != _RGB or (t - 1) % temporal or h % spatial or w % spatial:
-        raise ValueError(f"video must be (B, 3, 1 + {temporal}k, H, W) with H, W multiples of {spatial}, got {tuple(video.shape)}")
-    first = video[:, :, :1]  # (B, 3, 1, H, W)
-    rest = video[:, :, 1:].reshape(b, c, (t - 1) // temporal, temporal, h, w).mean(dim=3)  # (B, 3, k, H, W)
-    frames = torch.cat([first, rest], dim=2)  # (B, 3, F, H, W)
-    y = frames.reshape(b, c, -1, h // spatial, spatial, w // spatial, spatial).mean(dim=(4, 6))  # (B, 3, F, h, w)
+    if video.shape[1] != _RGB:
+        raise ValueError(f"video must be (B, 3, 1 + {temporal}k, H, W), got {tuple(video.shape)}")
+    y = latent_cell_means(video, spatial, temporal)  # (B, 3, F, h, w)
     norm2 = y.square().sum(dim=1, keepdim=True)
     y = y * torch.sqrt(torch.clamp(max_norm2 / norm2.clamp_min(1e-12), max=1.0))
     p = PREVIEW_LEVEL * y / torch.sqrt(PREVIEW_LEVEL**2 - 2.0 * y.square().sum(dim=1, keepdim=True))
