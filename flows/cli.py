@@ -313,7 +313,8 @@ def rescore(
     with user_errors(), _signals_as_interrupt():
         if DistContext.from_env().is_distributed:
             raise ConfigError("rescore runs in one process (scoring is not split over ranks): launch it without torchrun")
-        from flows.run import check_unlocked, rescore_configs, rescore_run, resolve_run_path
+        from flows.rescore import rescore_configs, rescore_run
+        from flows.run import check_unlocked, resolve_run_path
 
         from flows.server import use_persistent_mlflow
 

@@ -127,7 +127,9 @@ def rescore(run: str, rewards: list[str], runs_root: str | None = None) -> dict[
         out = t(str(config_path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}, launch=False)
         return Manifest.model_validate(out)  # in this process: the stage command reads the run's own config
 
-    out = run_mod.rescore_run(run_path, rewards, score_runner)
+    from flows.rescore import rescore_run
+
+    out = rescore_run(run_path, rewards, score_runner)
     return {str(k): v for k, v in out.items()}
 
 

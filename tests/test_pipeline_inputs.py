@@ -21,7 +21,8 @@ from astrolabe.config import config_from_dict, config_to_dict
 from astrolabe.data.arrays import read_columns
 from astrolabe.rewards import Reward, RewardOptions, RewardOutput, register_reward, registry
 from flows import cli, cli_bench, cli_common, cli_services, cli_summary, cli_world
-from flows.run import load_run_config, rescore_run
+from flows.rescore import rescore_run
+from flows.run import load_run_config
 from stages import label_uncertainty, nft_update, score
 from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.plan import StageInputError, plan_status, run_stage
