@@ -33,10 +33,20 @@ Measured (default recipe, 96 held-out captions, one video each; chance colour 1/
 the 450-step build of ``astrolabe world build`` (two threads: slightly different numerics): colour 0.74, shape
 0.40, background 0.90, direction 0.14 on 96 captions (0.75, 0.35, 0.93, 0.11 on all 165). 450 steps take
 about 145 s of CPU time on one thread. **Motion is not learned** (every recipe tried: the objects stay still,
-even for train captions and at one sampling step): in the first block at t = 1000 the DiT sees pure noise
-and has no absolute frame or position signal (RoPE is relative), so it cannot place a track; a later block
-given a clean prefix continues its motion. Direction needs a change outside this recipe (an absolute
-frame/position signal, or a sampler that breaks symmetry from the noise).
+even for train captions and at one sampling step). What the x0 prediction at t = 1000 shows (decoded, object
+coverage per latent cell): one blob over the 4 central tokens, the same for ``moving left`` and ``moving right``
+(for horizontal captions a horizontal smear, for vertical ones a vertical one: the axis is read, the sign is
+not). A later block given a clean prefix continues its motion, so the failure is placing a track from noise.
+Measured without success (held-out direction 0.08-0.17, chance 0.2; 64-96 captions): faster worlds (slow/fast
+0.35/0.55 and 0.35/0.6, object 0.2-0.28); a learned absolute embedding of the frame index in its block and of
+the token position (added to the patch tokens; init std 0.02 and 1.0; 450-1500 steps); starting every track at
+the frame centre (slower 0.15/0.27 so it stays in frame) with and without that embedding; ``identity_init``;
+patch size 1 (4x the tokens, 300 steps). An overfitting probe on two captions that differ only in ``left`` /
+``right``, at t = 1000, block 0, 300 steps: the two predictions converge to their mean (their difference falls
+to 0.39 of the truth's) while two captions that differ in colour separate (0.85 after 200 steps): the tiny DiT
+does not bind a text attribute to a position from pure noise in CPU-minutes. Next candidates: a distilled
+generator (DMD-style, the way the real models are made: the noise, not a mean, picks the track), or many-step
+sampling for block 0.
 
 Data: pair ``i`` is a train caption drawn with ``numpy.random.default_rng([seed, i])`` (as
 :func:`~astrolabe.world.dataset.training_pair` draws it) rendered with its track centred in the frame and
