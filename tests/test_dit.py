@@ -122,3 +122,28 @@ def test_gradient_checkpointing_same_grads():
     m(x, torch.tensor([300.0]), ctx).square().mean().backward()
     for a, p in zip(g1, m.parameters()):
         assert torch.allclose(a, p.grad)
+
+
+def test_learned_positions_are_absolute_per_block_slot_and_token():
+    """``learned_positions`` (the tiny world's, not Wan's): rows by (frame slot in its block, first block or not,
+    token); absent from Wan's configs; a wrong latent size is an error."""
+    assert not any("pos_embedding" in k for k in WanDiT(tiny()).state_dict())
+    cfg = WanConfig(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, text_len=16, num_heads=2, num_layers=2,
+                    learned_positions=(2, 4))
+    dit = WanDiT(cfg)
+    dit.init_weights(torch.Generator().manual_seed(0))
+    assert dit.pos_embedding.shape == (4, 4, 64) and float(dit.pos_embedding.detach().std()) > 0.5
+    rows = dit._learned_positions([0, 1, 2, 3, 4, 5], 4).view(6, 4, 64)
+    for frame, row in zip(range(6), [0, 1, 2, 3, 2, 3], strict=True):  # blocks of 2: later blocks share rows 2, 3
+        assert torch.equal(rows[frame], dit.pos_embedding[row])
+    x, ctx = torch.randn(1, 2, 16, 4, 4), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        first = dit(x, torch.tensor([500.0]), ctx, causal=CausalWindow(2), start_frame=0)
+        later = dit(x, torch.tensor([500.0]), ctx, causal=CausalWindow(2), start_frame=2)
+        again = dit(x, torch.tensor([500.0]), ctx, causal=CausalWindow(2), start_frame=4)
+    assert not torch.allclose(first, later)  # the first block is told apart (RoPE alone is relative)
+    torch.testing.assert_close(later, again)  # later blocks look alike: long videos stay in distribution
+    with pytest.raises(ValueError, match="learned_positions holds 4 tokens per frame"):
+        dit(torch.randn(1, 2, 16, 8, 8), torch.tensor([500.0]), ctx)
+    with pytest.raises(ValueError, match="learned_positions"):
+        WanConfig(learned_positions=(0, 4))

@@ -310,7 +310,7 @@ def _build_registry() -> dict[str, BaseModelCard]:
             kv_cache="context_pass", fill_base=None, pretrained=None,
         ),
         BaseModelCard(
-            name="world", description="The tiny world model: tiny_world DiT + byte-level tiny UMT5 (text_len 64) "
+            name="world", description="The tiny world model: tiny_world DiT + tiny UMT5 over word ids (text_len 64) "
             "pretrained on the procedural world (astrolabe world build), preview VAE",
             wan_size="tiny_world", text_encoder_kind="tiny", flow_shift=5.0, denoising_steps=_STEPS_4,
             first_block_denoising_steps=None, warp_denoising_steps=True, frames_per_block=3, local_attn_frames=None,

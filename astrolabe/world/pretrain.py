@@ -87,6 +87,7 @@ from astrolabe.models.wan.vae_preview import latent_cell_means, preview_latents
 from astrolabe.sampling.schedule import FlowSchedule, StepSchedule
 from astrolabe.world.grammar import PALETTE, WorldCaption, train_captions
 from astrolabe.world.render import UNIT_VECTORS, WorldConfig, render
+from astrolabe.world.tokenizer import WorldWordTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ __all__ = [
 ]
 
 STAGE = "world"
-CODE_VERSION = "world-model-3"
+CODE_VERSION = "world-model-4"
 DIT_FILE = "dit.safetensors"
 TEXT_FILE = "text_encoder.safetensors"
 _WORLD_STEPS = (1000, 750, 500, 250)  # the tiny base models' raw 4-step list (models.registry)
@@ -127,11 +128,11 @@ class WorldModelRecipe(Frozen):
     """Everything that determines the pretrained world model (its cache key)."""
 
     wan_size: str = Field("tiny_world", description="DiT size builder (models.wan.config).")
-    steps: int = Field(450, ge=0, description="Optimizer steps (few on purpose: above chance, far from perfect).")
+    steps: int = Field(800, ge=0, description="Optimizer steps (few on purpose: above chance, far from perfect).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
-    lr_half_life: float = Field(400.0, gt=0, description="Steps after warmup over which the learning rate halves.")
+    lr_half_life: float = Field(2000.0, gt=0, description="Steps after warmup over which the learning rate halves.")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     block_frames: int = Field(3, ge=1, description="Latent frames per block (the base model's).")
@@ -291,6 +292,7 @@ def _fresh_modules(recipe: WorldModelRecipe) -> tuple[WanDiT, WanTextEncoder]:
     if recipe.identity_init:
         init_identity_flow_(dit, generator)
     text = build_text_encoder(TextEncoderConfig(kind="tiny", text_len=cfg.text_len, dtype="float32"), recipe.init_seed + 2)
+    text.tokenizer = WorldWordTokenizer()  # one id per word (astrolabe.world.tokenizer): the motion words bind
     return dit, text
 
 

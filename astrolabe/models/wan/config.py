@@ -15,7 +15,8 @@ class WanConfig:
 
     head_dim = dim / num_heads must be even (RoPE pairs); RoPE splits the head_dim/2 complex pairs into
     [temporal | height | width] = [d/2 - 2*(d//6)/... ] exactly as Wan: temporal gets ``d - 4*(d//6)``
-    channels, height and width ``2*(d//6)`` each.
+    channels, height and width ``2*(d//6)`` each. ``learned_positions`` is the one field Wan does not have (None =
+    Wan's architecture exactly).
     """
 
     model_type: str = "t2v"
@@ -33,6 +34,10 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     rope_max_positions: int = 1024
+    # Not Wan's: (n, S) adds a learned absolute position embedding to the patch tokens, one row per (latent frame's
+    # index in its n-frame block, first block or a later one, token of the S tokens of a frame): 2n x S x dim
+    # (``WanDiT.pos_embedding``). The tiny world model's (astrolabe.world.pretrain); None in every real checkpoint.
+    learned_positions: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.model_type != "t2v":
@@ -43,6 +48,8 @@ class WanConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even and >= 6 for 3D RoPE")
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim={self.freq_dim} must be even")
+        if self.learned_positions is not None and min(self.learned_positions) < 1:
+            raise ValueError(f"learned_positions={self.learned_positions} must be (block frames, tokens per frame) >= 1")
 
     @property
     def head_dim(self) -> int:
@@ -80,9 +87,12 @@ def tiny() -> WanConfig:
 
 def tiny_world() -> WanConfig:
     """The world model's DiT (:mod:`astrolabe.world.pretrain`): 3 layers of width 96 (3 heads of 32), text
-    features of the tiny encoder's width 32 over ``text_len = 64`` byte tokens, enough for every world caption
-    (at most 61 bytes + EOS)."""
-    return WanConfig(dim=96, ffn_dim=192, freq_dim=64, text_dim=32, text_len=64, num_heads=3, num_layers=3)
+    features of the tiny encoder's width 32 over ``text_len = 64`` tokens, and learned absolute positions for
+    3-frame blocks of 4 x 4 tokens (64 x 64 videos: 8 x 8 latents, 2 x 2 patches): without them a DiT that starts
+    from pure noise cannot place an object where the caption's motion needs it (RoPE is relative; measured)."""
+    return WanConfig(
+        dim=96, ffn_dim=192, freq_dim=64, text_dim=32, text_len=64, num_heads=3, num_layers=3, learned_positions=(3, 16)
+    )
 
 
 BUILDERS = {

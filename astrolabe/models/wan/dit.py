@@ -230,6 +230,9 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
         self.head = WanHead(config)
+        if config.learned_positions is not None:  # not Wan's (WanConfig.learned_positions)
+            block, tokens = config.learned_positions
+            self.pos_embedding = nn.Parameter(torch.zeros(2 * block, tokens, d))
         # RoPE tables are rebuilt, never stored (Wan keeps them as a plain attribute, not a buffer).
         self._rope = rope_tables(config.head_dim, config.rope_max_positions)
 
@@ -257,6 +260,8 @@ class WanDiT(nn.Module):
         for blk in self.blocks:
             blk.modulation.copy_(torch.randn(blk.modulation.shape, generator=generator) / self.config.dim**0.5)
         self.head.modulation.copy_(torch.randn(self.head.modulation.shape, generator=generator) / self.config.dim**0.5)
+        if self.config.learned_positions is not None:  # unit scale, like the patch-embedded noise (0.02 is drowned)
+            self.pos_embedding.copy_(torch.randn(self.pos_embedding.shape, generator=generator))
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block in place (parameter names and state dict unchanged).
@@ -293,6 +298,18 @@ class WanDiT(nn.Module):
         if context.shape[1] < cfg.text_len:
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+
+    def _learned_positions(self, positions: Sequence[int], tokens_per_frame: int) -> torch.Tensor:
+        """Absolute latent-frame positions -> (F * S, D) rows of ``pos_embedding``: frame ``p`` takes block row
+        ``p mod n`` in the first block (``p < n``) and ``n + p mod n`` after it, then one row per token."""
+        block, tokens = self.config.learned_positions
+        if tokens != tokens_per_frame:
+            raise ValueError(
+                f"learned_positions holds {tokens} tokens per frame, the latents give {tokens_per_frame}: "
+                "this DiT was built for another latent size"
+            )
+        rows = torch.tensor([p % block + (block if p >= block else 0) for p in positions], device=self.pos_embedding.device)
+        return self.pos_embedding[rows].flatten(0, 1)  # (F * S, D)
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, L, p_t*p_h*p_w*C) channel-last patches -> (B, F, C, H, W)."""
@@ -345,6 +362,8 @@ class WanDiT(nn.Module):
         grid = tuple(tokens.shape[2:])  # (F, Hp, Wp)
         s = grid[1] * grid[2]
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, L, D)
+        if cfg.learned_positions is not None:
+            tokens = tokens + self._learned_positions(positions, s).to(tokens.dtype)
         if kv_cache is not None and kv_cache.tokens_per_frame != s:
             raise ValueError(f"cache holds {kv_cache.tokens_per_frame} tokens per frame, latents give {s}")
 
