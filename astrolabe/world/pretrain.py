@@ -1,8 +1,9 @@
-r"""Pretraining the tiny world model: a block-causal ``WanDiT`` and a byte-level UMT5 text encoder, by flow
+r"""Pretraining the tiny world model: a block-causal ``WanDiT`` and a UMT5 text encoder over word ids, by flow
 matching with block-causal teacher forcing on preview latents of rendered world videos.
 
 The stack is the real one at a small size: :func:`~astrolabe.models.wan.config.tiny_world` DiT (3 layers,
-width 96, text_len 64 byte tokens: every caption whole), the tiny UMT5 with the ByT5 byte tokenizer, and
+width 96, text_len 64, plus learned absolute positions: ``WanConfig.learned_positions``), the tiny UMT5 with
+the world's word tokenizer (:mod:`astrolabe.world.tokenizer`: one id per word, every caption whole), and
 the tiny Wan VAE whose decoder is the latent preview (:mod:`astrolabe.models.wan.vae_preview`). The VAE is
 not trained (2 CPU cores cannot train a video autoencoder in minutes): the latents of a video are the
 preview decoder's analytic inverse, :func:`~astrolabe.models.wan.vae_preview.preview_latents` (8x8 cell
@@ -27,26 +28,23 @@ objective (recipe knobs, measured):
 * prefix noise: the clean prefix is replaced by ``(1 - l) x0 + l eps``, ``l ~ U(0, prefix_noise)`` per sample,
   still at the context timestep: the sampler's prefix is its own imperfect output, not ground truth.
 
-Measured (default recipe, 96 held-out captions, one video each; chance colour 1/6, shape 1/3, direction
-1/5, speed 1/2, background 1/6): after 300 / 450 / 600 steps colour 0.60 / 0.70 / 0.79, shape 0.38 / 0.40 /
-0.39, background 0.87 / 0.92 / 0.92, direction 0.16 / 0.15 / 0.15, speed 0.09 / 0.18 / 0.22 (one torch thread);
-the 450-step build of ``astrolabe world build`` (two threads: slightly different numerics): colour 0.74, shape
-0.40, background 0.90, direction 0.14 on 96 captions (0.75, 0.35, 0.93, 0.11 on all 165). 450 steps take
-about 145 s of CPU time on one thread. **Motion is not learned** (every recipe tried: the objects stay still,
-even for train captions and at one sampling step). What the x0 prediction at t = 1000 shows (decoded, object
-coverage per latent cell): one blob over the 4 central tokens, the same for ``moving left`` and ``moving right``
-(for horizontal captions a horizontal smear, for vertical ones a vertical one: the axis is read, the sign is
-not). A later block given a clean prefix continues its motion, so the failure is placing a track from noise.
-Measured without success (held-out direction 0.08-0.17, chance 0.2; 64-96 captions): faster worlds (slow/fast
-0.35/0.55 and 0.35/0.6, object 0.2-0.28); a learned absolute embedding of the frame index in its block and of
-the token position (added to the patch tokens; init std 0.02 and 1.0; 450-1500 steps); starting every track at
-the frame centre (slower 0.15/0.27 so it stays in frame) with and without that embedding; ``identity_init``;
-patch size 1 (4x the tokens, 300 steps). An overfitting probe on two captions that differ only in ``left`` /
-``right``, at t = 1000, block 0, 300 steps: the two predictions converge to their mean (their difference falls
-to 0.39 of the truth's) while two captions that differ in colour separate (0.85 after 200 steps): the tiny DiT
-does not bind a text attribute to a position from pure noise in CPU-minutes. Next candidates: a distilled
-generator (DMD-style, the way the real models are made: the noise, not a mean, picks the track), or many-step
-sampling for block 0.
+Measured (default recipe, ``astrolabe world build`` on 2 idle cores: 3 min 17 s wall, 366 s CPU, 0.7 GB peak
+RSS; chance colour 1/6, shape 1/3, direction 1/5, speed 1/2, background 1/6): on 96 held-out captions colour
+0.91, shape 0.38, direction 0.38, speed 0.13, background 1.0, every attribute right 0.10; on all 165 held-out
+captions colour 0.91, shape 0.32, direction 0.40; on every 5th train caption direction 0.50. The motion comes in
+late and fast: the same recipe (one thread) gave direction 0.12 after 450 steps, 0.55 after 800 and 0.97 after
+1200 (speed 0.89), so 800 steps is the "clearly above chance, far from perfect" point. Shape stays near chance
+(the 8x8-cell latents keep too little of it).
+
+Two parts make the motion. **Learned absolute positions**: a DiT that starts a block from pure noise, with only
+relative RoPE, has no systematic way to put the object where the caption's track begins; its x0 prediction at
+t = 1000 was one blob over the central tokens, the same for ``left`` and ``right`` (held-out direction 0.08-0.17
+for every recipe tried without them: faster worlds, frame-centre starts, ``identity_init``, patch size 1, up to
+1500 steps). A probe shows why: fed zeros at t = 1000, the DiT without positions cannot tell two captions'
+tracks apart (0.004 of the truths' difference after 400 steps), with positions it can (0.97). The embedding
+starts at unit scale, that of the patch-embedded noise. **Word ids**: with ByT5 bytes (the motion words at a
+different byte offset in every caption) and the positions, direction stayed at 0.11-0.12 after 600-1000 steps;
+with one id per word it is learned as above. (Word ids without the positions were stopped at 450 steps, 0.14.)
 
 Data: pair ``i`` is a train caption drawn with ``numpy.random.default_rng([seed, i])`` (as
 :func:`~astrolabe.world.dataset.training_pair` draws it) rendered with its track centred in the frame and
@@ -262,7 +260,8 @@ def init_identity_flow_(dit: WanDiT, generator: torch.Generator) -> WanDiT:
 
     Every block's residual outputs (``self_attn.o``, ``cross_attn.o``, ``ffn.2``) are zeroed (blocks start as
     the identity); the patch embedding is ``Q`` with orthonormal columns orthogonal to the all-ones vector
-    (so the head's LayerNorm only rescales: ``LN(Q x) = sqrt(D) Q x / |x|``), and the head is
+    (so the head's LayerNorm only rescales: ``LN(Q x) = sqrt(D) Q x / |x|``; learned positions, if any, are zeroed),
+    and the head is
     ``(sqrt(P) / sqrt(D)) Q^T`` with the patch's channel order, giving ``v = sqrt(P) x / |x| ~= x`` for a noise
     patch ``x`` of ``P`` entries (|x| ~= sqrt(P)). Wan's own scheme zero-initialises the head instead.
     """
@@ -281,6 +280,8 @@ def init_identity_flow_(dit: WanDiT, generator: torch.Generator) -> WanDiT:
         for linear in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
             linear.weight.zero_()
             linear.bias.zero_()
+    if cfg.learned_positions is not None:  # positions start at zero: the tokens are the patches' alone
+        dit.pos_embedding.zero_()
     return dit
 
 

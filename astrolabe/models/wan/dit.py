@@ -308,7 +308,8 @@ class WanDiT(nn.Module):
                 f"learned_positions holds {tokens} tokens per frame, the latents give {tokens_per_frame}: "
                 "this DiT was built for another latent size"
             )
-        rows = torch.tensor([p % block + (block if p >= block else 0) for p in positions], device=self.pos_embedding.device)
+        rows = [p % block + (block if p >= block else 0) for p in positions]
+        rows = torch.tensor(rows, device=self.pos_embedding.device)
         return self.pos_embedding[rows].flatten(0, 1)  # (F * S, D)
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
