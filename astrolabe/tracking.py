@@ -16,6 +16,7 @@ same API.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -99,12 +100,21 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def _client(uri: str) -> Any:
+    """An MlflowClient for ``uri``. A SQLite store is created (and migrated) under an exclusive ``flock`` on
+    ``<db>.init.lock``: two processes creating the same fresh store at once race in MLflow's schema migrations
+    (seen: ``AttributeError: dimension_attributes`` when two ``train`` commands started together)."""
     quiet_mlflow_env()
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:////"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:////"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # the store (and its schema) exists from here on
+    return client
 
 
 def _experiment_id(client: Any, name: str, uri: str, create: bool) -> str | None:

@@ -162,3 +162,20 @@ def test_run_logger_logs_what_the_manifest_carries_whatever_the_stage(tmp_path):
     assert (tmp_path / LOGGED_FILE).is_file()
     assert dict(logger.history) == {"reward/x/mean": [(3, 0.25), (3, 0.25)], "eval/combined/mean": [(3, 1.5), (3, 1.5)]}
     assert eval_summary(RunResults({res.node.id: res})) == {3: {"combined/mean": 1.5}}
+
+
+def test_processes_creating_one_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    """Two ``train`` commands started together used to race in MLflow's schema migrations of a fresh store
+    (``AttributeError: dimension_attributes``); ``_client`` creates it under a file lock."""
+    import subprocess
+    import sys
+
+    uri = "sqlite:///" + str((tmp_path / "runs" / "mlflow.db").resolve())
+    code = (
+        "import sys; from astrolabe.tracking import _client; "
+        f"c = _client({uri!r}); c.search_experiments(); sys.exit(0)"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), [err[-2000:] for rc, err in results if rc]
+    assert (tmp_path / "runs" / "mlflow.db").is_file() and (tmp_path / "runs" / "mlflow.db.init.lock").is_file()
