@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from astrolabe.artifacts.stage import StageInfo, StageResult
+from astrolabe.artifacts.stage import StageInfo, StageResult, finite_metrics
 from astrolabe.config import RunConfig
 from astrolabe.data.arrays import check_keys_aligned, read_columns, write_columns
 from astrolabe.data.shards import list_shards, read_rollout_shards
@@ -141,16 +141,36 @@ def count_nan_groups(combined: np.ndarray, gid: np.ndarray, n_groups: int) -> in
     return int((valid_per_group == 0).sum())
 
 
+def within_group_share(combined: np.ndarray, gid: np.ndarray, n_groups: int) -> float:
+    """How much of the combined reward's spread lies inside groups, the part group advantages can rank:
+
+        share = sqrt( sum_i (R_i - mean_{g(i)} R)^2 / n ) / std(R)      over the n finite R_i, in [0, 1]
+
+    1: the groups' means are equal (all spread is inside groups); 0: every group is constant (RL has nothing to
+    rank, e.g. a model whose samples of one prompt are identical). NaN with fewer than 2 finite rewards or
+    std 0."""
+    valid = np.isfinite(combined)
+    x = np.where(valid, combined, 0.0).astype(np.float64)
+    if valid.sum() < 2 or float(x[valid].std()) == 0.0:
+        return float("nan")
+    count = np.bincount(gid, weights=valid.astype(np.float64), minlength=n_groups)
+    mean = np.bincount(gid, weights=x, minlength=n_groups) / np.maximum(count, 1.0)  # (G,)
+    within = np.sqrt(np.square(x - mean[gid])[valid].mean())
+    return float(within / x[valid].std())
+
+
 # ----------------------------------------------------------------------------------- stage
 
 
-def label_metrics(counts: Mapping[str, int]) -> dict[str, float]:
-    """``labels/flagged_fraction`` (flagged / records), ``labels/nan_groups``, ``labels/zero_std_groups``."""
-    return {
+def label_metrics(counts: Mapping[str, int], share: float) -> dict[str, float]:
+    """``labels/flagged_fraction`` (flagged / records), ``labels/nan_groups``, ``labels/zero_std_groups``,
+    ``labels/within_group_share`` (:func:`within_group_share`)."""
+    return finite_metrics({
         "labels/flagged_fraction": counts["flagged"] / max(counts["records"], 1),
         "labels/nan_groups": float(counts["nan_groups"]),
         "labels/zero_std_groups": float(counts["zero_std_groups"]),
-    }
+        "labels/within_group_share": share,  # left out when NaN
+    })
 
 
 def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int | None) -> StageResult:
@@ -209,4 +229,11 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     out_cols.update(reward_ranks(rewards))
     write_columns(out_dir / LABELS_FILE, keys, out_cols, attrs={"rewards": names, "weights": weights})
     log.info("label_uncertainty: %s", counts)
-    return StageResult(counts=counts, metrics=label_metrics(counts), extra=extra)
+    share = within_group_share(combined, gid, n_groups)
+    if share < 0.25:  # INFO, not WARNING: it can hold every iteration; the metric is logged either way
+        log.info(
+            "label_uncertainty: only %.0f%% of the reward spread is inside groups: the samples of one prompt barely "
+            "differ, so the group advantages are mostly noise (more sample diversity or larger groups help)",
+            100 * share,
+        )
+    return StageResult(counts=counts, metrics=label_metrics(counts, share), extra=extra)

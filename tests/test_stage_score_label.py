@@ -154,6 +154,7 @@ def test_selective_kl_mask_and_controller_carried(tmp_path, rollout):
     assert m0.counts["flagged"] == int(mask.sum()) == 1 and cols["kl_mask"][0] == 1
     assert m0.metrics["labels/flagged_fraction"] == pytest.approx(1 / 6)
     assert (m0.metrics["labels/nan_groups"], m0.metrics["labels/zero_std_groups"]) == (0.0, 0.0)
+    assert 0.0 < m0.metrics["labels/within_group_share"] <= 1.0
     assert json.loads((d0 / "controller.json").read_text())["state"] == ctrl.state_dict()
     # iteration 1 resumes the controller from the training checkpoint of iteration 0 (nft_update's output)
     ckpt = _publish(run, "fake_nft_update", lambda out: _checkpoint(out, ctrl))
@@ -184,3 +185,17 @@ def test_all_nan_rewards_is_a_clear_error(tmp_path, rollout):
     score_dir = _score_artifact(tmp_path / "r", {"motion": [float("nan")] * 6, "smoothness": [1.0] * 6}, "allnan")
     with pytest.raises(ValueError, match=r"\['motion'\] are NaN for every one"):
         execute(label_uncertainty, _cfg(tmp_path), tmp_path / "r", {"rollout": rollout_dir, "score": score_dir}, 0)
+
+
+def test_within_group_share_is_the_spread_group_advantages_can_rank():
+    from stages.label_uncertainty import within_group_share
+
+    gid = np.array([0, 0, 1, 1])
+    assert within_group_share(np.array([1.0, 1.0, 3.0, 3.0]), gid, 2) == 0.0  # constant groups: nothing to rank
+    assert within_group_share(np.array([1.0, 3.0, 1.0, 3.0]), gid, 2) == pytest.approx(1.0)  # equal group means
+    # R = [0, 2, 4, 6]: group means 1, 5; within-group deviations +-1 -> rms 1; std(R) = sqrt(5)
+    assert within_group_share(np.array([0.0, 2.0, 4.0, 6.0]), gid, 2) == pytest.approx(1 / np.sqrt(5))
+    # a NaN drops out: group 0 is {0}, group 1 {4, 6}: deviations 0, -1, +1
+    want = np.sqrt(2 / 3) / np.std([0.0, 4.0, 6.0])
+    assert within_group_share(np.array([0.0, np.nan, 4.0, 6.0]), gid, 2) == pytest.approx(want)
+    assert np.isnan(within_group_share(np.array([2.0, 2.0, 2.0, 2.0]), gid, 2))
