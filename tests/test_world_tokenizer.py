@@ -37,3 +37,11 @@ def test_scene_syntax_and_unknown_words_and_truncation() -> None:
     assert ids == [*tok.ids("a red circle")[:-1], EOS_ID]
     with pytest.raises(ValueError, match="only pads to max_length"):
         tok(["a red circle"], max_length=8, padding="longest")
+
+
+def test_ids_are_the_ones_world_model_4_was_trained_with() -> None:
+    """A changed id would silently reuse a cached build (the cache key holds the recipe and CODE_VERSION, not the
+    tokenizer): change ids only together with CODE_VERSION."""
+    assert WorldWordTokenizer().ids("a red circle moving left slowly on a blue background") == [
+        10, 12, 18, 21, 22, 26, 30, 10, 14, 31, EOS_ID]
+    assert WorldWordTokenizer().ids("an white triangle staying still") == [11, 17, 20, 28, 29, EOS_ID]

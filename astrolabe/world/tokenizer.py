@@ -18,11 +18,13 @@ import re
 
 import torch
 
+from astrolabe.world.grammar import COLORS, MOVING_DIRECTIONS, SHAPES, SPEED_WORDS
+
 __all__ = ["EOS_ID", "PAD_ID", "UNK_ID", "WORDS", "WorldWordTokenizer"]
 
-WORDS: tuple[str, ...] = tuple(
-    "a an red green blue yellow purple white circle square triangle moving left right up down slowly quickly "
-    "staying still on background".split()
+WORDS: tuple[str, ...] = (  # in this order: the ids the built world model was trained with
+    "a", "an", *COLORS, *SHAPES, "moving", *MOVING_DIRECTIONS, *SPEED_WORDS.values(), "staying", "still", "on",
+    "background",
 )
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _FIRST_WORD_ID = 10
