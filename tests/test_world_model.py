@@ -120,10 +120,9 @@ def test_world_base_model_needs_the_build_and_loads_it(tmp_path: Path, monkeypat
 
 
 @pytest.fixture(scope="module")
-def heldout_accuracy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
-    """The default recipe built from scratch (a few minutes on 2 cores) and its 96 held-out generations."""
-    model = load_world_model(build_world_model(tmp_path_factory.mktemp("world")))
-    return generation_accuracy(model, count=96)
+def heldout_accuracy(default_world_model: Path) -> dict[str, float]:
+    """The default recipe built from scratch (conftest, a few minutes on 2 cores) and its 96 held-out generations."""
+    return generation_accuracy(load_world_model(default_world_model), count=96)
 
 
 @pytest.mark.slow
