@@ -71,7 +71,7 @@ def test_hacking_and_guarded_differ_only_in_rewards_kl_and_reference() -> None:
     a, b = hacking.model_dump(mode="json"), guarded.model_dump(mode="json")
     for key in ("seed", "model", "rollout", "data", "pipeline"):  # same prompts, held-out set, seed and budget
         assert a[key] == b[key], key
-    for key in ("optim", "lora", "nft", "epochs", "advantage"):
+    for key in ("optim", "lora", "nft", "epochs", "advantage", "accumulation_steps", "micro_batch_size"):
         assert a["rl"][key] == b["rl"][key], key
     assert hacking.data.eval_prompts == Path("builtin:world/heldout.txt")
 
