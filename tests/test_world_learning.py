@@ -49,7 +49,7 @@ def _alignment_by_iteration(run: Path) -> list[np.ndarray]:
     return out
 
 
-def _train_one_caption(world: Path, root: Path, monkeypatch: pytest.MonkeyPatch, seed: int = 0) -> list[np.ndarray]:
+def _train_one_caption(world: Path, root: Path, monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     from flows.run import train_run
 
     (root / "train.txt").write_text(CAPTION + "\n", encoding="utf-8")
@@ -61,7 +61,7 @@ def _train_one_caption(world: Path, root: Path, monkeypatch: pytest.MonkeyPatch,
         f"pipeline.runs_root={root / 'runs'}", f"data.train_prompts={root / 'train.txt'}",
         f"data.eval_prompts={root / 'eval.txt'}", "rollout.prompts_per_iteration=1", "rollout.group_size=16",
         f"pipeline.iterations={ITERATIONS}", f"pipeline.eval_every={ITERATIONS}", "pipeline.eval_seeds=[1000]",
-        "rl.accumulation_steps=8", "rl.optim.lr=3e-3", f"seed={seed}", "name=learn",
+        "rl.accumulation_steps=8", "rl.optim.lr=3e-3", "seed=0", "name=learn",
     ])
     return _alignment_by_iteration(train_run(cfg).run_path)
 
