@@ -27,7 +27,7 @@ from astrolabe.config import load_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "Method", "MethodRun", "compare_methods", "run_method", "summarize_methods"]
+__all__ = ["METHODS", "WORLD_METHODS", "Method", "MethodRun", "compare_methods", "run_method", "summarize_methods"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,12 @@ METHODS = (
     Method("nft", "configs/tiny.yaml"),
     Method("arcopo", "configs/tiny-arcopo.yaml", ("arcopo.semi=null",)),
     Method("arcopo+merge", "configs/tiny-arcopo.yaml"),
+)
+# The same three arms on the tiny world (pretrained world model, world captions, verifiable world rewards).
+WORLD_METHODS = (
+    Method("nft", "configs/tiny-world.yaml"),
+    Method("arcopo", "configs/tiny-world-arcopo.yaml", ("arcopo.semi=null",)),
+    Method("arcopo+merge", "configs/tiny-world-arcopo.yaml"),
 )
 
 

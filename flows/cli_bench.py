@@ -113,22 +113,25 @@ def bench_algorithms(
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeatable; default 0 1 2).")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Iterations per run (evaluated at 0 and at the "
                                             "end).")] = 4,
-    runs_root: Annotated[Path, typer.Option("--runs-root", help="Where the runs go (resumed when there).")] = Path(
-        "runs/algorithms"),
+    runs_root: Annotated[Path | None, typer.Option("--runs-root", help="Where the runs go (resumed when there; "
+                                                   "default runs/algorithms, with --world runs/algorithms-world).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")] = None,
+    world: Annotated[bool, typer.Option("--world", help="On the tiny world (configs/tiny-world.yaml and "
+                                        "configs/tiny-world-arcopo.yaml) instead of the tiny default.")] = False,
     json_out: JsonOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """NFT vs AR-CoPO vs AR-CoPO + merge on the tiny default, same prompts, rewards and iterations, over seeds:
-    eval reward gains (mean [min..max] over seeds), wall time and peak memory per method."""
+    """NFT vs AR-CoPO vs AR-CoPO + merge on the tiny default (or the tiny world), same prompts, rewards and
+    iterations, over seeds: eval reward gains (mean [min..max] over seeds), wall time and peak memory per method."""
     from rich.table import Table
 
-    from flows.algorithms import compare_methods, summarize_methods
+    from flows.algorithms import METHODS, WORLD_METHODS, compare_methods, summarize_methods
 
     setup_logging(verbose)
     overrides = [f"pipeline.iterations={iterations}", f"pipeline.eval_every={iterations}", *(set_ or [])]
     with user_errors():
-        runs = compare_methods(seeds or [0, 1, 2], runs_root, overrides,
+        root = runs_root or Path("runs/algorithms-world" if world else "runs/algorithms")
+        runs = compare_methods(seeds or [0, 1, 2], root, overrides, WORLD_METHODS if world else METHODS,
                                on_run=lambda r: console.print(f"{r.method} seed {r.seed}: {r.wall_s:.0f} s"))
     summary = summarize_methods(runs)
     gains = sorted({k for row in summary.values() for k in row if k.startswith("gain/")})

@@ -95,7 +95,8 @@ from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController
 from astrolabe.rl.state import TrainingState
-from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, train_mode, window_nft_step
+from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, scene_prefix, train_mode, window_nft_step
+from astrolabe.sampling.scenes import SceneSegment, replay_forwards
 from stages.arcopo_buffer import read_parts
 from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_controller
 
@@ -133,11 +134,18 @@ def checkpoint_state_dir(stage_dir: str | Path) -> Path:
 class Candidate:
     key: str
     group: str
-    prompt: str
+    prompt: str  # the text of the window's scene (the prompt line for a one-scene prompt)
     prefix: np.ndarray  # (P, C, h, w) float32
     window: np.ndarray  # (W, C, h, w) float32
     r: float
     kl_mask: bool
+    scenes: tuple[SceneSegment, ...] = ()  # the rollout's scene plan; () = one scene, ``prompt``
+
+
+def scenes_of(meta: Mapping[str, Any]) -> tuple[SceneSegment, ...]:
+    """The scene plan a rollout record was generated with (``meta["scenes"]``); () for one scene."""
+    plan = tuple(SceneSegment(str(p), int(a), int(b), bool(h)) for p, a, b, h in meta.get("scenes", ()))
+    return plan if len(plan) > 1 else ()
 
 
 def read_candidates(rollout: Path, labels: Path) -> tuple[list[Candidate], int]:
@@ -160,8 +168,8 @@ def read_candidates(rollout: Path, labels: Path) -> tuple[list[Candidate], int]:
         if "prefix" not in rec:
             raise KeyError(f"record {rec['__key__']!r} in {rec['__shard__']} has no prefix latents; rerun rollout")
         meta = rec["meta"]
-        out.append(Candidate(rec["__key__"], str(meta["group"]), meta["prompt"], rec["prefix"], rec["latents"],
-                             float(r), bool(m > 0.5)))
+        out.append(Candidate(rec["__key__"], str(meta["group"]), str(meta.get("window_prompt", meta["prompt"])),
+                             rec["prefix"], rec["latents"], float(r), bool(m > 0.5), scenes_of(meta)))
     return out, skipped
 
 
@@ -173,18 +181,26 @@ def plan_micro_batches(cands: list[Candidate], micro_batch_size: int) -> list[li
     return [idx[s : s + micro_batch_size] for idx in by_group.values() for s in range(0, len(idx), micro_batch_size)]
 
 
-def make_batch(cands: list[Candidate], idx: list[int], context: torch.Tensor, device: torch.device,
-               dtype: torch.dtype) -> WindowBatch:  # fmt: skip
-    """A :class:`WindowBatch` of candidates sharing one prompt; ``context`` is (1, L, D)."""
+def make_batch(cands: list[Candidate], idx: list[int], contexts: Mapping[str, torch.Tensor], device: torch.device,
+               dtype: torch.dtype, block_frames: int) -> WindowBatch:  # fmt: skip
+    """A :class:`WindowBatch` of candidates of one group (one prompt line, one prefix); ``contexts`` maps each
+    text to its (1, L, D) features. A scene prompt's batch carries the prefix's prompt switches."""
     def stack(xs: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(xs)).to(device=device, dtype=dtype)
 
+    head = cands[idx[0]]
+    prefix_context, switches = None, ()
+    if head.scenes:
+        start_block = head.prefix.shape[0] // block_frames
+        prefix_context, switches = scene_prefix(head.scenes, start_block, block_frames, contexts, len(idx))
     return WindowBatch(
-        context=context.expand(len(idx), -1, -1),
+        context=contexts[head.prompt].expand(len(idx), -1, -1),
         prefix_latents=stack([cands[i].prefix for i in idx]),  # (B, P, C, h, w)
         window_x0=stack([cands[i].window for i in idx]),  # (B, W, C, h, w)
         r=torch.tensor([cands[i].r for i in idx], dtype=torch.float64, device=device),
         kl_mask=torch.tensor([cands[i].kl_mask for i in idx], dtype=torch.bool, device=device),
+        prefix_context=prefix_context,
+        switches=switches,
     )
 
 
@@ -280,8 +296,12 @@ def shard_state(cfg: RunConfig, state: TrainingState) -> torch.nn.Module:
 
 
 def context_passes(cands: list[Candidate], idx: list[int], cfg: RunConfig, stream: Any) -> int:
-    """No-grad forwards that building micro-batch ``idx``'s prefix cache takes (one context pass per prefix block)."""
-    return cands[idx[0]].prefix.shape[0] // stream.block_frames if cfg.rl.update.mode == "window" else 0
+    """No-grad forwards that building micro-batch ``idx``'s prefix cache takes (one context pass per prefix block,
+    and one re-cache per soft scene switch: :func:`~astrolabe.sampling.scenes.replay_forwards`)."""
+    if cfg.rl.update.mode != "window":
+        return 0
+    head = cands[idx[0]]
+    return replay_forwards(list(head.scenes), head.prefix.shape[0] // stream.block_frames)
 
 
 LockstepRun = tuple[list[int], int, bool]  # (micro-batch, idle forwards before it, real: not a zero-weight pad)
@@ -344,9 +364,8 @@ def train_phase(cfg: RunConfig, state: TrainingState, cands: list[Candidate], co
 
     def nft_loss(idx: list[int], idle: int, sigma: torch.Generator,
                  noise: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-        context = contexts[cands[idx[0]].prompt]
-        idle_forwards(model, idle, cands[idx[0]].window, context, stream)
-        batch = make_batch(cands, idx, context, device, dtype)
+        idle_forwards(model, idle, cands[idx[0]].window, contexts[cands[idx[0]].prompt], stream)
+        batch = make_batch(cands, idx, contexts, device, dtype, stream.block_frames)
         return window_nft_step(policies, model, stream, batch, rl.nft, sigma, noise, rl.update, shift=shift,
                                group_size=len(idx), backward=False)
 
@@ -536,7 +555,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     if skipped:
         log.warning("nft_update it%d: %d records with NaN r skipped", iteration, skipped)
     base = get_base_model(cfg.model.base)
-    contexts = encode_prompts(cfg, [c.prompt for c in cands])
+    contexts = encode_prompts(cfg, [c.prompt for c in cands] + [seg.prompt for c in cands for seg in c.scenes])
     dit = build_dit(cfg.model, base)
     state = build_training_state(cfg, dit)
     model = shard_state(cfg, state) if cfg.parallel.strategy == "fsdp" else None  # before loading into the shards

@@ -35,6 +35,14 @@ from astrolabe.distributed import dist_rank_world
 from astrolabe.rl.arcopo_rollout import rollout_pivot_groups
 from astrolabe.sampling.branching import GroupRollout, choose_prompts, group_seeds, rollout_group, window_start_block
 from astrolabe.sampling.generation import blocks_for
+from astrolabe.sampling.scenes import (
+    ScenePlanError,
+    ScenePromptError,
+    SceneSegment,
+    parse_scene_prompt,
+    plan_scenes,
+    segment_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,7 @@ def _config_subset(cfg: RunConfig) -> dict[str, Any]:
 
 # Under torchrun every rank generates its slice of the groups into the same directory (rank-named shards);
 # ``num_blocks_per_video`` is the same on every rank (kept once when the ranks' results are merged).
-STAGE = StageInfo(name="rollout", code_version="1", config_subset=_config_subset, per_iteration=True,
+STAGE = StageInfo(name="rollout", code_version="2", config_subset=_config_subset, per_iteration=True,
                   distribution="sliced", rank_invariant_counts=("num_blocks_per_video",),
                   rank_summed_metrics=("rollout/candidates",))
 
@@ -68,16 +76,34 @@ def read_prompts(prompts_dir: Path) -> list[str]:
     return prompts
 
 
+def scene_plans(prompts: list[str], num_blocks: int, fps: float, block_frames: int) -> list[list[SceneSegment]]:
+    """The scene plan of every prompt line (a plain prompt is one scene), checked before anything is generated:
+    a malformed scene prompt or one whose scenes do not fit the video is an error naming its line."""
+    plans = []
+    for i, line in enumerate(prompts):
+        try:
+            plans.append(plan_scenes(parse_scene_prompt(line), num_blocks, fps, block_frames))
+        except (ScenePromptError, ScenePlanError) as e:
+            raise ValueError(f"training prompt {i + 1} ({line!r}): {e}; fix the line in data.train_prompts or set "
+                             "rollout.num_latent_frames to hold every scene") from e
+    return plans
+
+
 def group_id(iteration: int, slot: int) -> str:
     return f"it{iteration}-p{slot}"
 
 
 def candidate_meta(
     cfg: RunConfig, iteration: int, slot: int, prompt_index: int, prompt: str, j: int, group: GroupRollout,
-    prefix_seed: int, cand_seed: int,
+    prefix_seed: int, cand_seed: int, segments: list[SceneSegment], window_start_block: int,
 ) -> dict[str, Any]:
+    """``prompt`` is the prompt line; ``window_prompt`` the text of the scene the window lies in (what conditioned
+    it and what rewards judge it by) and ``scenes`` the plan, ``[text, first block, end block, hard cut before]``
+    per scene, that the update replays."""
     return {
         "prompt": prompt,
+        "window_prompt": segment_at(segments, window_start_block).prompt,
+        "scenes": [[seg.prompt, seg.start_block, seg.end_block, seg.hard_cut_before] for seg in segments],
         "prompt_index": prompt_index,
         "slot": slot,
         "group": group_id(iteration, slot),
@@ -108,12 +134,17 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     t_build = time.perf_counter() - t0
     num_blocks = blocks_for(ro.num_latent_frames or card.latent_frames, stack.stream.block_frames)
 
+    plans = scene_plans(prompts, num_blocks, stack.fps, stack.stream.block_frames)
     chosen = choose_prompts(len(prompts), ro.prompts_per_iteration, ro.seed, iteration)
     mine = rank_slice(len(chosen), rank, world)
     timings = {"build": t_build, "generation": 0.0, "decoding": 0.0, "encoding_mp4": 0.0}
     seeds: dict[str, Any] = {"run_seed": cfg.seed, "rollout_seed": ro.seed, "rank": rank, "world_size": world,
                              "prompt_indices": chosen, "groups": {}}
     if cfg.rl.algorithm == "arcopo":
+        scened = [prompts[i] for i in chosen if len(plans[i]) > 1]
+        if scened:
+            raise ValueError(f"AR-CoPO rollouts take one-scene prompts, got {scened[0]!r}; use rl.algorithm nft for "
+                             "scene prompts (its windows follow the scene text) or plain training prompts")
         with RolloutShardWriter(out_dir, SHARD_PREFIX, rank=rank, config=ro.shards) as writer:
             res = rollout_pivot_groups(
                 stack, writer, prompts, chosen, mine, iteration=iteration, run_seed=cfg.seed, rollout_seed=ro.seed,
@@ -132,10 +163,11 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
             idx = chosen[slot]
             prefix_seed, cand_seeds = group_seeds(cfg.seed, ro.seed, iteration, slot, ro.group_size)
             start = window_start_block(
-                ro.window_start, num_blocks, ro.window_blocks, cfg.seed, ro.seed, iteration, slot
+                ro.window_start, num_blocks, ro.window_blocks, cfg.seed, ro.seed, iteration, slot, segments=plans[idx]
             )
             group = rollout_group(
-                stack, prompts[idx], prefix_seed, cand_seeds, start, ro.window_blocks, decode=ro.save_mp4
+                stack, prompts[idx], prefix_seed, cand_seeds, start, ro.window_blocks, decode=ro.save_mp4,
+                segments=plans[idx],
             )
             timings["generation"] += group.generation_seconds
             timings["decoding"] += group.decoding_seconds
@@ -150,7 +182,8 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
                 t_enc = time.perf_counter()
                 mp4 = encode_mp4(group.window_pixels[j], fps=stack.fps, crf=ro.video_crf) if group.window_pixels is not None else None
                 timings["encoding_mp4"] += time.perf_counter() - t_enc
-                meta = candidate_meta(cfg, iteration, slot, idx, prompts[idx], j, group, prefix_seed, cand_seed)
+                meta = candidate_meta(cfg, iteration, slot, idx, prompts[idx], j, group, prefix_seed, cand_seed,
+                                      plans[idx], start)
                 writer.write(f"{group_id(iteration, slot)}-c{j}", group.window_latents[j].numpy(), meta,
                              video_mp4=mp4, extras={"prefix": prefix_np})
                 n_records += 1

@@ -71,12 +71,14 @@ STAGE = StageInfo(name="score", code_version="1", config_subset=_config_subset, 
 def _batches(
     records: Iterator[dict[str, Any]], batch_size: int, counts: dict[str, int]
 ) -> Iterator[tuple[list[str], list[str], np.ndarray | None]]:
-    """Yield ``(keys, prompts, videos (B, F, H, W, 3) uint8 | None)``; None = unscorable records."""
+    """Yield ``(keys, prompts, videos (B, F, H, W, 3) uint8 | None)``; None = unscorable records. A record's prompt
+    is the text of the scene its window lies in (``meta["window_prompt"]``; the prompt line for older rollouts)."""
     keys: list[str] = []
     prompts: list[str] = []
     videos: list[np.ndarray] = []
     for rec in records:
-        key, prompt = rec["__key__"], str(rec["meta"].get("prompt", ""))
+        meta = rec["meta"]
+        key, prompt = rec["__key__"], str(meta.get("window_prompt", meta.get("prompt", "")))
         frames = _decode(rec, counts)
         if frames is None:
             yield [key], [prompt], None

@@ -19,7 +19,16 @@ install_torchvision_guard()  # tests import peft / open_clip / transformers dire
 torch.set_num_threads(1)  # tiny models: thread overhead dominates
 
 
+# pytest-xdist (`-n 2 --dist loadgroup`, the README's test command): each test file runs whole on one worker, so its
+# module fixtures are built once; files sharing a costly session fixture share a worker (the world build, ~4 min).
+_SHARED_WORKER = {"test_world_learning.py": "default_world_model", "test_world_model.py": "default_world_model"}
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in _SHARED_WORKER)  # the longest group first: no long tail
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(name, name)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

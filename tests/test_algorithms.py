@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.algorithms import METHODS, MethodRun, summarize_methods
+from flows.algorithms import METHODS, WORLD_METHODS, MethodRun, summarize_methods
 from astrolabe.config import load_config
 
 
@@ -36,8 +36,21 @@ def test_a_missing_metric_is_nan_not_an_error():
     assert math.isnan(summarize_methods([a, b], ["reward/nope/mean"])["nft"]["gain/reward/nope/mean"]["mean"])
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+@pytest.mark.parametrize("method", [*METHODS, *WORLD_METHODS], ids=lambda m: f"{m.name}:{m.config}")
 def test_every_method_config_loads_with_its_overrides(method):
     cfg = load_config(Path(method.config), list(method.overrides))
     assert cfg.rl.algorithm == ("nft" if method.name == "nft" else "arcopo")
     assert (cfg.arcopo.semi is not None) == (method.name == "arcopo+merge") or method.name == "nft"
+
+
+@pytest.mark.parametrize("methods", [METHODS, WORLD_METHODS], ids=["tiny", "world"])
+def test_the_arms_share_model_prompts_rewards_and_evaluation(methods):
+    """Run for run: only the algorithm differs between the arms of one table."""
+    cfgs = [load_config(Path(m.config), list(m.overrides)) for m in methods]
+    for c in cfgs[1:]:
+        assert c.model.base == cfgs[0].model.base and c.data == cfgs[0].data
+        assert c.rewards.rewards == cfgs[0].rewards.rewards
+        assert c.rollout.group_size == cfgs[0].rollout.group_size
+        assert c.rollout.prompts_per_iteration == cfgs[0].rollout.prompts_per_iteration
+        assert (c.pipeline.eval_seeds, c.pipeline.eval_max_prompts) == (cfgs[0].pipeline.eval_seeds,
+                                                                        cfgs[0].pipeline.eval_max_prompts)

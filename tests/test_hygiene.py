@@ -47,8 +47,8 @@ def env_for(tmp: Path) -> dict[str, str]:
     return env
 
 
-def train_args(tmp: Path, name: str) -> list[str]:
-    sets = [a for s in [*FAST, f"pipeline.runs_root={tmp / 'runs'}", f"name={name}"] for a in ("--set", s)]
+def train_args(tmp: Path, name: str, *extra: str) -> list[str]:
+    sets = [a for s in [*FAST, f"pipeline.runs_root={tmp / 'runs'}", f"name={name}", *extra] for a in ("--set", s)]
     return [*cli(), "train", "configs/tiny.yaml", *sets]
 
 
@@ -163,9 +163,9 @@ def test_slow_start_gives_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------------- astrolabe train, killed
 
 
-def start_train(tmp: Path, name: str, log: Path) -> subprocess.Popen:
+def start_train(tmp: Path, name: str, log: Path, *extra: str) -> subprocess.Popen:
     with open(log, "wb") as f:
-        return subprocess.Popen(train_args(tmp, name), cwd=REPO, env=env_for(tmp), stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.Popen(train_args(tmp, name, *extra), cwd=REPO, env=env_for(tmp), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
 
 
@@ -180,7 +180,8 @@ def test_killed_train_leaves_no_process(tmp_path, sig):
     """SIGKILL / SIGTERM of `astrolabe train` (Prefect engine) mid-stage: its Prefect server is gone too.
     SIGTERM marks the MLflow run KILLED at once; after SIGKILL `status` (here: its check) does."""
     log, home, run = tmp_path / "train.log", tmp_path / ".prefect", tmp_path / "runs" / "killme"
-    proc = start_train(tmp_path, "killme", log)
+    # more iterations than the kill needs: on a loaded machine the poll may first see a late stage running
+    proc = start_train(tmp_path, "killme", log, "pipeline.iterations=4")
     try:
         servers = wait_until(lambda: recorded_servers(home), 240, "the server is recorded", proc, log)
         wait_until(lambda: running_stage(run), 240, "a stage runs", proc, log)

@@ -131,7 +131,8 @@ def test_disk_full_inside_nft_update_is_one_line_and_leaves_nothing(ref, base, i
     assert res.exit_code == 1, res.output
     text = " ".join(res.output.split())
     assert "Traceback" not in res.output and "nft_update (iteration 1)" in text, res.output
-    assert "no space left on device" in text and "free disk space" in text and str(stage_root(run, "nft_update", 1)) in text
+    assert "no space left on device" in text and "free disk space" in text
+    assert str(stage_root(run, "nft_update", 1)) in "".join(res.output.split())  # the console may wrap a long path
     assert ph.temporary_dirs(run) == [], "the temporary directory was removed"
     assert ph.created(run) == before
     verify(ph.node_dir(run, "nft_update", 1))

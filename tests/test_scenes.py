@@ -5,6 +5,7 @@ from astrolabe.sampling.scenes import (
     Scene,
     ScenePlanError,
     ScenePromptError,
+    SceneSegment,
     blocks_for_seconds,
     parse_scene_prompt,
     plan_scenes,
@@ -75,3 +76,21 @@ def test_benchmark_six_scene_line_gets_the_release_block_plan():
     assert segs[0].prompt == "scene 0 of a wizard and a small dragon in a stone chamber"
     with pytest.raises(ScenePlanError, match="--num-frames 933"):  # the release's 81 frames show one scene
         plan_scenes(scenes, num_blocks=7, fps=16, block_frames=3)
+
+
+def test_window_plan_helpers_on_a_hand_worked_plan():
+    """Plan of 10 blocks: 'a' [0, 4), 'b' [4, 5) entered by a hard cut, 'c' [5, 10) entered softly."""
+    from astrolabe.sampling.scenes import replay_forwards, segment_at, single_scene_starts, switches_until
+
+    plan = [SceneSegment("a", 0, 4, False), SceneSegment("b", 4, 5, True), SceneSegment("c", 5, 10, False)]
+    assert [segment_at(plan, b).prompt for b in range(10)] == list("aaaabccccc")
+    with pytest.raises(ValueError, match="outside"):
+        segment_at(plan, 10)
+    assert single_scene_starts(plan, 1) == list(range(10))
+    assert single_scene_starts(plan, 2) == [0, 1, 2, 5, 6, 7, 8]  # 'b' is too short; no window straddles a switch
+    assert single_scene_starts(plan, 6) == []
+    assert [s.prompt for s in switches_until(plan, 3)] == []
+    assert [s.prompt for s in switches_until(plan, 4)] == ["b"]  # a window starting a scene sees its switch
+    assert [s.prompt for s in switches_until(plan, 7)] == ["b", "c"]
+    # forwards of the replay: one per prefix block, one re-cache per soft switch (the hard cut flushes, no forward)
+    assert [replay_forwards(plan, b) for b in (0, 3, 4, 5, 7)] == [0, 3, 4, 6, 8]

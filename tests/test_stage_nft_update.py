@@ -342,3 +342,51 @@ def test_status_done_stale_missing_and_forced_instance(tmp_path):
     assert calls == ["a", "b", "a", "b"]
     # the real plan on an empty run: everything missing
     assert {s.status for s in plan_status(cfg, tmp_path / "empty", STAGES)} == {"missing"}
+
+
+SCENE_LINES = ["a red fox runs in snow[1s] | waves crash on rocks", "city lights at night[1s#] | a cat sleeps on a sofa"]
+
+
+def test_scene_records_replay_the_rollouts_prompt_switches(tmp_path):
+    """Two-scene training lines, window = the last block: the update conditions the window on its scene's text and
+    rebuilds the prefix cache with the rollout's switches (soft for line 1, a cut for line 2), equal to the cache of
+    a hand-driven stream; the stage trains on these records end to end."""
+    from astrolabe.build import build_generation_stack
+    from astrolabe.rl.streaming_update import build_prefix_cache
+    from astrolabe.sampling.streaming import BlockStreamer, SampleNoise
+
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("\n".join(SCENE_LINES) + "\n")
+    cfg = load_config("configs/tiny.yaml", OVERRIDES + [
+        f"pipeline.runs_root={tmp_path}", f"data.train_prompts={prompts}", "rollout.window_start=last",
+        "rollout.num_latent_frames=9"])
+    run = tmp_path / "run"
+    p = _out(run, execute(filter_prompts, cfg, run, {}))
+    r = _out(run, execute(rollout, cfg, run, {"prompts": p}, 0))
+    sc = _out(run, execute(score, cfg, run, {"rollout": r}, 0))
+    labels = _out(run, execute(label_uncertainty, cfg, run, {"rollout": r, "score": sc}, 0))
+    cands, _ = nft_update.read_candidates(r, labels)
+    stack, _ = build_generation_stack(cfg)
+    contexts = {t: stack.encode_text([t]) for t in
+                ["a red fox runs in snow", "waves crash on rocks", "city lights at night", "a cat sleeps on a sofa"]}
+    stream = stack.stream
+    for c in cands:
+        line = next(x for x in SCENE_LINES if x.startswith(c.scenes[0].prompt))
+        assert c.prompt == line.split("| ")[1] and len(c.scenes) == 2
+        idx = [i for i, d in enumerate(cands) if d.group == c.group]
+        batch = nft_update.make_batch(cands, idx, contexts, torch.device("cpu"), torch.float32, stream.block_frames)
+        assert torch.equal(batch.context[0], contexts[c.prompt][0])
+        hard = "#" in line
+        assert [(s.frame, s.hard) for s in batch.switches] == [(3, hard)]
+        assert nft_update.context_passes(cands, idx, cfg, stream) == 2 + (not hard)
+        s = BlockStreamer(stack.dit, stream, contexts[c.scenes[0].prompt], SampleNoise([0]))
+        s.commit(torch.from_numpy(c.prefix[None, :3]))
+        s.switch_prompt(contexts[c.prompt], hard=hard)
+        s.commit(torch.from_numpy(c.prefix[None, 3:]))
+        cache = build_prefix_cache(stack.dit, stream, batch.prefix_context, batch.prefix_latents, len(idx),
+                                   batch.switches)
+        assert cache.positions == s.cache.positions
+        for a, b in zip(cache.self_kv, s.cache.self_kv):
+            assert torch.allclose(a.k[:1], b.k, atol=1e-6) and torch.allclose(a.v[-1:], b.v, atol=1e-6)
+    m = execute(nft_update, cfg, run, {"rollout": r, "labels": labels}, 0)
+    assert m.counts["trained"] == 4 and math.isfinite(m.metrics["loss/total"])

@@ -246,3 +246,72 @@ def test_checkpoint_policy_is_used(stage_runs):
     g = rollout_group(stack, meta["prompt"], meta["prefix_seed"], [meta["candidate_seed"]], 2, 1, decode=False)
     np.testing.assert_allclose(rec["prefix"], g.prefix_latents.numpy(), atol=1e-5)
     np.testing.assert_allclose(rec["latents"], g.window_latents[0].numpy(), atol=1e-5)
+
+
+SCENE_LINE = "a red fox runs in snow[1s] | waves crash on rocks"  # at the tiny model's 16 fps: 1 block, then 2
+
+
+def test_window_start_stays_inside_one_scene():
+    from astrolabe.sampling.scenes import SceneSegment
+
+    plan = [SceneSegment("a", 0, 1, False), SceneSegment("b", 1, 3, False)]
+    assert {window_start_block("random", 3, 2, 0, 1, it, s, segments=plan) for it in range(8) for s in range(4)} == {1}
+    assert window_start_block("last", 3, 2, 0, 0, 0, 0, segments=plan) == 1
+    with pytest.raises(ValueError, match="straddles a scene switch"):
+        window_start_block("first", 3, 2, 0, 0, 0, 0, segments=plan)
+    with pytest.raises(ValueError, match="no window of 3 blocks"):
+        window_start_block("random", 3, 3, 0, 0, 0, 0, segments=plan)
+    one = [SceneSegment("a", 0, 5, False)]  # a one-scene plan draws what no plan draws
+    assert [window_start_block("random", 5, 2, 0, 1, it, 0, segments=one) for it in range(8)] == [
+        window_start_block("random", 5, 2, 0, 1, it, 0) for it in range(8)]
+
+
+def test_scene_prompt_rollout_conditions_each_block_on_its_scene(tmp_path):
+    """Stage on a two-scene line, window = the last block (scene 2): the record names the window's scene and the plan,
+    the prefix is scene 1's block then scene 2's (a soft switch), and the window continues under scene 2's text, as
+    a hand-driven stream with the same switch gives; encoding the whole line as one text (the old behaviour) differs."""
+    cfg = _cfg(prompts_per_iteration=1, save_mp4=False)
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    (prompts_dir / "train.txt").write_text(SCENE_LINE + "\n")
+    rollout_stage.run(cfg, {"prompts": prompts_dir}, tmp_path / "out", iteration=0)
+    recs = _records(tmp_path / "out")
+    meta = recs[0]["meta"]
+    assert meta["prompt"] == SCENE_LINE and meta["window_prompt"] == "waves crash on rocks"
+    assert meta["scenes"] == [["a red fox runs in snow", 0, 1, False], ["waves crash on rocks", 1, 3, False]]
+    stack, _ = build_generation_stack(cfg)
+    s = BlockStreamer(stack.dit, stack.stream, stack.encode_text(["a red fox runs in snow"]), SampleNoise([meta["prefix_seed"]]))
+    first = s.step()
+    s.switch_prompt(stack.encode_text(["waves crash on rocks"]), hard=False)
+    prefix = torch.cat([first, s.step()], dim=1)[0]
+    s.noise = SampleNoise([meta["candidate_seed"]])
+    np.testing.assert_allclose(recs[0]["prefix"], prefix.numpy(), atol=1e-5)
+    np.testing.assert_allclose(recs[0]["latents"], s.step()[0].numpy(), atol=1e-5)
+    whole = rollout_group(stack, SCENE_LINE, meta["prefix_seed"], [meta["candidate_seed"]], 2, 1, decode=False)
+    assert np.abs(whole.window_latents[0].numpy() - recs[0]["latents"]).max() > 1e-3
+
+
+def test_hard_cut_into_the_window_makes_it_a_fresh_stream_of_its_scene():
+    """``p1[1s#] | p2`` with the window at block 1: the cut flushes the cache, so candidate j's window is the first
+    block of a fresh stream of p2 with j's seed (RoPE is relative: only the absolute positions differ)."""
+    from astrolabe.sampling.scenes import parse_scene_prompt, plan_scenes
+
+    cfg = _cfg(num_latent_frames=6)
+    stack, _ = build_generation_stack(cfg)
+    line = "a red fox runs in snow[1s#] | waves crash on rocks"
+    plan = plan_scenes(parse_scene_prompt(line), 2, stack.fps, stack.stream.block_frames)
+    g = rollout_group(stack, line, prefix_seed=5, cand_seeds=[11, 12], window_start_block=1, window_blocks=1,
+                      decode=False, segments=plan)
+    for j, seed in enumerate([11, 12]):
+        fresh = BlockStreamer(stack.dit, stack.stream, stack.encode_text(["waves crash on rocks"]), SampleNoise([seed]))
+        np.testing.assert_allclose(g.window_latents[j].numpy(), fresh.step()[0].numpy(), atol=1e-4)
+
+
+def test_scene_prompts_that_do_not_fit_fail_before_generating(tmp_path):
+    cfg = _cfg(prompts_per_iteration=1, save_mp4=False)
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    (prompts_dir / "train.txt").write_text("a boat on a calm lake\n" + "a red fox runs in snow[5s] | a boat\n")
+    with pytest.raises(ValueError, match=r"training prompt 2 .*rollout.num_latent_frames"):
+        rollout_stage.run(cfg, {"prompts": prompts_dir}, tmp_path / "out", iteration=0)
+    assert not (tmp_path / "out").exists() or not list_shards(tmp_path / "out", "rollout")

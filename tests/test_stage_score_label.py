@@ -199,3 +199,13 @@ def test_within_group_share_is_the_spread_group_advantages_can_rank():
     want = np.sqrt(2 / 3) / np.std([0.0, 4.0, 6.0])
     assert within_group_share(np.array([0.0, np.nan, 4.0, 6.0]), gid, 2) == pytest.approx(want)
     assert np.isnan(within_group_share(np.array([2.0, 2.0, 2.0, 2.0]), gid, 2))
+
+
+def test_rewards_judge_a_window_by_its_scene_text():
+    """A scene-prompt record is scored against the text of the scene its window lies in; older records (no
+    ``window_prompt``) against the line."""
+    from stages.score import _batches
+
+    recs = [{"__key__": "a", "meta": {"prompt": "p1[1s] | p2", "window_prompt": "p2"}, "video": None},
+            {"__key__": "b", "meta": {"prompt": "p3"}, "video": None}]
+    assert [prompts for _, prompts, _ in _batches(iter(recs), 4, {"no_video": 0})] == [["p2"], ["p3"]]

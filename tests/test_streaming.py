@@ -181,3 +181,30 @@ def test_read_only_view_reads_the_cache_and_refuses_writes():
             write()
     with pytest.raises(RuntimeError, match="read-only KV cache"):
         m(x, torch.tensor([0.0]), ctx(), kv_cache=view, start_frame=6, cache_write=True)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_rebuild_context_replays_prompt_switches(hard):
+    """A scene stream (prompt 1 for 2 blocks, a switch to prompt 2 for 2 blocks, a soft switch to prompt 3 at the
+    branch point) and the replay of its stored prefix with the same switches hold the same cache; the replay
+    without the switches does not."""
+    from astrolabe.sampling.streaming import PromptSwitch
+
+    m, stream = make_model(), make_stream(window=9, sink=3)
+    s = BlockStreamer(m, stream, ctx(seed=1), SampleNoise([4]))
+    blocks = [s.step(), s.step()]
+    s.switch_prompt(ctx(seed=2), hard=hard)
+    blocks += [s.step(), s.step()]
+    s.switch_prompt(ctx(seed=5), hard=False)  # the window starts a scene: switched before the branch
+    prefix = torch.cat(blocks, dim=1)  # (1, 12, C, h, w)
+    switches = [PromptSwitch(6, ctx(seed=2), hard), PromptSwitch(12, ctx(seed=5), False)]
+    rebuilt = rebuild_context(m, stream, ctx(seed=1), prefix, switches=switches)
+    assert rebuilt.positions == s.cache.positions == ([0, 1, 2, 6, 7, 8, 9, 10, 11] if not hard else list(range(6, 12)))
+    for a, b in zip(rebuilt.self_kv, s.cache.self_kv):
+        assert torch.allclose(a.k, b.k, atol=1e-12) and torch.allclose(a.v, b.v, atol=1e-12)
+    plain = rebuild_context(m, stream, ctx(seed=1), prefix)
+    assert any(a.k.shape != b.k.shape or float((a.k - b.k).abs().max()) > 1e-3 for a, b in zip(plain.self_kv, s.cache.self_kv))
+    with pytest.raises(ValueError, match="block boundaries"):
+        rebuild_context(m, stream, ctx(seed=1), prefix, switches=[PromptSwitch(4, ctx(seed=2), hard)])
+    with pytest.raises(ValueError, match="block boundaries"):
+        rebuild_context(m, stream, ctx(seed=1), prefix, switches=[PromptSwitch(15, ctx(seed=2), hard)])

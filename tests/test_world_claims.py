@@ -22,6 +22,7 @@ import astrolabe.world.pretrain as pretrain
 from astrolabe.artifacts.manifest import Manifest
 from astrolabe.config import RunConfig, load_config
 from astrolabe.data.prompts import PromptFilterConfig, filter_prompts, read_prompt_file
+from astrolabe.data.shards import read_rollout_shards
 from astrolabe.report import comparison_path
 from astrolabe.rewards import RewardSpec, build_rewards, score_all
 from astrolabe.sampling.scenes import parse_scene_prompt
@@ -85,6 +86,7 @@ def test_long_config_streams_long_videos_in_windows_at_the_short_window_size() -
     assert long.rollout.window_blocks == short.rollout.window_blocks  # the update memory compares
     assert _weights(long)["world_alignment_late"] == 0.0 and _weights(long)["world_alignment"] > 0
     assert str(long.data.eval_prompts) == "builtin:world/heldout_scenes.txt"
+    assert str(long.data.train_prompts) == "builtin:world/train_scenes.txt"
 
 
 # ----------------------------------------------------------------------------------- scene prompts and late reward
@@ -177,6 +179,12 @@ def test_long_config_trains_a_late_window_of_a_long_video_and_scores_late_alignm
     run = smoke("tiny-long")
     rollout = _manifest(run, "rollout", 0)
     assert rollout.counts["num_blocks_per_video"] == 10
+    (shard, *_) = sorted((run / "iter-0000" / "rollout").glob("*/rollout-*.tar"))
+    for rec in read_rollout_shards([shard]):  # the window is conditioned on, and judged by, its scene's caption
+        meta = rec["meta"]
+        first, second = (scene.prompt for scene in parse_scene_prompt(meta["prompt"]))
+        assert [s[:3] for s in meta["scenes"]] == [[first, 0, 4], [second, 4, 10]]
+        assert meta["window_prompt"] == (first if meta["window_start_frame"] < 12 else second)
     update = _manifest(run, "nft_update", 0)
     assert update.timings["peak_rss_mib"] > 0  # compared with tiny-world's in the report of issue 13
     evaluation = _manifest(run, "evaluate", 1)

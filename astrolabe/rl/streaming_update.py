@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -53,7 +53,8 @@ from astrolabe.models.wan.dit import WanDiT
 from astrolabe.rl.nft import NFTConfig, nft_loss, sample_train_sigmas
 from astrolabe.sampling.kv_cache import KVCache
 from astrolabe.sampling.schedule import add_noise, flow_to_x0
-from astrolabe.sampling.streaming import StreamConfig, make_cache, rebuild_context
+from astrolabe.sampling.scenes import SceneSegment, switches_until
+from astrolabe.sampling.streaming import PromptSwitch, StreamConfig, make_cache, rebuild_context
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,17 @@ class WindowBatch:
     window_x0: torch.Tensor  # (B, W, C, h, w) clean window latents
     r: torch.Tensor  # (B,) optimality in [0, 1]
     kl_mask: torch.Tensor | None = None  # (B,) bool; None = KL on every sample
+    # Scene prompts (``p1[3s] | p2``): the prefix's first prompt (None = ``context``) and the prompt switches the
+    # rollout made up to the window's first frame (:func:`~astrolabe.sampling.streaming.rebuild_context`);
+    # ``context`` is then the window's scene.
+    prefix_context: torch.Tensor | None = None  # (B, L, text_dim)
+    switches: tuple[PromptSwitch, ...] = ()
 
     def __post_init__(self) -> None:
         b = self.window_x0.shape[0]
+        for name, c in [("prefix_context", self.prefix_context), *(("switch context", s.context) for s in self.switches)]:
+            if c is not None and c.shape[0] != b:
+                raise ValueError(f"{name} has batch size {c.shape[0]}, the window {b}")
         if self.window_x0.dim() != 5 or self.prefix_latents.dim() != 5:
             raise ValueError(
                 f"prefix_latents and window_x0 must be (B, F, C, h, w); got {tuple(self.prefix_latents.shape)} "
@@ -165,30 +174,52 @@ def train_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
 def build_prefix_cache(
     model: WanDiT,
     stream: StreamConfig,
-    context: torch.Tensor,  # (B, L, text_dim)
+    context: torch.Tensor,  # (B, L, text_dim) the prompt of the prefix's first frame
     prefix_latents: torch.Tensor,  # (B, P, C, h, w) clean
     group_size: int = 1,
+    switches: tuple[PromptSwitch, ...] = (),
 ) -> KVCache:
     """Detached KV cache of the clean prefix, rebuilt by the sampler's context passes (no gradient).
 
     ``model`` is run as given: the caller picks the policy (run this under the old policy's context for the
     default ``cache_policy="old"``). With ``group_size = K`` consecutive rows ``b*K .. b*K+K-1`` must share
-    their prefix and prompt (a branched group); the cache is built once per group and forked K ways.
+    their prefix and prompts (a branched group); the cache is built once per group and forked K ways.
+    ``switches``: the rollout's prompt switches of a scene prompt (:func:`rebuild_context`).
     """
     b = prefix_latents.shape[0]
     if group_size < 1 or b % group_size:
         raise ValueError(f"group_size={group_size} must be >= 1 and divide the batch size {b}")
     if group_size > 1:
-        heads_p, heads_c = prefix_latents[::group_size], context[::group_size]
-        same_p = torch.equal(prefix_latents, heads_p.repeat_interleave(group_size, dim=0))
-        if not same_p or not torch.equal(context, heads_c.repeat_interleave(group_size, dim=0)):
-            raise ValueError(
-                f"rows of a group of {group_size} must share prefix latents and prompt; use group_size=1 otherwise"
-            )
-        return build_prefix_cache(model, stream, heads_c, heads_p).fork(group_size)
-    if prefix_latents.shape[1] == 0:
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            if not torch.equal(x, x[::group_size].repeat_interleave(group_size, dim=0)):
+                raise ValueError(f"rows of a group of {group_size} must share prefix latents and prompts; use "
+                                 "group_size=1 otherwise")
+            return x[::group_size]
+
+        head_switches = tuple(PromptSwitch(s.frame, heads(s.context), s.hard) for s in switches)
+        return build_prefix_cache(model, stream, heads(context), heads(prefix_latents),
+                                  switches=head_switches).fork(group_size)
+    if prefix_latents.shape[1] == 0 and not switches:
         return make_cache(model, stream)
-    return rebuild_context(model, stream, context, prefix_latents)
+    return rebuild_context(model, stream, context, prefix_latents, switches=switches)
+
+
+def scene_prefix(
+    segments: Sequence[SceneSegment],
+    window_start_block: int,
+    block_frames: int,
+    contexts: Mapping[str, torch.Tensor],  # text -> (1, L, text_dim)
+    batch: int,
+) -> tuple[torch.Tensor, tuple[PromptSwitch, ...]]:
+    """The prefix's first prompt (B, L, text_dim) and the prompt switches up to the window's first block
+    (:func:`~astrolabe.sampling.scenes.switches_until`) of a rollout made with the scene plan ``segments``: the
+    inputs of :func:`build_prefix_cache` that replay its cache."""
+    first = contexts[segments[0].prompt].expand(batch, -1, -1)
+    switches = tuple(
+        PromptSwitch(seg.start_block * block_frames, contexts[seg.prompt].expand(batch, -1, -1), seg.hard_cut_before)
+        for seg in switches_until(list(segments), window_start_block)
+    )
+    return first, switches
 
 
 # ----------------------------------------------------------------------------------- predictions
@@ -399,7 +430,8 @@ def window_nft_step(
     )
     if cfg.mode == "window":
         with _under(policies[cfg.cache_policy], model) as m, train_mode(m, False):
-            cache = build_prefix_cache(m, stream, batch.context, batch.prefix_latents, group_size)
+            prefix_context = batch.context if batch.prefix_context is None else batch.prefix_context
+            cache = build_prefix_cache(m, stream, prefix_context, batch.prefix_latents, group_size, batch.switches)
         loss, metrics = window_nft_loss(policies, model, cache, batch, sigma, eps, nft_cfg)
     else:
         causal = clip_causal_window(stream.causal, cfg.clip_mask)

@@ -18,6 +18,12 @@ different content); decoding with the prefix gives exactly the frames a viewer o
 With ``P`` prefix latent frames and ``W`` window latent frames the window pixels are frames
 ``[1 + 4(P-1), 1 + 4(P+W-1))`` of the full decode: ``4W`` frames when ``P > 0``, ``1 + 4(W-1)`` when ``P = 0``.
 
+Scene prompts (``p1[3s] | p2``, :mod:`astrolabe.sampling.scenes`): each block is conditioned on the text of the
+scene it lies in, the stream switching prompt at each scene's first block as generation does (soft: the cached
+frames re-encoded under the new text; ``#``: a cut), and the window lies inside one scene, so one caption judges it
+(the record's ``window_prompt``); the update replays the prefix with the same switches
+(:func:`astrolabe.sampling.streaming.rebuild_context`).
+
 Prompt choice and seeds (:func:`choose_prompts`, :func:`group_seeds`, :func:`window_start_block`) are
 pure functions of (seeds, iteration, slot), so every rank of a distributed rollout computes the same
 plan and takes its own slice of it.
@@ -37,6 +43,7 @@ import torch
 from astrolabe.data.video import to_uint8_frames
 from astrolabe.models.wan.vae import StreamingDecoder
 from astrolabe.sampling.generation import GenerationStack
+from astrolabe.sampling.scenes import SceneSegment, segment_at, single_scene_starts
 from astrolabe.sampling.streaming import BlockStreamer, SampleNoise
 
 log = logging.getLogger(__name__)
@@ -90,24 +97,42 @@ def group_seeds(run_seed: int, rollout_seed: int, iteration: int, slot: int, k: 
 
 
 def window_start_block(
-    mode: WindowStart, num_blocks: int, window_blocks: int, run_seed: int, rollout_seed: int, iteration: int, slot: int
+    mode: WindowStart, num_blocks: int, window_blocks: int, run_seed: int, rollout_seed: int, iteration: int, slot: int,
+    segments: list[SceneSegment] | None = None,
 ) -> int:
     """First block of the clip window: ``first`` = 0 (no prefix), ``last`` = ``num_blocks - window_blocks``,
-    ``random`` = uniform in ``[0, num_blocks - window_blocks]`` from a generator seeded like :func:`group_seeds`."""
+    ``random`` = uniform in ``[0, num_blocks - window_blocks]`` from a generator seeded like :func:`group_seeds`.
+
+    With the scene plan of a scene prompt (``segments``), the window must lie inside one scene
+    (:func:`~astrolabe.sampling.scenes.single_scene_starts`): ``random`` draws among those starts (the same
+    draw as without a plan when every start qualifies), ``first`` and ``last`` must be one.
+    """
     if not 1 <= window_blocks <= num_blocks:
         raise ValueError(
             f"rollout.window_blocks={window_blocks} must be in [1, {num_blocks}] (the video has {num_blocks} blocks); "
             "lower rollout.window_blocks or raise rollout.num_latent_frames"
         )
     last = num_blocks - window_blocks
-    if mode == "first":
-        return 0
-    if mode == "last":
-        return last
+    starts = list(range(last + 1)) if segments is None else single_scene_starts(segments, window_blocks)
+    if not starts:
+        raise ValueError(f"no window of {window_blocks} blocks fits inside one scene of {_plan(segments)}; lower "
+                         "rollout.window_blocks or lengthen the scenes")
+    if mode in ("first", "last"):
+        start = 0 if mode == "first" else last
+        if start not in starts:
+            raise ValueError(f"rollout.window_start={mode!r}: the window [{start}, {start + window_blocks}) straddles "
+                             f"a scene switch of {_plan(segments)}; use window_start 'random' (it draws among the "
+                             "windows inside one scene) or lower rollout.window_blocks")
+        return start
     if mode == "random":
         rng = np.random.default_rng([_WINDOW, _u32(run_seed), _u32(rollout_seed), iteration, slot])
-        return int(rng.integers(0, last + 1))
+        return starts[int(rng.integers(0, len(starts)))]
     raise ValueError(f"rollout.window_start must be 'first', 'last' or 'random', got {mode!r}")
+
+
+def _plan(segments: list[SceneSegment] | None) -> str:
+    """The scene plan in blocks, for messages: ``'a boat' [0, 4) | 'a car' [4, 10)``."""
+    return " | ".join(f"{seg.prompt!r} [{seg.start_block}, {seg.end_block})" for seg in segments or [])
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -128,19 +153,37 @@ class GroupRollout:
 @torch.no_grad()
 def generate_group_latents(
     stack: GenerationStack,
-    context: torch.Tensor,  # (1, L, text_dim)
+    contexts: Sequence[torch.Tensor],  # per scene segment, each (1, L, text_dim)
+    segments: Sequence[SceneSegment],
     prefix_seed: int,
     cand_seeds: Sequence[int],
     window_start_block: int,
     window_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix (1, P, C, h, w) generated once, then the window (K, W, C, h, w) of K forked candidates."""
-    streamer = BlockStreamer(stack.dit, stack.stream, context, SampleNoise([prefix_seed], stack.device))
-    prefix = [streamer.step() for _ in range(window_start_block)]  # each (1, f, C, h, w)
+    """Prefix (1, P, C, h, w) generated once, then the window (K, W, C, h, w) of K forked candidates.
+
+    The stream switches prompt at each segment's first block as :func:`astrolabe.sampling.generation` does for a
+    scene prompt (the switch into the window's scene, if the window starts one, before the fork); the window lies
+    inside one segment (:func:`window_start_block`).
+    """
+    def enter(streamer: BlockStreamer, block: int) -> None:
+        for i, seg in enumerate(segments):
+            if i > 0 and seg.start_block == block:
+                streamer.switch_prompt(contexts[i], hard=seg.hard_cut_before)
+
+    if segment_at(list(segments), window_start_block) is not segment_at(list(segments), window_start_block + window_blocks - 1):
+        raise ValueError(f"the window [{window_start_block}, {window_start_block + window_blocks}) straddles a scene "
+                         f"switch of {_plan(list(segments))}")
+    streamer = BlockStreamer(stack.dit, stack.stream, contexts[0], SampleNoise([prefix_seed], stack.device))
+    prefix = []
+    for b in range(window_start_block):
+        enter(streamer, b)
+        prefix.append(streamer.step())  # (1, f, C, h, w)
+    enter(streamer, window_start_block)
     k = len(cand_seeds)
     branch = streamer.fork(k, [list(cand_seeds)])
     window = [branch.step() for _ in range(window_blocks)]  # each (K, f, C, h, w)
-    empty = torch.zeros(stack.stream.block_shape(1, 0), device=context.device, dtype=window[0].dtype)
+    empty = torch.zeros(stack.stream.block_shape(1, 0), device=streamer.context.device, dtype=window[0].dtype)
     return torch.cat(prefix, dim=1) if prefix else empty, torch.cat(window, dim=1)
 
 
@@ -180,8 +223,13 @@ def rollout_group(
     window_start_block: int,
     window_blocks: int,
     decode: bool = True,
+    segments: Sequence[SceneSegment] | None = None,
 ) -> GroupRollout:
-    """Generate one group (see the module docstring) and, if ``decode``, the window pixels rewards score."""
+    """Generate one group (see the module docstring) and, if ``decode``, the window pixels rewards score.
+
+    ``segments``: the scene plan of a scene prompt (:func:`astrolabe.sampling.scenes.plan_scenes`; each segment's
+    text conditions its blocks); None = ``prompt`` conditions every block.
+    """
     if len(cand_seeds) < 1:
         raise ValueError("rollout_group needs at least one candidate seed")
     if window_start_block < 0 or window_blocks < 1:
@@ -189,8 +237,12 @@ def rollout_group(
             f"window_start_block must be >= 0 and window_blocks >= 1, got {window_start_block}, {window_blocks}"
         )
     t0 = time.perf_counter()
-    context = stack.encode_text([prompt]).to(stack.device)  # (1, L, text_dim)
-    prefix, window = generate_group_latents(stack, context, prefix_seed, cand_seeds, window_start_block, window_blocks)
+    if segments is None:
+        segments = [SceneSegment(prompt, 0, window_start_block + window_blocks, hard_cut_before=False)]
+    contexts = [stack.encode_text([seg.prompt]).to(stack.device) for seg in segments]  # each (1, L, text_dim)
+    prefix, window = generate_group_latents(
+        stack, contexts, segments, prefix_seed, cand_seeds, window_start_block, window_blocks
+    )
     prefix = prefix[0].float().cpu()  # (P, C, h, w)
     window = window.float().cpu()  # (K, W, C, h, w)
     t1 = time.perf_counter()

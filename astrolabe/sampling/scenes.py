@@ -141,3 +141,30 @@ def plan_scenes(scenes: list[Scene], num_blocks: int, fps: float, block_frames: 
         segments.append(SceneSegment(s.prompt, cursor, end, i > 0 and scenes[i - 1].hard_cut_after))
         cursor = end
     return segments
+
+
+def segment_at(segments: list[SceneSegment], block: int) -> SceneSegment:
+    """The segment that holds ``block``."""
+    for seg in segments:
+        if seg.start_block <= block < seg.end_block:
+            return seg
+    raise ValueError(f"block {block} lies outside the scene plan (blocks 0 .. {segments[-1].end_block - 1})")
+
+
+def single_scene_starts(segments: list[SceneSegment], window_blocks: int) -> list[int]:
+    """First blocks ``s`` of the windows ``[s, s + window_blocks)`` that lie inside one segment (a window never
+    straddles a scene switch, so one text conditions it and one caption judges it)."""
+    return [s for seg in segments for s in range(seg.start_block, seg.end_block - window_blocks + 1)]
+
+
+def switches_until(segments: list[SceneSegment], block: int) -> list[SceneSegment]:
+    """The segments a stream switches into at or before ``block`` (every segment but the first that starts at
+    a block ``<= block``): the prompt switches that shaped the KV cache a window starting at ``block`` sees."""
+    return [seg for seg in segments[1:] if seg.start_block <= block]
+
+
+def replay_forwards(segments: list[SceneSegment], window_start_block: int) -> int:
+    """No-grad forwards that replaying the cache of a window at ``window_start_block`` takes
+    (:func:`~astrolabe.sampling.streaming.rebuild_context`): a context pass per prefix block and a re-cache per
+    soft switch (a switch follows at least one block of the previous scene, so the cache is never empty then)."""
+    return window_start_block + sum(not seg.hard_cut_before for seg in switches_until(segments, window_start_block))

@@ -345,22 +345,64 @@ def generate_blocks(streamer: BlockStreamer, num_blocks: int) -> Iterator[torch.
         yield streamer.step()
 
 
+@dataclass(frozen=True)
+class PromptSwitch:
+    """A scene change a stream made before writing the block that starts at ``frame``: from there on it runs
+    under ``context``, its cache flushed (``hard``, a cut) or re-cached under the new prompt
+    (:meth:`BlockStreamer.switch_prompt`)."""
+
+    frame: int
+    context: torch.Tensor  # (B, L, text_dim)
+    hard: bool
+
+
+class _NoDraws:
+    """The noise source of a replay: committing stored latents never draws."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.batch, self.device = batch, device
+
+    def __len__(self) -> int:
+        return self.batch
+
+    def draw(self, start_frame: int, step: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        raise RuntimeError("a replayed stream does not sample")
+
+
 @torch.no_grad()
 def rebuild_context(
     model: WanDiT,
     stream: StreamConfig,
-    context: torch.Tensor,  # (B, L, text_dim)
+    context: torch.Tensor,  # (B, L, text_dim) the prompt of the prefix's first frame
     prefix_latents: torch.Tensor,  # (B, P, C, h, w) clean prefix, P a multiple of the block size
     start_frame: int = 0,
+    switches: Sequence[PromptSwitch] = (),
 ) -> KVCache:
-    """Replay the context passes over a stored prefix: the cache the sampler had at the branch point."""
+    """Replay the context passes over a stored prefix: the cache the sampler had at the branch point.
+
+    ``switches`` are the prompt switches the sampler made, at block boundaries in ``(start_frame, start_frame + P]``
+    (one at ``start_frame + P`` is the switch into the window's scene, made after the last prefix block). The
+    replay runs the sampler's own :meth:`BlockStreamer.commit` and :meth:`BlockStreamer.switch_prompt`, so the
+    cache equals the sampler's exactly (a soft switch re-caches the retained frames under the new prompt).
+    """
     if stream.kv_cache != "context_pass":
         raise ValueError(f"rebuild_context replays context passes; kv_cache={stream.kv_cache!r} has none (use "
                          "the training sampler, kv_cache='context_pass', e.g. base model krea14b, for RL)")
-    cache = make_cache(model, stream)
-    f = stream.block_frames
-    if prefix_latents.shape[1] % f:
-        raise ValueError(f"prefix of {prefix_latents.shape[1]} frames is not a multiple of block size {f}")
-    for s in range(0, prefix_latents.shape[1], f):
-        write_context(model, cache, context, prefix_latents[:, s : s + f], stream, start_frame=start_frame + s)
-    return cache
+    f, p = stream.block_frames, prefix_latents.shape[1]
+    if p % f:
+        raise ValueError(f"prefix of {p} frames is not a multiple of block size {f}")
+    at = {sw.frame: sw for sw in switches}
+    bad = [fr for fr in at if not (start_frame < fr <= start_frame + p and (fr - start_frame) % f == 0)]
+    if bad or len(at) != len(switches):
+        raise ValueError(f"prompt switches at frames {sorted(sw.frame for sw in switches)} must be distinct block "
+                         f"boundaries in ({start_frame}, {start_frame + p}] (blocks of {f} frames)")
+    streamer = BlockStreamer(model, stream, context, _NoDraws(context.shape[0], context.device), next_frame=start_frame)
+    for s in range(0, p, f):
+        if start_frame + s in at:
+            streamer.switch_prompt(at[start_frame + s].context, hard=at[start_frame + s].hard)
+        streamer.commit(prefix_latents[:, s : s + f])
+    if start_frame + p in at:
+        streamer.switch_prompt(at[start_frame + p].context, hard=at[start_frame + p].hard)
+    assert streamer.cache is not None
+    return streamer.cache
+
