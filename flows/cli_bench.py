@@ -113,8 +113,9 @@ def bench_algorithms(
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeatable; default 0 1 2).")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Iterations per run (evaluated at 0 and at the "
                                             "end).")] = 4,
-    runs_root: Annotated[Path | None, typer.Option("--runs-root", help="Where the runs go (resumed when there; "
-                                                   "default runs/algorithms, with --world runs/algorithms-world).")] = None,
+    runs_root: Annotated[Path | None, typer.Option(
+        "--runs-root", help="Where the runs go (resumed when there; default runs/algorithms, with --world "
+        "runs/algorithms-world).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every run (repeatable).")] = None,
     world: Annotated[bool, typer.Option("--world", help="On the tiny world (configs/tiny-world.yaml and "
                                         "configs/tiny-world-arcopo.yaml) instead of the tiny default.")] = False,
@@ -122,7 +123,7 @@ def bench_algorithms(
     verbose: VerboseOpt = 0,
 ) -> None:
     """NFT vs AR-CoPO vs AR-CoPO + merge on the tiny default (or the tiny world), same prompts, rewards and
-    iterations, over seeds: eval reward gains (mean [min..max] over seeds), wall time and peak memory per method."""
+    iterations, over seeds: eval reward gains (mean, min..max over seeds), wall time and peak memory per method."""
     from rich.table import Table
 
     from flows.algorithms import METHODS, WORLD_METHODS, compare_methods, summarize_methods

@@ -11,7 +11,10 @@ generates the contiguous slice :func:`rank_slice` of the groups and writes ``rol
 
 One record per candidate, key ``it{iteration}-p{slot}-c{j}``: ``latents`` = the window (W, C, h, w)
 float32, extra ``prefix`` = the shared prefix (P, C, h, w) (P may be 0), ``video`` = mp4 of the window's
-pixel frames decoded after the prefix (see :mod:`astrolabe.sampling.branching`), and ``meta``.
+pixel frames decoded after the prefix (see :mod:`astrolabe.sampling.branching`), and ``meta``
+(:func:`candidate_meta`). A scene prompt line (``p1[3s] | p2``) conditions each block on its scene's text and puts
+the window inside one scene; ``meta["window_prompt"]`` is that scene's text (what rewards judge the window by) and
+``meta["scenes"]`` the plan the update replays. Every line's plan is checked before anything is generated.
 
 With ``rl.algorithm: arcopo`` each group is an AR-CoPO pivot group instead (payload and keys in
 :mod:`astrolabe.rl.arcopo_rollout`: pivot chunk inputs and x0 predictions, prefix, tape seeds, full video).

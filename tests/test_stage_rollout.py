@@ -280,7 +280,8 @@ def test_scene_prompt_rollout_conditions_each_block_on_its_scene(tmp_path):
     assert meta["prompt"] == SCENE_LINE and meta["window_prompt"] == "waves crash on rocks"
     assert meta["scenes"] == [["a red fox runs in snow", 0, 1, False], ["waves crash on rocks", 1, 3, False]]
     stack, _ = build_generation_stack(cfg)
-    s = BlockStreamer(stack.dit, stack.stream, stack.encode_text(["a red fox runs in snow"]), SampleNoise([meta["prefix_seed"]]))
+    first_text = stack.encode_text(["a red fox runs in snow"])
+    s = BlockStreamer(stack.dit, stack.stream, first_text, SampleNoise([meta["prefix_seed"]]))
     first = s.step()
     s.switch_prompt(stack.encode_text(["waves crash on rocks"]), hard=False)
     prefix = torch.cat([first, s.step()], dim=1)[0]

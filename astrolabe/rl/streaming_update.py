@@ -97,7 +97,8 @@ class WindowBatch:
 
     def __post_init__(self) -> None:
         b = self.window_x0.shape[0]
-        for name, c in [("prefix_context", self.prefix_context), *(("switch context", s.context) for s in self.switches)]:
+        contexts = [("prefix_context", self.prefix_context), *(("switch context", s.context) for s in self.switches)]
+        for name, c in contexts:
             if c is not None and c.shape[0] != b:
                 raise ValueError(f"{name} has batch size {c.shape[0]}, the window {b}")
         if self.window_x0.dim() != 5 or self.prefix_latents.dim() != 5:

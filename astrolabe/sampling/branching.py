@@ -171,9 +171,10 @@ def generate_group_latents(
             if i > 0 and seg.start_block == block:
                 streamer.switch_prompt(contexts[i], hard=seg.hard_cut_before)
 
-    if segment_at(list(segments), window_start_block) is not segment_at(list(segments), window_start_block + window_blocks - 1):
+    plan = list(segments)
+    if segment_at(plan, window_start_block) != segment_at(plan, window_start_block + window_blocks - 1):
         raise ValueError(f"the window [{window_start_block}, {window_start_block + window_blocks}) straddles a scene "
-                         f"switch of {_plan(list(segments))}")
+                         f"switch of {_plan(plan)}")
     streamer = BlockStreamer(stack.dit, stack.stream, contexts[0], SampleNoise([prefix_seed], stack.device))
     prefix = []
     for b in range(window_start_block):
