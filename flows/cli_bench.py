@@ -138,7 +138,7 @@ def bench_algorithms(
     gains = sorted({k for row in summary.values() for k in row if k.startswith("gain/")})
     table = Table("method", "seeds", *[g[len("gain/eval/"):] if g.startswith("gain/eval/") else g for g in gains],
                   "wall s", "peak RSS MiB", "merge s", caption=f"eval change from iteration 0 to {iterations}: "
-                  "mean [min..max] over seeds")
+                  "mean \\[min..max] over seeds")  # \\[: a literal bracket in rich markup
     for name, row in summary.items():
         table.add_row(name, " ".join(map(str, row["seeds"])), *[_spread_cell(row[g]) for g in gains],
                       _spread_cell(row["wall_s"], "{:.0f}"), _spread_cell(row["peak_rss_mib"], "{:.0f}"),
