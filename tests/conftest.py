@@ -19,7 +19,7 @@ install_torchvision_guard()  # tests import peft / open_clip / transformers dire
 torch.set_num_threads(1)  # tiny models: thread overhead dominates
 
 
-# pytest-xdist (`-n 2 --dist loadgroup`, the README's test command): each test file runs whole on one worker, so its
+# pytest-xdist (`-n 2 --dist loadgroup`, optional): each test file runs whole on one worker, so its
 # module fixtures are built once; files sharing a costly session fixture share a worker (the world build, ~4 min).
 _SHARED_WORKER = {"test_world_learning.py": "default_world_model", "test_world_model.py": "default_world_model"}
 
