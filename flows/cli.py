@@ -7,7 +7,6 @@ It lives in ``flows/`` because it drives the pipeline (stages and Prefect flows)
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import sys
 from collections.abc import Iterator
@@ -182,33 +181,16 @@ def _ranks(device: str, engine: str) -> Iterator[bool]:
         shutdown_distributed()
 
 
-@contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM (like SIGINT) raises KeyboardInterrupt in the block, so every cleanup runs (the MLflow run is
-    marked KILLED, the temporary Prefect server stopped); then this process dies of that signal (143 / 130)."""
+def _signals_as_interrupt():
+    """:func:`flows.signals.signals_as_interrupt` with the console line that says how to resume."""
     import signal
 
-    received: list[int] = []
+    from flows.signals import signals_as_interrupt
 
-    def handler(signum, frame) -> None:
-        from flows.run import SIGNALS_RECEIVED
-
-        received.append(signum)
-        SIGNALS_RECEIVED.append(signum)  # the MLflow run ends KILLED whatever exception the interrupt becomes
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    except KeyboardInterrupt:
-        signum = received[0] if received else signal.SIGINT
+    def say(signum: int) -> None:
         console.print(f"[yellow]stopped by {signal.Signals(signum).name}: rerun the same command to resume[/yellow]")
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        raise typer.Exit(128 + signum) from None  # not reached: the default action ends the process
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
+
+    return signals_as_interrupt(on_stop=say)
 
 
 def _train_prefect(config: Path, sets: list[str], nodes, iterations: int) -> dict:

@@ -55,12 +55,11 @@ from astrolabe.config import ConfigError, RunConfig, config_to_dict, dump_config
 from astrolabe.distributed import current_context, rank0_run_lock
 from astrolabe.report import REPORT_FILE, StageOutput, write_report
 from astrolabe.tracking import RUN_ID_FILE, Tracker, plot_curves
+from flows import signals
 from flows.launch import launching_runner
 from stages import STAGES
 
 log = logging.getLogger(__name__)
-
-SIGNALS_RECEIVED: list[int] = []  # termination signals this process received (the CLI's handler appends)
 
 CONFIG_FILE = "config.yaml"
 HISTORY_DIR = "config-history"
@@ -378,7 +377,7 @@ def train_run(
                 if on_done is not None:
                     on_done(res, results)
 
-            runner = (runner_factory or launching_runner)(cfg, run_path)
+            runner = signals.interruptible((runner_factory or launching_runner)(cfg, run_path))
             results = run_plan(cfg, run_path, STAGES, runner=announcing(runner, on_start), on_done=done)
             logger.finish()
             report_after_training(run_path, cfg, results, tracker)
@@ -386,7 +385,7 @@ def train_run(
         except BaseException as e:
             # KeyboardInterrupt (SIGINT, SIGTERM via the CLI), SystemExit, ...; or any error while a signal is
             # being handled (Prefect may turn the interrupt inside a task into its own exception)
-            if not isinstance(e, Exception) or SIGNALS_RECEIVED:
+            if not isinstance(e, Exception) or signals.RECEIVED:
                 status = "KILLED"
             raise
         finally:

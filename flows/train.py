@@ -33,11 +33,20 @@ from astrolabe.artifacts.plan import Node, Runner, run_stage  # noqa: E402
 from astrolabe.config import RunConfig, load_config  # noqa: E402
 from flows import progress  # noqa: E402
 from flows import run as run_mod  # noqa: E402
+from flows import signals  # noqa: E402
 from flows.launch import run_node  # noqa: E402
 from stages import STAGES  # noqa: E402
 
+signals.record_prefect_sigterm()  # a SIGTERM inside a flow is recorded even if Prefect's exception is lost
+
 SCORE_RETRIES = 2
 SCORE_RETRY_DELAY_S = 5.0
+
+
+def not_interrupted(task: object, task_run: object, state: object) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task only if no termination signal arrived (a SIGTERM
+    inside a task may surface as an ordinary failure; it must stop the run, not be retried)."""
+    return not signals.RECEIVED
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -81,7 +90,7 @@ def prefect_runner(cfg: RunConfig, run_path: Path) -> Runner:
     def run(node: Node, inputs: Mapping[str, Path], force: bool) -> Manifest:
         retries = SCORE_RETRIES if node.stage == "score" else 0
         t = stage_task.with_options(name=task_name(node.stage, node.iteration), retries=retries,
-                                    retry_delay_seconds=SCORE_RETRY_DELAY_S)
+                                    retry_delay_seconds=SCORE_RETRY_DELAY_S, retry_condition_fn=not_interrupted)
         out = t(config_path, str(run_path), node.stage, node.iteration, {k: str(v) for k, v in inputs.items()}, force)
         return Manifest.model_validate(out)
 
@@ -123,7 +132,7 @@ def rescore(run: str, rewards: list[str], runs_root: str | None = None) -> dict[
         if not config_path.is_file() or load_config(config_path) != cfg:
             write_text(config_path, dump_config(cfg))
         t = stage_task.with_options(name=task_name("score", iteration), retries=SCORE_RETRIES,
-                                    retry_delay_seconds=SCORE_RETRY_DELAY_S)
+                                    retry_delay_seconds=SCORE_RETRY_DELAY_S, retry_condition_fn=not_interrupted)
         out = t(str(config_path), str(rp), "score", iteration, {"rollout": str(rollout_dir)}, launch=False)
         return Manifest.model_validate(out)  # in this process: the stage command reads the run's own config
 
