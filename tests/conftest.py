@@ -19,16 +19,20 @@ install_torchvision_guard()  # tests import peft / open_clip / transformers dire
 torch.set_num_threads(1)  # tiny models: thread overhead dominates
 
 
-# pytest-xdist (`-n 2 --dist loadgroup`, optional): each test file runs whole on one worker, so its
-# module fixtures are built once; files sharing a costly session fixture share a worker (the world build, ~4 min).
-_SHARED_WORKER = {"test_world_learning.py": "default_world_model", "test_world_model.py": "default_world_model"}
+# pytest-xdist (`-n 2 --dist loadfile`, optional): each test file runs whole on one worker, so its module and
+# pipeline fixtures are built once per worker. (`loadgroup` marks do not group under pytest 9.2 + xdist 3.8: the
+# group suffix xdist writes into `item._nodeid` is not what `item.nodeid` returns.) The world build (~4 min) is
+# shared across workers through a locked directory (`default_world_model`); the file of the pretrained model's tests
+# goes first (its worker builds the world), the file of the RL learning tests (which reuse it) by the middle.
+_ORDER = {"test_world_model.py": 0, "test_world_learning.py": 2}
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in _SHARED_WORKER)  # the longest group first: no long tail
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(name, name)))
+    ranked = {name: _ORDER.get(name, 1) for name in {item.path.name for item in items}}
+    middle = sorted(n for n, r in ranked.items() if r == 1)
+    late = middle[len(middle) // 2] if middle else ""
+    key = {n: (0 if r == 0 else 1 if r == 1 and n < late else 3 if r == 1 else 2) for n, r in ranked.items()}
+    items.sort(key=lambda item: key[item.path.name])  # stable: the order inside each file is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -38,9 +42,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def default_world_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default world-model recipe built from scratch (a few minutes on 2 cores), once per session: the
-    directory of the build (``<root>/world/<key>``). For the slow tests of the pretrained model and of RL on it."""
+def default_world_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The default world-model recipe built from scratch (a few minutes on 2 cores), once per test session: the
+    directory of the build (``<root>/world/<key>``). For the slow tests of the pretrained model and of RL on it.
+    Under xdist the workers share one build (a directory beside theirs, built under a file lock by the first)."""
+    import fcntl
+
     from astrolabe.world.pretrain import build_world_model
 
-    return build_world_model(tmp_path_factory.mktemp("default-world"))
+    if worker_id == "master":
+        return build_world_model(tmp_path_factory.mktemp("default-world"))
+    root = tmp_path_factory.getbasetemp().parent / "default-world"  # the session's, shared by its workers
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_world_model(root)  # content-keyed: the second worker finds the first one's build
