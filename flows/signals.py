@@ -107,7 +107,10 @@ def signals_as_interrupt(on_stop: Callable[[int], None] | None = None) -> Iterat
 def die_of(signum: int, on_stop: Callable[[int], None] | None = None) -> None:  # pragma: no cover - ends the process
     """End this process by ``signum`` with its default action (exit status -signum / 128 + signum)."""
     if on_stop is not None:
-        on_stop(signum)
+        try:
+            on_stop(signum)
+        except Exception:  # noqa: BLE001 - a message must not keep the process alive (e.g. a closed stdout)
+            pass
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     signal.pthread_kill(signal.pthread_self(), signum)  # not reached; a blocked-elsewhere signal lands here

@@ -104,3 +104,11 @@ def test_failed_task_is_not_retried_after_a_signal():
     assert not_interrupted(None, None, None)
     signals.record(signal.SIGTERM)
     assert not not_interrupted(None, None, None)
+
+
+def test_a_failing_stop_message_does_not_keep_the_process_alive():
+    script = "import os, signal, time\nfrom flows import signals\n" \
+             "def say(s):\n    raise OSError('stdout is closed')\n" \
+             "with signals.signals_as_interrupt(on_stop=say):\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGTERM, (out.stdout, out.stderr)
