@@ -112,6 +112,6 @@ def die_of(signum: int, on_stop: Callable[[int], None] | None = None) -> None:  
         except Exception:  # noqa: BLE001 - a message must not keep the process alive (e.g. a closed stdout)
             pass
     signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    signal.pthread_kill(signal.pthread_self(), signum)  # not reached; a blocked-elsewhere signal lands here
-    os._exit(128 + signum)
+    os.kill(os.getpid(), signum)  # may be taken by another thread, which still ends the process, but later:
+    signal.pthread_kill(signal.pthread_self(), signum)  # delivered to this thread before the call returns
+    os._exit(128 + signum)  # not reached

@@ -19,20 +19,19 @@ install_torchvision_guard()  # tests import peft / open_clip / transformers dire
 torch.set_num_threads(1)  # tiny models: thread overhead dominates
 
 
-# pytest-xdist (`-n 2 --dist loadfile`, optional): each test file runs whole on one worker, so its module and
+# pytest-xdist (`-n 2 --dist loadfile`, as CI runs): each test file runs whole on one worker, so its module and
 # pipeline fixtures are built once per worker. (`loadgroup` marks do not group under pytest 9.2 + xdist 3.8: the
 # group suffix xdist writes into `item._nodeid` is not what `item.nodeid` returns.) The world build (~4 min) is
 # shared across workers through a locked directory (`default_world_model`); the file of the pretrained model's tests
 # goes first (its worker builds the world), the file of the RL learning tests (which reuse it) by the middle.
-_ORDER = {"test_world_model.py": 0, "test_world_learning.py": 2}
+_WORLD_FILES = ("test_world_model.py", "test_world_learning.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    ranked = {name: _ORDER.get(name, 1) for name in {item.path.name for item in items}}
-    middle = sorted(n for n, r in ranked.items() if r == 1)
-    late = middle[len(middle) // 2] if middle else ""
-    key = {n: (0 if r == 0 else 1 if r == 1 and n < late else 3 if r == 1 else 2) for n, r in ranked.items()}
-    items.sort(key=lambda item: key[item.path.name])  # stable: the order inside each file is kept
+    others = sorted({item.path.name for item in items} - set(_WORLD_FILES))
+    first_half = set(others[: len(others) // 2])
+    rank = {"test_world_model.py": 0, "test_world_learning.py": 2, **{n: 1 if n in first_half else 3 for n in others}}
+    items.sort(key=lambda item: rank[item.path.name])  # stable: the order inside each file is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
