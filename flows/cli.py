@@ -229,7 +229,8 @@ def train(
         from astrolabe.artifacts.plan import build_plan
         from astrolabe.distributed import DistContext
         from flows import progress
-        from flows.run import cached_summary, preflight, train_run
+        from flows.preflight import preflight
+        from flows.run import cached_summary, train_run
 
         from flows.server import use_persistent_mlflow
 
@@ -296,7 +297,8 @@ def rescore(
         if DistContext.from_env().is_distributed:
             raise ConfigError("rescore runs in one process (scoring is not split over ranks): launch it without torchrun")
         from flows.rescore import rescore_configs, rescore_run
-        from flows.run import check_unlocked, resolve_run_path
+        from flows.preflight import check_unlocked
+        from flows.run import resolve_run_path
 
         from flows.server import use_persistent_mlflow
 
@@ -341,7 +343,7 @@ def status(
         run_path = resolve_run_path(run, runs_root)
         cfg = load_run_config(run_path)
         statuses = plan_status(cfg, run_path, STAGES, check_sha=not quick)
-    from flows.run import mark_killed_if_dead
+    from flows.preflight import mark_killed_if_dead
 
     mark_killed_if_dead(cfg, run_path)  # a SIGKILLed run left RUNNING in MLflow becomes KILLED
     out = Console()

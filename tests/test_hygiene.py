@@ -25,7 +25,8 @@ from astrolabe.artifacts.stagedir import run_dir
 from astrolabe.config import load_config
 from flows import server as srv
 from flows.progress import RunProgress, step_of
-from flows.run import cached_summary, mark_killed_if_dead, preflight, record_config
+from flows.preflight import mark_killed_if_dead, preflight
+from flows.run import cached_summary, record_config
 from stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
