@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import VerboseOpt, console, progress_bar, setup_logging, user_errors
+from flows.cli_common import JsonOpt, VerboseOpt, console, progress_bar, setup_logging, user_errors
 
 world_app = typer.Typer(no_args_is_help=True, help="The tiny procedural world and its pretrained model.")
 
@@ -35,3 +35,46 @@ def world_build(
 
         path = build_world_model(root, recipe, advance)
     typer.echo(str(path))
+
+
+@world_app.command("probe")
+def world_probe(
+    root: Annotated[Path, typer.Option("--root", help="Cache root of the default recipe's build.")] = Path("runs"),
+    directory: Annotated[Path | None, typer.Option("--dir", help="A build directory (ROOT/world/<key>); overrides --root.")] = None,
+    captions: Annotated[int, typer.Option("--captions", min=1, help="How many captions (the first of the split).")] = 16,
+    seeds: Annotated[int, typer.Option("--seeds", min=2, help="Generations per caption (a group's size).")] = 8,
+    split: Annotated[str, typer.Option("--split", help="heldout or train captions.")] = "heldout",
+    json_out: JsonOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """How much a world model's samples of one caption differ in what world_alignment judges: what a group of
+    one caption gives RL to rank (astrolabe.world.evaluate.caption_variety)."""
+    from rich.table import Table
+
+    from astrolabe.artifacts.atomic import write_json
+    from astrolabe.world.evaluate import ATTRIBUTES, caption_variety
+    from astrolabe.world.grammar import heldout_captions, train_captions
+    from astrolabe.world.pretrain import load_world_model, world_model_dir
+
+    setup_logging(verbose)
+    if split not in ("heldout", "train"):
+        raise typer.BadParameter(f"--split must be heldout or train, got {split!r}")
+    with user_errors(), progress_bar() as progress:
+        model = load_world_model(directory if directory is not None else world_model_dir(root))
+        task = progress.add_task(f"sampling {captions} {split} captions x {seeds} seeds", total=captions * seeds)
+        pool = heldout_captions() if split == "heldout" else train_captions()
+        result = caption_variety(model, pool, count=captions, seeds=seeds,
+                                 progress=lambda done, total: progress.update(task, completed=done))  # fmt: skip
+    table = Table("attribute", "right", "unanimous captions")
+    for name in ATTRIBUTES:
+        if f"right/{name}" in result:
+            table.add_row(name, f"{result[f'right/{name}']:.2f}", f"{result[f'unanimous/{name}']:.2f}")
+    console.print(table)
+    console.print(
+        f"world_alignment {result['alignment/mean']:.3f}: std within a caption {result['alignment/within_std']:.3f}, "
+        f"between captions {result['alignment/between_std']:.3f} (within share {result['alignment/within_share']:.2f}). "
+        "A unanimous caption's groups agree on that attribute in every seed, so RL's group advantages cannot "
+        "rank it: only the within-caption spread is something to learn from."
+    )
+    if json_out is not None:
+        write_json(json_out, result)

@@ -3,6 +3,7 @@ its held-out accuracy band."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from astrolabe.build import build_dit, build_text, build_vae
 from astrolabe.models.registry import get_base_model
 from astrolabe.models.wan.vae import WanVAE, tiny_vae
 from astrolabe.models.wan.vae_preview import init_preview_decoder_, preview_latents, preview_video
-from astrolabe.world.evaluate import generation_accuracy, roundtrip_accuracy, world_stream_config
+from astrolabe.world.evaluate import generation_accuracy, roundtrip_accuracy, variety_summary, world_stream_config
 from astrolabe.world.grammar import heldout_captions, parse_caption
 from astrolabe.world.tokenizer import UNK_ID
 from astrolabe.world.pretrain import (
@@ -140,3 +141,40 @@ def test_pretrained_world_model_is_above_chance_and_far_from_perfect(heldout_acc
 def test_pretrained_world_model_moves_as_captioned(heldout_accuracy: dict[str, float]) -> None:
     """Motion direction (chance 1/5) clearly above chance, not perfect: RL has room."""
     assert 0.3 <= heldout_accuracy["direction"] <= 0.85, heldout_accuracy
+
+
+def test_variety_summary_counts_unanimous_captions_and_the_two_spreads() -> None:
+    """Caption 0's three readings agree (unanimous), caption 1's colour differs by seed; the alignment spreads are
+    the mean within-caption std and the std of the caption means."""
+    red, blue = parse_caption("a red circle staying still on a white background"), parse_caption(
+        "a blue square moving left on a yellow background"
+    )
+    wrong_colour = parse_caption("a green square moving left on a yellow background")
+    readings = [[red, red, red], [blue, wrong_colour, None]]
+    scores = np.array([[0.5, 0.5, 0.5], [0.2, 0.4, 0.6]])
+    got = variety_summary(readings, scores, [red, blue])
+    assert got["unanimous/color"] == 0.5 and got["unanimous/background"] == 0.5  # None is a reading of its own
+    assert got["right/color"] == pytest.approx(4 / 6) and got["right/direction"] == pytest.approx(5 / 6)
+    assert "right/speed" not in got  # no caption names a speed
+    within, between = np.std([0.2, 0.4, 0.6]) / 2, np.std([0.5, 0.4])
+    assert got["alignment/within_std"] == pytest.approx(within) and got["alignment/between_std"] == pytest.approx(between)
+    assert got["alignment/within_share"] == pytest.approx(within / (within + between))
+    with pytest.raises(ValueError, match="disagree"):
+        variety_summary(readings, scores[:, :2], [red, blue])
+
+
+def test_world_probe_command_reports_the_variety_of_a_build(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = build_world_model(tmp_path, QUICK)
+    out = tmp_path / "probe.json"
+    res = CliRunner().invoke(app, ["world", "probe", "--dir", str(path), "--captions", "2", "--seeds", "2",
+                                   "--json", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert {"right/color", "unanimous/shape", "alignment/within_std", "alignment/between_std"} <= set(result)
+    assert "within a caption" in res.output
+    res = CliRunner().invoke(app, ["world", "probe", "--dir", str(tmp_path / "missing")])
+    assert res.exit_code == 1 and "astrolabe world build" in res.output  # a missing build says how to make it

@@ -7,11 +7,14 @@ direction, speed (moving captions only) and background are right, plus ``detecte
 ``all`` (every attribute right). Chance: colour 1/6, shape 1/3, direction 1/5, speed 1/2, background 1/6.
 :func:`roundtrip_accuracy` is the same measure on rendered ground truth passed through the latents
 (:func:`~astrolabe.world.pretrain.world_latents`, then the decoder): the ceiling the latent space allows.
+
+:func:`caption_variety` samples every caption with several seeds and measures what a group of one caption
+(GRPO / NFT advantages are relative to the group) gives RL to rank (:func:`variety_summary`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,14 +26,17 @@ from astrolabe.world.detector import classify, detect_clip
 from astrolabe.world.grammar import WorldCaption, heldout_captions
 from astrolabe.world.pretrain import WorldModel, WorldModelRecipe, world_latents
 from astrolabe.world.render import WorldConfig, render
+from astrolabe.world.rewards import alignment_terms
 
 __all__ = [
     "ATTRIBUTES",
     "attribute_accuracy",
+    "caption_variety",
     "decode_latents",
     "generate_latents",
     "generation_accuracy",
     "roundtrip_accuracy",
+    "variety_summary",
     "world_stream_config",
 ]
 
@@ -117,3 +123,69 @@ def roundtrip_accuracy(
     rng = np.random.default_rng(seed)
     frames = torch.stack([render(c, rng, config).frames for c in chosen])  # (B, T, 3, H, W)
     return attribute_accuracy(decode_latents(world_latents(frames)), chosen, config)
+
+
+def variety_summary(
+    readings: Sequence[Sequence[WorldCaption | None]],  # (C, S): the detector's reading of seed s of caption c
+    scores: np.ndarray,  # (C, S): world_alignment of the same videos
+    captions: Sequence[WorldCaption],  # (C,)
+) -> dict[str, float]:
+    """What groups of one caption give RL to rank.
+
+    Per attribute ``a`` (over the captions that name it): ``right/a`` the share of videos whose reading is the
+    caption's, ``unanimous/a`` the share of captions whose ``S`` readings are all equal (1 = every group of that
+    caption agrees on ``a``: nothing to rank on it). With ``A[c, s]`` the alignment scores:
+
+        alignment/within_std  = mean_c std_s A[c, s]      (what one group can rank)
+        alignment/between_std = std_c mean_s A[c, s]      (how much the captions differ)
+        alignment/within_share = within_std / (within_std + between_std)
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(captions), len(readings[0]) if readings else 0) or len(readings) != len(captions):
+        raise ValueError(f"readings {len(readings)} x ?, scores {scores.shape} and {len(captions)} captions disagree")
+    out: dict[str, float] = {}
+    for name in ATTRIBUTES:
+        named = [(c, row) for c, row in zip(captions, readings, strict=True) if getattr(c, name) is not None]
+        if not named:
+            continue
+        values = [[None if r is None else getattr(r, name) for r in row] for _, row in named]
+        out[f"right/{name}"] = float(np.mean([[v == getattr(c, name) for v in vs] for (c, _), vs in zip(named, values)]))
+        out[f"unanimous/{name}"] = float(np.mean([len(set(vs)) == 1 for vs in values]))
+    within, between = float(scores.std(axis=1).mean()), float(scores.mean(axis=1).std())
+    out |= {"alignment/mean": float(scores.mean()), "alignment/within_std": within, "alignment/between_std": between,
+            "alignment/within_share": within / (within + between) if within + between > 0 else float("nan")}
+    return out
+
+
+def caption_variety(
+    model: WorldModel,
+    captions: Sequence[WorldCaption] | None = None,
+    count: int = 16,
+    seeds: int = 8,
+    seed: int = 0,
+    stream: StreamConfig | None = None,
+    config: WorldConfig = WorldModelRecipe().world,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """:func:`variety_summary` of ``seeds`` generations of each of the first ``count`` captions (held-out by
+    default); seed ``k`` of caption ``c`` is ``seed + c * seeds + k``. ``progress(done, total)`` after each batch."""
+    chosen = _captions(captions, count)
+    stream = world_stream_config() if stream is None else stream
+    latent_frames = 1 + (config.num_frames - 1) // 4
+    jobs = [(c, k) for c in range(len(chosen)) for k in range(seeds)]
+    times = np.arange(config.num_frames) / config.fps
+    readings: list[list[WorldCaption | None]] = [[] for _ in chosen]
+    scores = np.zeros((len(chosen), seeds))
+    for start in range(0, len(jobs), batch_size):
+        part = jobs[start : start + batch_size]
+        context = model.text.encode([chosen[c].text for c, _ in part])
+        latents = generate_latents(model.dit, context, stream, [seed + c * seeds + k for c, k in part],
+                                   latent_frames // stream.block_frames)  # fmt: skip
+        for (c, k), video in zip(part, decode_latents(latents), strict=True):
+            detection = detect_clip(video, times)
+            readings[c].append(classify(detection, config))
+            scores[c, k] = alignment_terms(detection, chosen[c], config)["score"]
+        if progress is not None:
+            progress(min(start + batch_size, len(jobs)), len(jobs))
+    return variety_summary(readings, scores, chosen)
