@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from astrolabe.models import checkpoints as ck
+from astrolabe.models import peft_lora as pl
 from astrolabe.models.wan.config import WanConfig, tiny, wan21_t2v_14b
 from astrolabe.models.wan.dit import WanDiT
 
@@ -131,18 +132,18 @@ def test_krea_flat_safetensors(tmp_path, ref) -> None:
         ck.read_dit_checkpoint("krea_safetensors", path, entry="generator")
 
 
-def make_lora(cfg: WanConfig, rank: int, seed: int) -> dict[str, ck.LoraPair]:
+def make_lora(cfg: WanConfig, rank: int, seed: int) -> dict[str, pl.LoraPair]:
     g = torch.Generator().manual_seed(seed)
     shapes = {k: v.shape for k, v in random_state(cfg, 0).items()}
     out = {}
     for i in range(cfg.num_layers):
         for m in LORA_MODULES:
             o, n = shapes[f"blocks.{i}.{m}.weight"]
-            out[f"blocks.{i}.{m}"] = ck.LoraPair(A=torch.randn(rank, n, generator=g), B=torch.randn(o, rank, generator=g))
+            out[f"blocks.{i}.{m}"] = pl.LoraPair(A=torch.randn(rank, n, generator=g), B=torch.randn(o, rank, generator=g))
     return out
 
 
-def peft_keys(lora: dict[str, ck.LoraPair], infix: str = "") -> dict[str, torch.Tensor]:
+def peft_keys(lora: dict[str, pl.LoraPair], infix: str = "") -> dict[str, torch.Tensor]:
     out = {}
     for m, p in lora.items():
         out[f"base_model.model.{m}.lora_A{infix}.weight"] = p.A
@@ -184,10 +185,10 @@ def test_lora_merge_matches_peft_merge_and_unload(ref) -> None:
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                      target_modules=r"blocks\.\d+\.((self_attn|cross_attn)\.[qkvo]|ffn\.[02])")
     peft_model = get_peft_model(model, cfg)
-    result = set_peft_model_state_dict(peft_model, ck.lora_to_peft_state(lora))
+    result = set_peft_model_state_dict(peft_model, pl.lora_to_peft_state(lora))
     assert not [k for k in result.unexpected_keys if "lora" in k]
     merged = peft_model.merge_and_unload().state_dict()
-    ours = ck.merge_lora(ref, lora, alpha=alpha)
+    ours = pl.merge_lora(ref, lora, alpha=alpha)
     assert set(merged) == set(ours)
     for k in ours:
         assert torch.allclose(merged[k], ours[k], atol=1e-5), k
@@ -197,14 +198,14 @@ def test_lora_merge_matches_peft_merge_and_unload(ref) -> None:
 def test_lora_parse_errors(ref) -> None:
     lora = peft_keys(make_lora(tiny(), 4, seed=1))
     with pytest.raises(ck.CheckpointReadError, match="do not have rank 8"):
-        ck.parse_peft_lora(lora, rank=8)
+        pl.parse_peft_lora(lora, rank=8)
     one_sided = {k: v for k, v in lora.items() if "blocks.0.ffn.0.lora_B" not in k}
     with pytest.raises(ck.CheckpointReadError, match="blocks.0.ffn.0 has only lora_A"):
-        ck.parse_peft_lora(one_sided, rank=4)
+        pl.parse_peft_lora(one_sided, rank=4)
     with pytest.raises(ck.CheckpointReadError, match="not PEFT LoRA keys"):
-        ck.parse_peft_lora({**lora, "base_model.model.head.head.lora_A.weight": torch.zeros(4, 64)}, rank=4)
+        pl.parse_peft_lora({**lora, "base_model.model.head.head.lora_A.weight": torch.zeros(4, 64)}, rank=4)
     with pytest.raises(ck.CheckpointMismatchError, match="B @ A"):
-        ck.merge_lora(ref, {"blocks.0.ffn.0": ck.LoraPair(A=torch.zeros(4, 3), B=torch.zeros(128, 4))}, alpha=4)
+        pl.merge_lora(ref, {"blocks.0.ffn.0": pl.LoraPair(A=torch.zeros(4, 3), B=torch.zeros(128, 4))}, alpha=4)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -296,18 +297,18 @@ def test_longlive_lora_auto_accepts_both_layouts(tmp_path, ref, layout) -> None:
     raw = peft_keys(lora)
     path = tmp_path / "lora.pt"
     torch.save({"generator_lora": raw, "critic_lora": {}, "step": 3} if layout == "generator_lora" else raw, path)
-    got = ck.read_peft_lora(path, rank=rank)  # default "auto"
+    got = pl.read_peft_lora(path, rank=rank)  # default "auto"
     assert set(got) == set(lora) and all(torch.equal(got[m].A, lora[m].A) for m in lora)
     other = None if layout == "generator_lora" else "generator_lora"  # the override forces the other layout: error
     with pytest.raises(ck.CheckpointReadError):
-        ck.read_peft_lora(path, entry=other, rank=rank)
+        pl.read_peft_lora(path, entry=other, rank=rank)
 
 
 def test_longlive_lora_auto_refuses_an_unknown_layout(tmp_path, ref) -> None:
     path = tmp_path / "lora.pt"
     torch.save({"lora": peft_keys(make_lora(tiny(), 4, seed=5)), "step": 3}, path)
     with pytest.raises(ck.CheckpointReadError, match=r"(?s)cannot tell where the LoRA is.*\['lora', 'step'\]"):
-        ck.read_peft_lora(path, rank=4)
+        pl.read_peft_lora(path, rank=4)
 
 
 def test_training_pickle_extras_load_with_weights_only(tmp_path, ref) -> None:

@@ -20,10 +20,7 @@ Key normalisation rule (applied by every adapter, :func:`normalize_wan_key`), in
 ``freqs`` (a RoPE table some forks keep as an attribute) is dropped by :data:`IGNORED_KEYS`; any
 other difference from the model's keys is a :class:`CheckpointMismatchError` (every missing key listed).
 
-LongLive's ``lora.pt`` is either the trainer's dict (``{"generator_lora": ..., "critic_lora": ..., "step": ...}``)
-or a bare PEFT adapter state dict; ``lora_entry="auto"`` takes ``generator_lora`` when present, else the
-bare dict when every value is a tensor, else fails listing the top-level entries (override: name the entry,
-or ``None`` for a bare adapter).
+LongLive's ``lora.pt`` (PEFT LoRA, merged into the base) is read by :mod:`astrolabe.models.peft_lora`.
 
 Causal Forcing EMA weights may lack keys: upstream (thu-ml/Causal-Forcing ``inference.py``) retries the
 load with ``strict=False`` over ``CausalWanModel.from_pretrained("wan_models/Wan2.1-T2V-1.3B/")``, so any
@@ -41,7 +38,6 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -75,7 +71,7 @@ FORMAT_SOURCES: dict[str, str] = {
     "`causal-forcing++/framewise-2step.pt` / `framewise-1step.pt`) from HF `zhuhz22/Causal-Forcing`",
     "krea_safetensors": "`krea-realtime-video-14b.safetensors` from HF `krea/krea-realtime-video`",
 }
-_MAX_LISTED = 8
+MAX_LISTED = 8
 _MAX_MISSING_LISTED = 128  # missing keys are listed in full up to this many (a wrong file lacks all 825)
 LORA_ENTRY_AUTO = "auto"
 
@@ -190,7 +186,7 @@ def select_entry(obj: object, entry: str | None, path: Path) -> StateDict:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         hint = "" if entry is not None else " (did you forget to name the entry, e.g. 'generator'?)"
-        raise CheckpointReadError(f"{path} entry {entry!r}: non-tensor values under {bad[:_MAX_LISTED]}{hint}")
+        raise CheckpointReadError(f"{path} entry {entry!r}: non-tensor values under {bad[:MAX_LISTED]}{hint}")
     return dict(obj)
 
 
@@ -247,7 +243,7 @@ def read_sharded_safetensors(index_path: Path, fmt: str) -> StateDict:
         tensors = read_safetensors(_require_file(index_path.parent / shard, fmt, "shard"), fmt)
         listed = {k for k, v in weight_map.items() if v == shard}
         if set(tensors) != listed:
-            diff = sorted(set(tensors) ^ listed)[:_MAX_LISTED]
+            diff = sorted(set(tensors) ^ listed)[:MAX_LISTED]
             raise CheckpointReadError(f"shard {shard} does not hold the keys {index_path.name} lists for it: {diff}")
         out.update(tensors)
     return out
@@ -291,121 +287,10 @@ def read_longlive(
     if lora_path is None:
         logger.warning("LongLive loaded WITHOUT its LoRA (%s): this is the stage-1 base, not the released model", path)
         return base
+    from astrolabe.models.peft_lora import merge_lora, read_peft_lora  # here: that module imports this one
+
     lora = read_peft_lora(lora_path, entry=lora_entry, rank=lora_rank)
     return merge_lora(base, lora, alpha=lora_alpha)
-
-
-# --------------------------------------------------------------------------------------------------- LoRA
-
-
-@dataclass(frozen=True)
-class LoraPair:
-    """One adapted Linear: ``A`` (r, in_features), ``B`` (out_features, r)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-
-
-# `base_model.model.` (PEFT wrapper, optional) + module + `.lora_A|B` + optional adapter name + `.weight`.
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?"
-    r"(?P<module>blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02]))"
-    r"\.lora_(?P<which>[AB])(?:\.(?P<adapter>[A-Za-z0-9_]+))?\.weight$"
-)
-
-
-def parse_peft_lora(sd: Mapping[str, torch.Tensor], rank: int) -> dict[str, LoraPair]:
-    """PEFT LoRA keys -> ``{wan module name: LoraPair}``.
-
-    Accepted key form (after removing wrapper segments): ``[base_model.model.]blocks.{i}.{self_attn|cross_attn}.
-    {q|k|v|o}.lora_{A|B}[.<adapter>].weight`` and ``...ffn.{0|2}.lora_{A|B}...``. Any other key, a module with
-    only A or only B, more than one adapter name, or a rank other than ``rank`` is an error.
-    """
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    adapters: set[str | None] = set()
-    unknown = []
-    for raw, tensor in sd.items():
-        key = raw
-        for segment in WRAPPER_SEGMENTS:
-            key = key.replace(segment, "")
-        m = _LORA_KEY.match(key)
-        if m is None:
-            unknown.append(raw)
-            continue
-        adapters.add(m.group("adapter"))
-        parts.setdefault(m.group("module"), {})[m.group("which")] = tensor
-    if unknown:
-        raise CheckpointReadError(f"{len(unknown)} keys are not PEFT LoRA keys of Wan blocks: {unknown[:_MAX_LISTED]}")
-    if len(adapters) > 1:
-        raise CheckpointReadError(f"LoRA file mixes adapter names {sorted(map(str, adapters))}; expected one")
-    out: dict[str, LoraPair] = {}
-    for module, ab in sorted(parts.items()):
-        if set(ab) != {"A", "B"}:
-            raise CheckpointReadError(f"LoRA module {module} has only lora_{''.join(ab)}")
-        a, b = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise CheckpointReadError(
-                f"LoRA {module}: A {tuple(a.shape)}, B {tuple(b.shape)} do not have rank {rank} "
-                "(A must be (r, in), B (out, r)); pass the right lora_rank"
-            )
-        out[module] = LoraPair(A=a, B=b)
-    return out
-
-
-def resolve_lora_entry(obj: object, path: Path) -> str | None:
-    """``"auto"`` for a LongLive LoRA file: ``generator_lora`` if present, ``None`` (bare adapter) if every
-    top-level value is a tensor; otherwise :class:`CheckpointReadError` listing the top-level entries."""
-    if isinstance(obj, Mapping):
-        if "generator_lora" in obj:
-            return "generator_lora"
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return None
-    keys = sorted(map(str, obj))[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
-    raise CheckpointReadError(
-        f"{path}: cannot tell where the LoRA is (no 'generator_lora' entry, not a bare adapter of tensors); "
-        f"top-level entries: {keys}. Name the entry (model.lora_entry) or pass a bare PEFT adapter file."
-    )
-
-
-def read_peft_lora(path: Path, *, entry: str | None = LORA_ENTRY_AUTO, rank: int = 256) -> dict[str, LoraPair]:
-    """LongLive ``lora.pt``: the PEFT state at ``entry`` (``generator_lora``), the bare PEFT dict (``None``), or
-    whichever of the two the file is (``"auto"``, :func:`resolve_lora_entry`)."""
-    obj = torch_load_tensors(path, "longlive_pt")
-    if entry == LORA_ENTRY_AUTO:
-        entry = resolve_lora_entry(obj, Path(path))
-        logger.info("LongLive LoRA %s: %s", path, f"entry {entry!r}" if entry else "bare adapter")
-    return parse_peft_lora(select_entry(obj, entry, Path(path)), rank)
-
-
-def merge_lora(sd: Mapping[str, torch.Tensor], lora: Mapping[str, LoraPair], alpha: float) -> StateDict:
-    """``W <- W + (alpha / r) * B @ A`` for every adapted Linear, accumulated in fp32, cast back to W's dtype.
-
-    Biases and every other tensor are returned unchanged (same objects). LongLive: r = alpha = 256 -> scale 1.
-    """
-    out = dict(sd)
-    for module, pair in lora.items():
-        key = f"{module}.weight"
-        if key not in out:
-            raise CheckpointMismatchError(f"LoRA adapts {module} but the base state dict has no {key}")
-        w = out[key]  # (out, in)
-        r = pair.A.shape[0]
-        if w.shape != (pair.B.shape[0], pair.A.shape[1]):
-            raise CheckpointMismatchError(
-                f"LoRA {module}: B @ A is {(pair.B.shape[0], pair.A.shape[1])} but {key} is {tuple(w.shape)}"
-            )
-        delta = (alpha / r) * (pair.B.float() @ pair.A.float())  # (out, in)
-        out[key] = (w.float() + delta).to(w.dtype)
-    return out
-
-
-def lora_to_peft_state(lora: Mapping[str, LoraPair]) -> StateDict:
-    """``{module: LoraPair}`` -> the dict ``peft.set_peft_model_state_dict`` takes for a PEFT-wrapped ``WanDiT``
-    (``base_model.model.<module>.lora_{A|B}.weight``), to keep the LoRA separate instead of merging."""
-    out: StateDict = {}
-    for module, pair in lora.items():
-        out[f"base_model.model.{module}.lora_A.weight"] = pair.A
-        out[f"base_model.model.{module}.lora_B.weight"] = pair.B
-    return out
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -494,8 +379,8 @@ def check_state_against_model(model: nn.Module, sd: Mapping[str, torch.Tensor]) 
     lines = [
         f"checkpoint does not match the model ({len(expected)} tensors expected, {len(sd)} given)",
         f"missing {len(missing)}: {missing[:_MAX_MISSING_LISTED]}",
-        f"unexpected {len(unexpected)}: {unexpected[:_MAX_LISTED]}",
-        f"mis-shaped {len(shaped)}: {shaped[:_MAX_LISTED]}",
+        f"unexpected {len(unexpected)}: {unexpected[:MAX_LISTED]}",
+        f"mis-shaped {len(shaped)}: {shaped[:MAX_LISTED]}",
     ]
     size = infer_wan_size(sd)
     if size is not None:
@@ -522,7 +407,7 @@ def check_finite(sd: Mapping[str, torch.Tensor]) -> None:
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise NonFiniteWeightsError(
-            f"{len(bad)} tensors hold NaN/inf: {bad[:_MAX_LISTED]}. The file is corrupt or the run diverged."
+            f"{len(bad)} tensors hold NaN/inf: {bad[:MAX_LISTED]}. The file is corrupt or the run diverged."
         )
 
 
