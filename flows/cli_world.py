@@ -40,8 +40,10 @@ def world_build(
 @world_app.command("probe")
 def world_probe(
     root: Annotated[Path, typer.Option("--root", help="Cache root of the default recipe's build.")] = Path("runs"),
-    directory: Annotated[Path | None, typer.Option("--dir", help="A build directory (ROOT/world/<key>); overrides --root.")] = None,
-    captions: Annotated[int, typer.Option("--captions", min=1, help="How many captions (the first of the split).")] = 16,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="A build directory (ROOT/world/<key>); overrides --root.")
+    ] = None,
+    captions: Annotated[int, typer.Option("--captions", min=1, help="How many captions (the split's first).")] = 16,
     seeds: Annotated[int, typer.Option("--seeds", min=2, help="Generations per caption (a group's size).")] = 8,
     split: Annotated[str, typer.Option("--split", help="heldout or train captions.")] = "heldout",
     json_out: JsonOpt = None,
@@ -61,9 +63,10 @@ def world_probe(
         raise typer.BadParameter(f"--split must be heldout or train, got {split!r}")
     with user_errors(), progress_bar() as progress:
         model = load_world_model(directory if directory is not None else world_model_dir(root))
-        task = progress.add_task(f"sampling {captions} {split} captions x {seeds} seeds", total=captions * seeds)
         pool = heldout_captions() if split == "heldout" else train_captions()
-        result = caption_variety(model, pool, count=captions, seeds=seeds,
+        count = min(captions, len(pool))
+        task = progress.add_task(f"sampling {count} {split} captions x {seeds} seeds", total=count * seeds)
+        result = caption_variety(model, pool, count=count, seeds=seeds,
                                  progress=lambda done, total: progress.update(task, completed=done))  # fmt: skip
     table = Table("attribute", "right", "unanimous captions")
     for name in ATTRIBUTES:
@@ -72,7 +75,8 @@ def world_probe(
     console.print(table)
     console.print(
         f"world_alignment {result['alignment/mean']:.3f}: std within a caption {result['alignment/within_std']:.3f}, "
-        f"between captions {result['alignment/between_std']:.3f} (within share {result['alignment/within_share']:.2f}). "
+        f"between captions {result['alignment/between_std']:.3f} "
+        f"(within share {result['alignment/within_share']:.2f}). "
         "A unanimous caption's groups agree on that attribute in every seed, so RL's group advantages cannot "
         "rank it: only the within-caption spread is something to learn from."
     )

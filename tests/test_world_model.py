@@ -157,7 +157,8 @@ def test_variety_summary_counts_unanimous_captions_and_the_two_spreads() -> None
     assert got["right/color"] == pytest.approx(4 / 6) and got["right/direction"] == pytest.approx(5 / 6)
     assert "right/speed" not in got  # no caption names a speed
     within, between = np.std([0.2, 0.4, 0.6]) / 2, np.std([0.5, 0.4])
-    assert got["alignment/within_std"] == pytest.approx(within) and got["alignment/between_std"] == pytest.approx(between)
+    assert got["alignment/within_std"] == pytest.approx(within)
+    assert got["alignment/between_std"] == pytest.approx(between)
     assert got["alignment/within_share"] == pytest.approx(within / (within + between))
     with pytest.raises(ValueError, match="disagree"):
         variety_summary(readings, scores[:, :2], [red, blue])

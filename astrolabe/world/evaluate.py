@@ -149,7 +149,8 @@ def variety_summary(
         if not named:
             continue
         values = [[None if r is None else getattr(r, name) for r in row] for _, row in named]
-        out[f"right/{name}"] = float(np.mean([[v == getattr(c, name) for v in vs] for (c, _), vs in zip(named, values)]))
+        right = [[v == getattr(c, name) for v in vs] for (c, _), vs in zip(named, values, strict=True)]
+        out[f"right/{name}"] = float(np.mean(right))
         out[f"unanimous/{name}"] = float(np.mean([len(set(vs)) == 1 for vs in values]))
     within, between = float(scores.std(axis=1).mean()), float(scores.mean(axis=1).std())
     out |= {"alignment/mean": float(scores.mean()), "alignment/within_std": within, "alignment/between_std": between,
