@@ -34,6 +34,7 @@ __all__ = [
     "caption_variety",
     "decode_latents",
     "generate_latents",
+    "generate_videos",
     "generation_accuracy",
     "roundtrip_accuracy",
     "variety_summary",
@@ -88,6 +89,30 @@ def _captions(captions: Sequence[WorldCaption] | None, count: int) -> list[World
     return list(heldout_captions() if captions is None else captions)[:count]
 
 
+def generate_videos(
+    model: WorldModel,
+    captions: Sequence[WorldCaption],  # (N,)
+    seeds: Sequence[int],  # (N,): the noise seed of each video
+    stream: StreamConfig | None = None,
+    config: WorldConfig = WorldModelRecipe().world,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Decoded frames (N, T, H, W, 3) in [0, 1] of the 4-step streaming sampler, ``batch_size`` videos at a time;
+    ``progress(done, total)`` after each batch."""
+    stream = world_stream_config() if stream is None else stream
+    latent_frames = 1 + (config.num_frames - 1) // 4
+    videos = []
+    for start in range(0, len(captions), batch_size):
+        context = model.text.encode([c.text for c in captions[start : start + batch_size]])
+        latents = generate_latents(model.dit, context, stream, list(seeds[start : start + batch_size]),
+                                   latent_frames // stream.block_frames)  # fmt: skip
+        videos.append(decode_latents(latents))
+        if progress is not None:
+            progress(min(start + batch_size, len(captions)), len(captions))
+    return np.concatenate(videos)
+
+
 def generation_accuracy(
     model: WorldModel,
     captions: Sequence[WorldCaption] | None = None,
@@ -100,16 +125,8 @@ def generation_accuracy(
     """:func:`attribute_accuracy` of one generation per caption (the first ``count`` held-out captions by
     default), video ``i`` sampled with seed ``seed + i``."""
     chosen = _captions(captions, count)
-    stream = world_stream_config() if stream is None else stream
-    latent_frames = 1 + (config.num_frames - 1) // 4
-    videos = []
-    for start in range(0, len(chosen), batch_size):
-        part = chosen[start : start + batch_size]
-        context = model.text.encode([c.text for c in part])
-        seeds = [seed + start + i for i in range(len(part))]
-        latents = generate_latents(model.dit, context, stream, seeds, latent_frames // stream.block_frames)
-        videos.append(decode_latents(latents))
-    return attribute_accuracy(np.concatenate(videos), chosen, config)
+    seeds = [seed + i for i in range(len(chosen))]
+    return attribute_accuracy(generate_videos(model, chosen, seeds, stream, config, batch_size), chosen, config)
 
 
 def roundtrip_accuracy(
@@ -172,21 +189,14 @@ def caption_variety(
     """:func:`variety_summary` of ``seeds`` generations of each of the first ``count`` captions (held-out by
     default); seed ``k`` of caption ``c`` is ``seed + c * seeds + k``. ``progress(done, total)`` after each batch."""
     chosen = _captions(captions, count)
-    stream = world_stream_config() if stream is None else stream
-    latent_frames = 1 + (config.num_frames - 1) // 4
     jobs = [(c, k) for c in range(len(chosen)) for k in range(seeds)]
+    videos = generate_videos(model, [chosen[c] for c, _ in jobs], [seed + c * seeds + k for c, k in jobs], stream,
+                             config, batch_size, progress)  # fmt: skip
     times = np.arange(config.num_frames) / config.fps
     readings: list[list[WorldCaption | None]] = [[] for _ in chosen]
     scores = np.zeros((len(chosen), seeds))
-    for start in range(0, len(jobs), batch_size):
-        part = jobs[start : start + batch_size]
-        context = model.text.encode([chosen[c].text for c, _ in part])
-        latents = generate_latents(model.dit, context, stream, [seed + c * seeds + k for c, k in part],
-                                   latent_frames // stream.block_frames)  # fmt: skip
-        for (c, k), video in zip(part, decode_latents(latents), strict=True):
-            detection = detect_clip(video, times)
-            readings[c].append(classify(detection, config))
-            scores[c, k] = alignment_terms(detection, chosen[c], config)["score"]
-        if progress is not None:
-            progress(min(start + batch_size, len(jobs)), len(jobs))
+    for (c, k), video in zip(jobs, videos, strict=True):
+        detection = detect_clip(video, times)
+        readings[c].append(classify(detection, config))
+        scores[c, k] = alignment_terms(detection, chosen[c], config)["score"]
     return variety_summary(readings, scores, chosen)
