@@ -36,10 +36,10 @@ one: they are LoRA parameters of the same layers, so ``fully_shard`` shards them
 replicated copies would need a gather and a scatter per blend and the memory of whole adapters on every rank.
 The EMA is sharded the same way. The slicing, the noise and the sample weights are those of DDP; the
 cross-rank sum is FSDP's own reduce-scatter in each backward (``model_sums_gradients``). Every forward and
-backward of an FSDP model is a collective, so the ranks run in lockstep (:func:`lockstep_plan`): a rank with
-fewer micro-batches in a step runs zero-weight padding micro-batches (on copies of the generators), and a rank
-whose micro-batch has a shorter prefix runs idle no-grad forwards first, so that every rank runs the same
-sequence of forwards and backwards. The checkpoint is written by every rank
+backward of an FSDP model is a collective, so the ranks run in lockstep
+(:func:`astrolabe.rl.lockstep.lockstep_plan`): a rank with fewer micro-batches in a step runs zero-weight padding
+micro-batches (on copies of the generators), and a rank whose micro-batch has a shorter prefix runs idle no-grad
+forwards first, so that every rank runs the same sequence of forwards and backwards. The checkpoint is written by every rank
 (:meth:`TrainingState.save` with ``distributed_checkpoint``): rank 0 writes the PEFT ``lora/`` and
 ``adapters/*.safetensors`` from the gathered adapters (what rollout / evaluate read), and the resumable state
 (every adapter, the EMA, the optimizer) goes through ``torch.distributed.checkpoint`` into ``state/dcp/``,
@@ -91,11 +91,12 @@ from astrolabe.parallel import parallelize, sum_gradients_across_ranks
 from astrolabe.rl.accumulation import accumulate_gradients, shuffled_steps
 from astrolabe.rl.arcopo_semi import SEMI_STATE_SUBDIR
 from astrolabe.rl.arcopo_update import ARCOPO_GENERATORS, OldPolicy, PivotGroupData, arcopo_phase, read_pivot_groups
+from astrolabe.rl.lockstep import idle_forwards, lockstep_plan
 from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.selective_kl import FractionController
 from astrolabe.rl.state import TrainingState
-from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, scene_prefix, train_mode, window_nft_step
+from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, scene_prefix, window_nft_step
 from astrolabe.sampling.scenes import SceneSegment, replay_forwards
 from stages.arcopo_buffer import read_parts
 from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_controller
@@ -302,37 +303,6 @@ def context_passes(cands: list[Candidate], idx: list[int], cfg: RunConfig, strea
         return 0
     head = cands[idx[0]]
     return replay_forwards(list(head.scenes), head.prefix.shape[0] // stream.block_frames)
-
-
-LockstepRun = tuple[list[int], int, bool]  # (micro-batch, idle forwards before it, real: not a zero-weight pad)
-
-
-def lockstep_plan(chunk: list[list[int]], world: int, passes: Callable[[list[int]], int]) -> list[list[LockstepRun]]:
-    """FSDP: what each rank runs at each position of a step, as ``(micro-batch, idle forwards, real)``.
-
-    Every forward and backward of an FSDP2 model is a collective, so every rank must run the same sequence.
-    Rank ``k`` runs its :func:`rank_slice` of ``chunk``, then zero-weight copies of ``chunk[0]`` (``real`` False)
-    up to ``ceil(len(chunk) / world)`` micro-batches; before each, ``idle forwards`` no-grad forwards make its
-    number of no-grad forwards (``passes`` context passes, then the old / ref policies) that of the rank
-    with the longest prefix at that position.
-    """
-    share = -(-len(chunk) // world)
-    runs = [[(chunk[i], True) for i in rank_slice(len(chunk), k, world)] for k in range(world)]
-    runs = [r + [(chunk[0], False)] * (share - len(r)) for r in runs]
-    longest = [max(passes(r[i][0]) for r in runs) for i in range(share)]
-    return [[(idx, longest[i] - passes(idx), real) for i, (idx, real) in enumerate(r)] for r in runs]
-
-
-@torch.no_grad()
-def idle_forwards(model: torch.nn.Module, n: int, window: np.ndarray, context: torch.Tensor, stream: Any) -> None:
-    """``n`` no-grad forwards of one latent block (output dropped), to keep in step with the other FSDP ranks."""
-    if n == 0:
-        return
-    p = next(model.parameters())
-    x = torch.zeros((1, stream.block_frames, *window.shape[1:]), device=p.device, dtype=p.dtype)  # (1, f, C, h, w)
-    with train_mode(model, False):
-        for _ in range(n):
-            model(x, torch.zeros(1, device=p.device), context)
 
 
 def _copy_generator(g: torch.Generator) -> torch.Generator:

@@ -23,6 +23,7 @@ from astrolabe.models.registry import get_base_model
 from astrolabe.models.wan import dit as dit_module
 from astrolabe.models.wan.config import tiny
 from astrolabe.parallel import ParallelConfig, parallelize
+from astrolabe.rl import lockstep
 from astrolabe.rl.accumulation import accumulate_gradients
 from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.state import read_controller_state
@@ -266,11 +267,11 @@ def test_lockstep_plan_pads_ranks_to_the_same_forwards():
     """FSDP: rank 1 holds one micro-batch of a 3-micro-batch step, so it pads with a zero-weight copy of the first;
     at each position the rank with the shorter prefix runs idle forwards up to the longer one's context passes."""
     passes = {0: 2, 1: 0, 2: 1}
-    plan = nft_update.lockstep_plan([[0], [1], [2]], 2, lambda idx: passes[idx[0]])
+    plan = lockstep.lockstep_plan([[0], [1], [2]], 2, lambda idx: passes[idx[0]])
     assert plan == [[([0], 0, True), ([1], 2, True)], [([2], 1, True), ([0], 0, False)]]
     for world in (1, 2, 3, 5):
         for n in (1, 2, 4, 7):
-            plan = nft_update.lockstep_plan([[i] for i in range(n)], world, lambda idx: idx[0] % 3)
+            plan = lockstep.lockstep_plan([[i] for i in range(n)], world, lambda idx: idx[0] % 3)
             assert len({len(r) for r in plan}) == 1  # as many micro-batches on every rank
             for pos in zip(*plan):  # as many no-grad forwards on every rank at every position
                 assert len({idle + idx[0] % 3 for idx, idle, _ in pos}) == 1
