@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from astrolabe.artifacts.atomic import write_json
-from flows.cli_common import JsonOpt, VerboseOpt, console, error, setup_logging, user_errors
+from flows.cli_common import JsonOpt, RootOpt, VerboseOpt, console, error, progress_bar, setup_logging, user_errors
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one run).")
 
@@ -145,3 +145,32 @@ def bench_algorithms(
                       " ".join(f"{s:g}" for s in row.get("merge_scales", [])) or "-")
     result = {"summary": summary, "runs": [{**r.__dict__, "run_path": str(r.run_path)} for r in runs]}
     _bench_output(result, table, json_out)
+
+
+@bench_app.command("noise")
+def bench_noise(
+    run: Annotated[str, typer.Argument(help="Run directory or name (a finished iteration of an NFT run).")],
+    runs_root: RootOpt = None,
+    iteration: Annotated[int, typer.Option("--iteration", help="Which iteration's rollout and labels.")] = 0,
+    draws: Annotated[int, typer.Option("--draws", help="Independent noise draws per setting (>= 2).")] = 4,
+    json_out: JsonOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Agreement of the update's gradients across noise draws: one eps per sample vs one per group."""
+    from rich.table import Table
+
+    from flows.gradient_agreement import NOISE_MODES, gradient_agreement
+    from flows.run import resolve_run_path
+
+    setup_logging(verbose)
+    with user_errors(), progress_bar() as progress:
+        path = resolve_run_path(run, runs_root)
+        tasks = {m: progress.add_task(f"gradients, rl.update.noise_per={m}", total=draws) for m in NOISE_MODES}
+        result = gradient_agreement(path, iteration, draws,
+                                    lambda mode, done, _: progress.update(tasks[mode], completed=done))  # fmt: skip
+    table = Table("rl.update.noise_per", "micro_batch_size", "agreement (mean cos)", "grad norm")
+    for mode in NOISE_MODES:
+        r = result[mode]
+        table.add_row(mode, str(r["micro_batch_size"]), f"{r['agreement']:.3f}", f"{r['grad_norm']:.3g}")
+    _bench_output(result, table, json_out)
+    console.print(f"agreement ratio (shared / per sample): {result['agreement_ratio']:.2f}")

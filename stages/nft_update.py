@@ -110,6 +110,8 @@ GENERATORS = ("sigma", "noise", "shuffle")
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
     subset = {"model": config_to_dict(cfg.model), "rl": config_to_dict(cfg.rl),
               "parallel": config_to_dict(cfg.parallel)}
+    if cfg.rl.update.noise_per == "sample":  # the release's noise, and the keys of runs made before the option
+        del subset["rl"]["update"]["noise_per"]
     if cfg.rl.algorithm == "arcopo":  # NFT keys stay unchanged
         subset["arcopo"] = cfg.arcopo.model_dump(mode="json", exclude={"merge"})
     return subset
@@ -266,7 +268,8 @@ def skip_noise(cands: list[Candidate], idx: list[int], dtype: torch.dtype, strea
                gens: Mapping[str, torch.Generator], shift: float) -> None:  # fmt: skip
     """Advance the sigma / noise generators exactly as training the micro-batch ``idx`` would (another rank does)."""
     x0 = torch.zeros((len(idx), *cands[idx[0]].window.shape), dtype=dtype)  # (B, W, C, h, w)
-    draw_training_noise(x0, stream, cfg.rl.nft, gens["sigma"], gens["noise"], cfg.rl.update.sigma_per, shift)
+    draw_training_noise(x0, stream, cfg.rl.nft, gens["sigma"], gens["noise"], cfg.rl.update.sigma_per, shift,
+                        cfg.rl.update.noise_per)
 
 
 def _gathered_means(sums: Mapping[str, list[tuple[int, float]]]) -> dict[str, float]:

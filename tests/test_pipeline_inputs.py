@@ -300,3 +300,30 @@ def test_eval_margins_are_in_units_of_the_baseline_std():
     assert eval_cell(0.7, 2.0) == "0.7000 (+2.00 sd)"
     assert eval_margins({k: v | {"n": 2} for k, v in evals.items()}) == {}  # too few videos for std units
     assert eval_cell(None, None) == "-"
+
+
+# ----------------------------------------------------------------------------------- bench noise
+
+
+def test_bench_noise_measures_both_noise_settings_on_a_run_without_touching_it(ref, base, invoke, tmp_path):
+    import json
+
+    before = ph.created(ref)
+    out = tmp_path / "noise.json"
+    res = invoke("bench", "noise", ref, "--iteration", "1", "--draws", "2", "--json", out)
+    assert res.exit_code == 0, res.output
+    got = json.loads(out.read_text())
+    cfg = load_run_config(ref)
+    assert got["iteration"] == 1 and got["draws"] == 2
+    assert got["sample"]["micro_batch_size"] == cfg.rl.micro_batch_size
+    assert got["micro_batch"]["micro_batch_size"] == max(cfg.rl.micro_batch_size, cfg.rollout.group_size)
+    for mode in ("sample", "micro_batch"):
+        assert -1.0 <= got[mode]["agreement"] <= 1.0 and got[mode]["grad_norm"] > 0
+    assert got["agreement_ratio"] == pytest.approx(got["micro_batch"]["agreement"] / got["sample"]["agreement"])
+    assert "agreement ratio" in res.output and "micro_batch" in res.output
+    assert ph.created(ref) == before  # measured, nothing written into the run
+
+    missing = invoke("bench", "noise", ref, "--iteration", "7")
+    assert missing.exit_code == 2 and "iteration 7" in flat(missing.output) and "astrolabe status" in flat(missing.output)
+    one = invoke("bench", "noise", ref, "--draws", "1")
+    assert one.exit_code == 2 and "at least 2" in flat(one.output)

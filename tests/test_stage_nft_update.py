@@ -391,3 +391,24 @@ def test_scene_records_replay_the_rollouts_prompt_switches(tmp_path):
             assert torch.allclose(a.k[:1], b.k, atol=1e-6) and torch.allclose(a.v[-1:], b.v, atol=1e-6)
     m = execute(nft_update, cfg, run, {"rollout": r, "labels": labels}, 0)
     assert m.counts["trained"] == 4 and math.isfinite(m.metrics["loss/total"])
+
+
+@pytest.mark.parametrize("noise_per", ["sample", "micro_batch"])
+def test_skip_noise_advances_the_generators_as_training_the_micro_batch_would(noise_per):
+    """A rank skips the other ranks' micro-batches with skip_noise; its generators must then be where the
+    single process's are after drawing those micro-batches' noise, for either rl.update.noise_per."""
+    from astrolabe.build import stream_config
+    from astrolabe.rl.streaming_update import draw_training_noise
+
+    cfg = load_config(Path("configs/tiny.yaml"), [f"rl.update.noise_per={noise_per}"])
+    base = get_base_model(cfg.model.base)
+    stream = stream_config(cfg.model, base)
+    window = np.zeros((3, 16, 4, 4), np.float32)
+    cands = [nft_update.Candidate(f"k{i}", "g", "p", window[:0], window, 0.5, False) for i in range(3)]
+    gens = {"sigma": torch.Generator().manual_seed(1), "noise": torch.Generator().manual_seed(2)}
+    nft_update.skip_noise(cands, [0, 1, 2], torch.float32, stream, cfg, gens, base.flow_shift)
+    sigma_g, noise_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    draw_training_noise(torch.ones(3, *window.shape), stream, cfg.rl.nft, sigma_g, noise_g, cfg.rl.update.sigma_per,
+                        base.flow_shift, noise_per)  # fmt: skip
+    assert torch.equal(gens["sigma"].get_state(), sigma_g.get_state())
+    assert torch.equal(gens["noise"].get_state(), noise_g.get_state())

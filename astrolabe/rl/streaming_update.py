@@ -8,7 +8,8 @@ rollout of ``P + W`` latent frames the update trains only the ``W`` window frame
    at the branch point (:func:`build_prefix_cache`). The cache is detached: no gradient flows through
    history, and its size is bounded by the attention window, so memory is constant in ``P``.
 2. One training noise level per micro-batch (or per sample), ``sigma ~ NFTConfig.train_sigmas``, and
-   ``x_t = (1 - sigma) * x0_win + sigma * eps`` with ``eps ~ N(0, I)`` from an explicit generator.
+   ``x_t = (1 - sigma) * x0_win + sigma * eps`` with ``eps ~ N(0, I)`` from an explicit generator: one draw
+   per sample (the release), or one draw shared by the micro-batch (``noise_per="micro_batch"``; below).
 3. The window forward (:func:`window_predictions`): all ``W`` frames at timestep ``t = 1000 * sigma``, block
    causal inside the window, attending to the cached prefix keys/values. It is *read-only* on the cache, so
    one cache serves the current (with grad), old and reference (without grad) forwards. The flow output
@@ -27,6 +28,18 @@ keys/values* (``StreamingUpdateConfig.cache_policy``):
 Whole-clip mode (:func:`clip_predictions`) is the release's update done right: no prefix, every frame
 noised, one non-cached forward with the *block*-causal mask (``block_frames = 3``; the release trained
 frame-causally by accident, reference 10.2, reproducible with ``clip_mask="release_frame_causal"``).
+
+Shared noise (``StreamingUpdateConfig.noise_per="micro_batch"``). At the old policy the NFT gradient of a
+micro-batch is ``g = sum_i (2 r_i - 1) * beta * J_i^T (v_old(x_t^i) - v*_i)`` (up to the loss's weighting):
+each sample pulls toward or away from its own target by its optimality ``r_i``. A micro-batch holds
+candidates of one group, whose ``2 r_i - 1`` sum to about 0 (advantages are centred per group; only clipping
+breaks it). With one ``(sigma, eps)`` for the whole micro-batch, the part of the residual
+``v_old(x_t^i) - v*_i`` that the group's samples share (the part due to ``eps``, large when the samples are
+alike) cancels in that sum. What is left is the part due to the samples' differences, which is what the
+rewards rank. Each sample's ``(sigma, eps)`` is still ``N(0, I)``-distributed, so the expected gradient is
+unchanged; only its variance drops. The variance drops most when ``rl.micro_batch_size`` is at least the
+group size, so that the whole group shares one draw. ``astrolabe bench noise`` measures the effect on a
+run: the agreement (cosine) of gradients from independent noise draws.
 
 Policies. A policy is selected either by a context manager factory run around ``model(...)`` (e.g.
 ``lambda: policy_set.use("old")`` over peft adapters) or by a separate module (e.g. a frozen copy), keyed
@@ -73,6 +86,12 @@ class StreamingUpdateConfig(Frozen):
     )
     sigma_per: Literal["micro_batch", "sample"] = Field(
         "micro_batch", description="One training sigma per micro-batch (release) or one per sample."
+    )
+    noise_per: Literal["sample", "micro_batch"] = Field(
+        "sample",
+        description="One training noise draw per sample (release) or one shared by the micro-batch's candidates "
+        "of one group: an unbiased, lower-variance gradient (module docstring; set rl.micro_batch_size >= "
+        "rollout.group_size so the whole group shares it).",
     )
     clip_mask: Literal["block_causal", "release_frame_causal"] = Field(
         "block_causal",
@@ -304,11 +323,13 @@ def draw_training_noise(
     noise_generator: torch.Generator,
     sigma_per: str = "micro_batch",
     shift: float | None = None,
+    noise_per: str = "sample",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training sigma (B,) float64 and noise eps (like x0) from explicit generators.
 
     Sigma is drawn from the rollout's sigmas as ``nft_cfg.train_sigmas`` says (``shift`` only for
-    ``"release_unwarped"``); ``eps`` is drawn on the noise generator's device.
+    ``"release_unwarped"``); ``eps`` is drawn on the noise generator's device, one draw per sample
+    (``noise_per="sample"``) or one (1, W, C, h, w) draw repeated over the batch (``"micro_batch"``).
     """
     b = x0.shape[0]
     if sigma_per == "micro_batch":
@@ -317,7 +338,11 @@ def draw_training_noise(
         sig = sample_train_sigmas(nft_cfg, stream.steps.sigmas, sigma_generator, b, shift=shift)
     else:
         raise ValueError(f"sigma_per={sigma_per!r}; use 'micro_batch' or 'sample'")
-    eps = torch.randn(x0.shape, generator=noise_generator, device=noise_generator.device, dtype=x0.dtype)
+    if noise_per not in ("sample", "micro_batch"):
+        raise ValueError(f"noise_per={noise_per!r}; use 'sample' or 'micro_batch'")
+    shape = x0.shape if noise_per == "sample" else (1, *x0.shape[1:])
+    eps = torch.randn(shape, generator=noise_generator, device=noise_generator.device, dtype=x0.dtype)
+    eps = eps.expand(x0.shape).contiguous()  # (B, W, C, h, w)
     return sig.to(x0.device), eps.to(x0.device)
 
 
@@ -427,7 +452,7 @@ def window_nft_step(
     cfg = cfg or StreamingUpdateConfig()
     _check_policies(policies)
     sigma, eps = draw_training_noise(
-        batch.window_x0, stream, nft_cfg, sigma_generator, noise_generator, cfg.sigma_per, shift
+        batch.window_x0, stream, nft_cfg, sigma_generator, noise_generator, cfg.sigma_per, shift, cfg.noise_per
     )
     if cfg.mode == "window":
         with _under(policies[cfg.cache_policy], model) as m, train_mode(m, False):
