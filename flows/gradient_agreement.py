@@ -27,9 +27,10 @@ import torch
 
 from astrolabe.artifacts.stagedir import find_current
 from astrolabe.build import build_dit, stream_config
-from astrolabe.config import ConfigError, RunConfig, config_to_dict, config_from_dict, load_config
+from astrolabe.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from astrolabe.models.registry import get_base_model
 from astrolabe.rl.optim import StepStats
+from flows.run import load_run_config
 from stages import nft_update
 
 __all__ = ["NOISE_MODES", "agreement", "gradient_agreement", "gradient_draws"]
@@ -50,8 +51,7 @@ def _variant(cfg: RunConfig, noise_per: str) -> RunConfig:
     data = config_to_dict(cfg)
     rl = data["rl"]
     rl["epochs"], rl["update"]["noise_per"] = 1, noise_per
-    groups = max(1, cfg.rollout.prompts_per_iteration)
-    rl["accumulation_steps"] = groups * cfg.rollout.group_size  # more than the micro-batches: one step
+    rl["accumulation_steps"] = max(1, cfg.rollout.prompts_per_iteration) * cfg.rollout.group_size  # one step a pass
     if noise_per == "micro_batch":
         rl["micro_batch_size"] = max(cfg.rl.micro_batch_size, cfg.rollout.group_size)
     return config_from_dict(data, source=f"bench noise ({noise_per})")
@@ -81,23 +81,25 @@ def gradient_draws(cfg: RunConfig, inputs: dict[str, Path], iteration: int, draw
     contexts = nft_update.encode_prompts(cfg, [c.prompt for c in cands] + [s.prompt for c in cands for s in c.scenes])
     state = nft_update.build_training_state(cfg, build_dit(cfg.model, base))
     nft_update.restore_or_start(cfg, state, inputs.get("checkpoint"), iteration)
-    captured: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []  # the accumulated gradient of each "optimizer step" of the current pass
 
-    def capture() -> StepStats:  # replaces the optimizer step: keep the gradient, leave the weights
-        captured.append(torch.cat([p.grad.flatten() for p in state.params if p.grad is not None]).double())
+    def keep_gradient() -> StepStats:  # stands in for the optimizer step: the weights never move
+        steps.append(torch.cat([p.grad.flatten() for p in state.params if p.grad is not None]).double())
         state.optimizer.zero_grad(set_to_none=True)
-        return StepStats(step=state.step, grad_norm=float(captured[-1].norm()), lr=0.0, ema_decay=None,
-                                    skipped=False)  # fmt: skip
+        return StepStats(step=state.step, grad_norm=float(steps[-1].norm()), lr=0.0, ema_decay=None, skipped=False)
 
-    state.optimizer_step = capture
+    state.optimizer_step = keep_gradient
     stream = stream_config(cfg.model, base)
+    grads = []
     for k in range(draws):
         state.generators["sigma"].manual_seed(k)
         state.generators["noise"].manual_seed(10_000 + k)
+        steps.clear()
         nft_update.train_phase(cfg, state, cands, contexts, stream, base.flow_shift)
+        grads.append(torch.stack(steps).sum(dim=0))  # (P,): the whole pass, however it was cut into steps
         if progress is not None:
             progress(k + 1, draws)
-    return captured
+    return grads
 
 
 def gradient_agreement(run: Path, iteration: int = 0, draws: int = 4,
@@ -106,7 +108,7 @@ def gradient_agreement(run: Path, iteration: int = 0, draws: int = 4,
     docstring); ``progress(mode, done, draws)``."""
     if draws < 2:
         raise ConfigError(f"--draws {draws}: the agreement compares draws; use at least 2 (e.g. 4)")
-    cfg = load_config(Path(run) / "config.yaml")
+    cfg = load_run_config(Path(run))
     if cfg.rl.algorithm != "nft":
         raise ConfigError(f"run {run} trains with rl.algorithm={cfg.rl.algorithm!r}; the noise bench measures the NFT update")
     inputs = _inputs(Path(run), iteration)
