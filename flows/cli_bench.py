@@ -173,4 +173,6 @@ def bench_noise(
         r = result[mode]
         table.add_row(mode, str(r["micro_batch_size"]), f"{r['agreement']:.3f}", f"{r['grad_norm']:.3g}")
     _bench_output(result, table, json_out)
-    console.print(f"agreement ratio (shared / per sample): {result['agreement_ratio']:.2f}")
+    ratio = result["agreement_ratio"]
+    console.print(f"agreement ratio (shared / per sample): {ratio:.2f}" if ratio == ratio else
+                  "agreement ratio: n/a (the per-sample gradients do not agree at all: they are noise)")  # fmt: skip

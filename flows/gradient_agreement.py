@@ -11,7 +11,8 @@ compared on the same data:
 
 Per setting: ``agreement`` = mean pairwise cosine of the ``draws`` gradients (1 = the noise draw does not
 matter, 0 = the gradient is noise) and ``grad_norm`` = their mean norm. ``agreement_ratio`` =
-shared / per-sample agreement, measured in one run. Both settings have the same expected gradient; a higher
+shared / per-sample agreement, measured in one run (NaN when the per-sample agreement is not positive: then
+every per-sample gradient is noise, and a ratio means nothing). Both settings have the same expected gradient; a higher
 agreement means less of each step is noise.
 """
 
@@ -119,5 +120,6 @@ def gradient_agreement(run: Path, iteration: int = 0, draws: int = 4,
                                None if progress is None else lambda d, n, m=mode: progress(m, d, n))  # fmt: skip
         out[mode] = {"agreement": agreement(grads), "grad_norm": sum(float(g.norm()) for g in grads) / len(grads),
                      "micro_batch_size": variant.rl.micro_batch_size}  # fmt: skip
-    out["agreement_ratio"] = out["micro_batch"]["agreement"] / out["sample"]["agreement"]
+    alone = out["sample"]["agreement"]
+    out["agreement_ratio"] = out["micro_batch"]["agreement"] / alone if alone > 0 else math.nan
     return out

@@ -4,6 +4,7 @@ and ``astrolabe status``, on copies of the small reference run (tests/pipeline_h
 from __future__ import annotations
 
 import errno
+import math
 import re
 from typing import ClassVar
 
@@ -319,7 +320,10 @@ def test_bench_noise_measures_both_noise_settings_on_a_run_without_touching_it(r
     assert got["micro_batch"]["micro_batch_size"] == max(cfg.rl.micro_batch_size, cfg.rollout.group_size)
     for mode in ("sample", "micro_batch"):
         assert -1.0 <= got[mode]["agreement"] <= 1.0 and got[mode]["grad_norm"] > 0
-    assert got["agreement_ratio"] == pytest.approx(got["micro_batch"]["agreement"] / got["sample"]["agreement"])
+    shared, alone = got["micro_batch"]["agreement"], got["sample"]["agreement"]
+    assert got["agreement_ratio"] == pytest.approx(shared / alone) if alone > 0 else math.isnan(got["agreement_ratio"])
+    # the shared draw really reached the update: its noise part cancels (measured 0.0011 against 0.0020)
+    assert got["micro_batch"]["grad_norm"] < 0.8 * got["sample"]["grad_norm"]
     assert "agreement ratio" in res.output and "micro_batch" in res.output
     assert ph.created(ref) == before  # measured, nothing written into the run
 
