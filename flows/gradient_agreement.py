@@ -31,6 +31,7 @@ from astrolabe.build import build_dit, stream_config
 from astrolabe.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from astrolabe.models.registry import get_base_model
 from astrolabe.rl.optim import StepStats
+from astrolabe.rl.update_states import build_training_state
 from flows.run import load_run_config
 from stages import nft_update
 
@@ -80,7 +81,7 @@ def gradient_draws(cfg: RunConfig, inputs: dict[str, Path], iteration: int, draw
         raise ConfigError(f"{inputs['labels']} has no trainable sample (every r is NaN); rerun its score stage")
     base = get_base_model(cfg.model.base)
     contexts = nft_update.encode_prompts(cfg, [c.prompt for c in cands] + [s.prompt for c in cands for s in c.scenes])
-    state = nft_update.build_training_state(cfg, build_dit(cfg.model, base))
+    state = build_training_state(cfg.rl, build_dit(cfg.model, base))
     nft_update.restore_or_start(cfg, state, inputs.get("checkpoint"), iteration)
     steps: list[torch.Tensor] = []  # the accumulated gradient of each "optimizer step" of the current pass
 

@@ -54,7 +54,8 @@ With ``rl.algorithm: arcopo`` the stage runs :func:`run_arcopo` instead: the AR-
 ``arcopo.semi`` set and the ``buffer`` input (the :mod:`stages.arcopo_buffer` output), the semi-on-policy
 adapter in ``state_semi/``, trained on ``arcopo.semi.groups_per_iteration`` buffer groups drawn by its
 ``buffer`` generator. ``state/``'s ``old`` adapter is the trained one after the phase (the next rollout's
-sampling policy). Under torchrun both adapters train sliced like NFT: every rank holds the same groups, state and
+sampling policy; the states are built, trained and saved by :mod:`astrolabe.rl.update_states`). Under torchrun both
+adapters train sliced like NFT: every rank holds the same groups, state and
 generators, trains its share of each optimizer step's (group, denoising step) micro-batches, and the
 sample-weighted gradients are summed across ranks (:mod:`astrolabe.rl.arcopo_update`); rank 0 writes the states.
 
@@ -71,7 +72,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,12 @@ from astrolabe.models.registry import get_base_model
 from astrolabe.parallel import parallelize, sum_gradients_across_ranks
 from astrolabe.rl.accumulation import accumulate_gradients, shuffled_steps
 from astrolabe.rl.arcopo_semi import SEMI_STATE_SUBDIR
-from astrolabe.rl.arcopo_update import ARCOPO_GENERATORS, OldPolicy, PivotGroupData, arcopo_phase, read_pivot_groups
+from astrolabe.rl.arcopo_update import PivotGroupData, read_pivot_groups
 from astrolabe.rl.lockstep import idle_forwards, lockstep_plan
-from astrolabe.rl.policies import PolicyConfig, PolicySet
 from astrolabe.rl.rng import CheckpointError
-from astrolabe.rl.selective_kl import FractionController
 from astrolabe.rl.state import TrainingState
 from astrolabe.rl.streaming_update import WindowBatch, draw_training_noise, scene_prefix, window_nft_step
+from astrolabe.rl.update_states import build_training_state, train_arcopo_adapter
 from astrolabe.sampling.scenes import SceneSegment, replay_forwards
 from stages.arcopo_buffer import read_parts
 from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_controller
@@ -104,7 +104,6 @@ from stages.label_uncertainty import CONTROLLER_FILE, LABELS_FILE, read_handed_c
 log = logging.getLogger(__name__)
 
 STATE_SUBDIR = "state"
-GENERATORS = ("sigma", "noise", "shuffle")
 
 
 def _config_subset(cfg: RunConfig) -> dict[str, Any]:
@@ -208,19 +207,6 @@ def make_batch(cands: list[Candidate], idx: list[int], contexts: Mapping[str, to
 
 
 # ----------------------------------------------------------------------------------- state
-
-
-def build_training_state(cfg: RunConfig, dit: torch.nn.Module) -> TrainingState:
-    """Fresh policies (LoRA from ``rl.lora_seed``) and optimizer with the update's generators registered."""
-    rl = cfg.rl
-    policy_cfg = PolicyConfig(averaging=rl.averaging, ema_start_step=rl.ema_start_step, reference=rl.reference,
-                              refresh=rl.reference_refresh)
-    policies = PolicySet.build(dit, rl.lora, policy_cfg, generator=torch.Generator().manual_seed(rl.lora_seed))
-    controller = FractionController(rl.selective_kl) if rl.selective_kl is not None else None
-    state = TrainingState(policies, rl.optim, controller)
-    for i, name in enumerate(GENERATORS):
-        state.register_generator(name, torch.Generator().manual_seed(rl.lora_seed + 1 + i))
-    return state
 
 
 def restore_or_start(cfg: RunConfig, state: TrainingState, checkpoint: Path | None, iteration: int) -> None:
@@ -427,50 +413,6 @@ def read_buffer(buffer: Path) -> list[PivotGroupData]:
     return groups
 
 
-def build_arcopo_state(cfg: RunConfig, checkpoint: Path | None, iteration: int,
-                       extra_generators: Sequence[str] = ()) -> TrainingState:  # fmt: skip
-    """One AR-CoPO adapter's training state: fresh (iteration 0) or restored from ``checkpoint``, with the update's
-    generators (:data:`ARCOPO_GENERATORS` and ``extra_generators``) registered."""
-    base = get_base_model(cfg.model.base)
-    state = build_training_state(cfg, build_dit(cfg.model, base))
-    for i, name in enumerate((*ARCOPO_GENERATORS, *extra_generators)):
-        if name not in state.generators:
-            state.register_generator(name, torch.Generator().manual_seed(cfg.rl.lora_seed + 101 + i))
-    if checkpoint is not None:
-        state.load(checkpoint)
-    elif iteration > 0:
-        raise FileNotFoundError(f"nft_update (arcopo) at iteration {iteration} needs inputs['checkpoint']")
-    return state
-
-
-def arcopo_adapter_phase(cfg: RunConfig, state: TrainingState, groups: Sequence[PivotGroupData],
-                         contexts: Mapping[str, torch.Tensor], iteration: int, old_policy: OldPolicy,
-                         pick: int | None = None) -> dict[str, float]:  # fmt: skip
-    """One iteration of one adapter on ``state`` (every rank, the same arguments); ``pick``: train on that many
-    groups drawn without replacement by the state's ``buffer`` generator."""
-    if pick is not None:
-        order = torch.randperm(len(groups), generator=state.generators["buffer"]).tolist()
-        groups = [groups[i] for i in order[: min(pick, len(groups))]]
-    metrics = arcopo_phase(state, groups, contexts, stream_config(cfg.model, get_base_model(cfg.model.base)),
-                           cfg.arcopo, epochs=cfg.rl.epochs, accumulation_steps=cfg.rl.accumulation_steps,
-                           old_policy=old_policy, parallel=cfg.parallel)
-    state.extra = {"iteration": iteration, "trained_groups": len(groups), "old_policy": old_policy}
-    return metrics
-
-
-def train_arcopo_adapter(cfg: RunConfig, groups: Sequence[PivotGroupData], contexts: Mapping[str, torch.Tensor],
-                         checkpoint: Path | None, out: Path, iteration: int, old_policy: OldPolicy,
-                         extra_generators: Sequence[str] = (), pick: int | None = None,
-                         ) -> dict[str, float]:  # fmt: skip
-    """Build (or restore from ``checkpoint``) one adapter's training state, run a phase
-    (:func:`arcopo_adapter_phase`), and save it to ``out`` (rank 0; every rank holds the same state)."""
-    state = build_arcopo_state(cfg, checkpoint, iteration, extra_generators)
-    metrics = arcopo_adapter_phase(cfg, state, groups, contexts, iteration, old_policy, pick)
-    if dist_rank_world()[0] == 0:
-        state.save(out)
-    return metrics
-
-
 def run_arcopo(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: int) -> StageResult:
     """The stage with ``rl.algorithm: arcopo`` (module docstring). Under torchrun every rank reads the same groups
     and trains its share of every optimizer step (:func:`astrolabe.rl.arcopo_update.arcopo_phase`); rank 0 writes
@@ -530,7 +472,7 @@ def run(cfg: RunConfig, inputs: Mapping[str, Path], out_dir: Path, iteration: in
     base = get_base_model(cfg.model.base)
     contexts = encode_prompts(cfg, [c.prompt for c in cands] + [seg.prompt for c in cands for seg in c.scenes])
     dit = build_dit(cfg.model, base)
-    state = build_training_state(cfg, dit)
+    state = build_training_state(cfg.rl, dit)
     model = shard_state(cfg, state) if cfg.parallel.strategy == "fsdp" else None  # before loading into the shards
     ckpt = inputs.get("checkpoint")
     restore_or_start(cfg, state, Path(ckpt) if ckpt is not None else None, iteration)

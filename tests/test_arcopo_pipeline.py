@@ -22,6 +22,7 @@ from astrolabe.config import load_config
 from astrolabe.build import stream_config
 from astrolabe.models.registry import get_base_model
 from astrolabe.rl.arcopo_semi import choose_merge_scale, lora_delta_scaled
+from astrolabe.rl import update_states
 from astrolabe.rl.arcopo_update import accumulate_groups
 from astrolabe.sampling.noise_tape import BranchTapeSeeds
 from stages import arcopo_buffer, filter_prompts, label_uncertainty, nft_update, rollout, score
@@ -118,9 +119,10 @@ def test_first_update_step_has_ratio_exactly_one_and_later_steps_move(chain):
     groups, _ = read_labelled_groups(r, lab)
     base = get_base_model(cfg.model.base)
     from astrolabe.build import build_dit
-    from stages.nft_update import build_training_state, encode_prompts
+    from astrolabe.rl.update_states import build_training_state
+    from stages.nft_update import encode_prompts
 
-    state = build_training_state(cfg, build_dit(cfg.model, base))
+    state = build_training_state(cfg.rl, build_dit(cfg.model, base))
     state.register_generator("anchors", torch.Generator().manual_seed(0))
     ctx = encode_prompts(cfg, [g.prompt for g in groups])
     stream = stream_config(cfg.model, base)
@@ -172,13 +174,13 @@ def test_update_resumed_after_an_iteration_equals_the_uninterrupted_run(chain, t
     ctx = nft_update.encode_prompts(cfg, [g.prompt for g in groups])
     extra, pick = ((), None) if old_policy == "old" else (("buffer",), 1)
     # uninterrupted: one state in memory through iterations 0 and 1
-    state = nft_update.build_arcopo_state(cfg, None, 0, extra)
+    state = update_states.build_arcopo_state(cfg, None, 0, extra)
     for it in (0, 1):
-        nft_update.arcopo_adapter_phase(cfg, state, groups, ctx, it, old_policy, pick)
+        update_states.arcopo_adapter_phase(cfg, state, groups, ctx, it, old_policy, pick)
     state.save(tmp_path / "uninterrupted")
     # interrupted after iteration 0's update: the stage saves it; iteration 1 restores it into a fresh state
-    nft_update.train_arcopo_adapter(cfg, groups, ctx, None, tmp_path / "it0", 0, old_policy, extra, pick)
-    nft_update.train_arcopo_adapter(cfg, groups, ctx, tmp_path / "it0", tmp_path / "it1", 1, old_policy, extra, pick)
+    update_states.train_arcopo_adapter(cfg, groups, ctx, None, tmp_path / "it0", 0, old_policy, extra, pick)
+    update_states.train_arcopo_adapter(cfg, groups, ctx, tmp_path / "it0", tmp_path / "it1", 1, old_policy, extra, pick)
     a, b = _adapter_files(tmp_path / "uninterrupted"), _adapter_files(tmp_path / "it1")
     assert a.keys() == b.keys() and a == b, "the adapters differ (byte for byte)"
     o1, o2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=False)["optimizer"] for d in ("uninterrupted", "it1"))

@@ -27,6 +27,7 @@ from astrolabe.rl import lockstep
 from astrolabe.rl.accumulation import accumulate_gradients
 from astrolabe.rl.rng import CheckpointError
 from astrolabe.rl.state import read_controller_state
+from astrolabe.rl.update_states import build_training_state
 from stages import filter_prompts, label_uncertainty, nft_update, rollout, score
 from astrolabe.artifacts.engine import execute
 from astrolabe.artifacts.plan import build_plan, eval_points, plan_status
@@ -175,7 +176,7 @@ def _loaded_state_tensors(cfg, state: Path) -> dict[str, torch.Tensor]:
     """:func:`_state_tensors` of a checkpoint as a fresh state loads it in this process (a DCP one resharded to one
     rank, no process group): the live adapters and EMA, the optimizer state in parameter order, the generators."""
     base = get_base_model(cfg.model.base)
-    st = nft_update.build_training_state(cfg, build_dit(cfg.model, base))
+    st = build_training_state(cfg.rl, build_dit(cfg.model, base))
     st.load(state)
     out = {f"lora/adapter_model.safetensors:{k}": v for k, v in st.policies.tensors("default").items()}
     for name in st.policies.stored_policies():
