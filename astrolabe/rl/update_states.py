@@ -5,7 +5,8 @@ optimizer, the selective-KL controller and the named generators of the update. T
 offsets of ``rl.lora_seed``, so every rank (and a resumed run) builds the same streams:
 
     NFT       sigma, noise, shuffle                  lora_seed + 1, + 2, + 3
-    AR-CoPO   those, then ARCOPO_GENERATORS, extra   lora_seed + 101 + i (i-th name not already registered)
+    AR-CoPO   those, then ARCOPO_GENERATORS, extra   lora_seed + 101 + i, i the name's index in that list
+                                                     (a name already registered keeps its stream)
 
 AR-CoPO trains one adapter per state: the on-policy one (``old_policy="old"``) and, with ``arcopo.semi``, the
 semi-on-policy one (``old_policy="ref"``, trained on ``pick`` groups of the replay buffer drawn without
