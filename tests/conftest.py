@@ -21,10 +21,11 @@ torch.set_num_threads(1)  # tiny models: thread overhead dominates
 
 # pytest-xdist (`-n 2 --dist loadfile`, as CI runs): each test file runs whole on one worker, so its module and
 # pipeline fixtures are built once per worker. (`loadgroup` marks do not group under pytest 9.2 + xdist 3.8: the
-# group suffix xdist writes into `item._nodeid` is not what `item.nodeid` returns.) The world build (~4 min) is
+# group suffix xdist writes into `item._nodeid` is not what `item.nodeid` returns.) The world build (~5-7 min) is
 # shared across workers through a locked directory (`default_world_model`); the file of the pretrained model's tests
 # goes first (its worker builds the world), the file of the RL learning tests (which reuse it) by the middle.
 _WORLD_FILES = ("test_world_model.py", "test_world_learning.py")
+WORLD_TIMEOUT_S = 1200  # per test that needs the default world model (the suite's --timeout is 600)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,6 +33,9 @@ def pytest_collection_modifyitems(config, items):
     first_half = set(others[: len(others) // 2])
     rank = {"test_world_model.py": 0, "test_world_learning.py": 2, **{n: 1 if n in first_half else 3 for n in others}}
     items.sort(key=lambda item: rank[item.path.name])  # stable: the order inside each file is kept
+    for item in items:  # the first of them builds the world model (about 400 s on 1 busy core), the others wait on it
+        if "default_world_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(WORLD_TIMEOUT_S))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

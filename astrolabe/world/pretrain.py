@@ -28,13 +28,17 @@ objective (recipe knobs, measured):
 * prefix noise: the clean prefix is replaced by ``(1 - l) x0 + l eps``, ``l ~ U(0, prefix_noise)`` per sample,
   still at the context timestep: the sampler's prefix is its own imperfect output, not ground truth.
 
-Measured (default recipe, ``astrolabe world build`` on 2 idle cores: 3 min 17 s wall, 366 s CPU, 0.7 GB peak
-RSS; chance colour 1/6, shape 1/3, direction 1/5, speed 1/2, background 1/6): on 96 held-out captions colour
-0.91, shape 0.38, direction 0.38, speed 0.13, background 1.0, every attribute right 0.10; on all 165 held-out
-captions colour 0.91, shape 0.32, direction 0.40; on every 5th train caption direction 0.50. The motion comes in
-late and fast: the same recipe (one thread) gave direction 0.12 after 450 steps, 0.55 after 800 and 0.97 after
-1200 (speed 0.89), so 800 steps is the "clearly above chance, far from perfect" point. Shape stays near chance
-(the 8x8-cell latents keep too little of it).
+Measured (chance colour 1/6, shape 1/3, direction 1/5, speed 1/2, background 1/6; 96 held-out captions). The
+motion comes in late and fast, and *when* depends on the float summation order: on one machine (2026-12-01) one
+intra-op thread gave direction 0.12 / 0.20 / 0.38 / 0.49 / 0.70 / 0.80 / 0.94 after 700 / 800 / ... / 1300 steps,
+two threads 0.12 / 0.33 / 0.38 / 0.45 / 0.79 / 0.91 / 0.95; an earlier machine (one thread) gave 0.55 after 800
+and 0.97 after 1200. An 800-step build (the default until then) was therefore at chance on one machine and at 0.55
+on another. 1000 steps keeps direction clearly above chance and short of perfect on all three (0.45-0.49 here,
+about 0.85 on the earlier machine, by interpolation), with colour 0.93-0.94, shape 0.37-0.38, speed 0.09-0.17,
+background 1.0 and every attribute right 0.10-0.14. ``astrolabe world build`` of 1000 steps: about 5 minutes on
+2 idle cores (the 800-step build took 3 min 17 s to 4 min 16 s). Shape stays near chance (the 8x8-cell latents
+keep too little of it). The RL measurements in ``configs/tiny-world.yaml`` and its derived configs were made on
+800-step builds.
 
 Two parts make the motion. **Learned absolute positions**: a DiT that starts a block from pure noise, with only
 relative RoPE, has no systematic way to put the object where the caption's track begins; its x0 prediction at
@@ -126,7 +130,8 @@ class WorldModelRecipe(Frozen):
     """Everything that determines the pretrained world model (its cache key)."""
 
     wan_size: str = Field("tiny_world", description="DiT size builder (models.wan.config).")
-    steps: int = Field(800, ge=0, description="Optimizer steps (few on purpose: above chance, far from perfect).")
+    steps: int = Field(1000, ge=0, description="Optimizer steps (few on purpose: above chance, far from perfect; "
+                       "the module docstring says why 1000).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
