@@ -12,9 +12,10 @@ difference of the two means (the seed-to-seed noise of a 16- and a 96-video mean
 Measured (2 cores, one run about 60-80 s) on the 800-step build of earlier sessions: run seeds 0 / 1 / 2 moved the
 caption's alignment from 0.886 / 0.907 / 0.876 to 0.949 / 0.959 / 0.980 (standard error of the difference about
 0.008); with the advantage sign flipped (seed 0) it fell to 0.736. On the 1000-step default build (1 thread, as the
-suite builds it; 2026-12-01): seed 0 0.870 -> 0.944 (standard error 0.014), and the flipped run passes too. What RL does not do yet on the world is raise the *held-out* captions' alignment with a
-multi-caption run: the world model's samples of one caption are nearly identical, so each train caption moves
-alone (``configs/tiny-world.yaml``).
+suite builds it; 2026-12-01): seed 0 0.870 -> 0.944 (standard error 0.014), and the flipped run passes too. What
+RL does not do yet on the world is raise the *held-out* captions' alignment with a multi-caption run: the world
+model's samples of one caption are nearly identical, so each train caption moves alone
+(``configs/tiny-world.yaml``).
 
 The margin is not wide. The suite builds the world model with 1 intra-op thread, which is deterministic on one
 machine and torch build, so this test is too; a build of the same recipe with 2 threads (float sums in another
